@@ -1,0 +1,3 @@
+//! What the broker serves: the `Broker` gRPC service (and gRPC health).
+
+pub mod grpc;

@@ -1,0 +1,535 @@
+//! Broker configuration: a TOML file parsed strictly (`deny_unknown_fields`),
+//! then validated into a typed [`Config`] whose errors name the file and key.
+//!
+//! Every key is documented in `examples/broker.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::verify::Algorithm;
+use crate::policy::Pattern;
+
+/// A configuration problem, reported before the broker binds any port.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, permissions).
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A key has a value outside what the broker accepts.
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The file as written by an operator; see `examples/broker.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    identity: RawIdentity,
+    store: RawStore,
+    #[serde(default)]
+    roles: Vec<RawRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    tls_cert_file: PathBuf,
+    tls_key_file: PathBuf,
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    shutdown_grace: Duration,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    watch_heartbeat: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    issuer: String,
+    audiences: Vec<String>,
+    discovery_url: Option<String>,
+    jwks_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_algorithms")]
+    algorithms: Vec<String>,
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    leeway: Duration,
+    #[serde(default = "default_jwks_refresh_min", with = "humantime_serde")]
+    jwks_refresh_min_interval: Duration,
+    #[serde(default = "default_jwks_max_age", with = "humantime_serde")]
+    jwks_max_age: Duration,
+    #[serde(default = "default_max_token_bytes")]
+    max_token_bytes: usize,
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    http_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: PathBuf,
+    key_file: PathBuf,
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    poll_interval: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    name: String,
+    namespaces: Vec<String>,
+    service_accounts: Vec<String>,
+    audience: Option<String>,
+    secrets: Vec<String>,
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    ttl: Duration,
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    max_ttl: Duration,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_refresh_min() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_jwks_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_token_bytes() -> usize {
+    16 * 1024
+}
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Validated configuration of a broker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+    pub store: StoreConfig,
+    pub roles: Vec<RoleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: std::net::SocketAddr,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    /// How long in-flight calls may take to finish after a shutdown signal;
+    /// keep it below the pod's `terminationGracePeriodSeconds`.
+    pub shutdown_grace: Duration,
+    /// Interval of heartbeats on watch streams, so dead peers are noticed.
+    pub watch_heartbeat: Duration,
+}
+
+/// Where keys come from: the issuer's discovery document (the default) or a
+/// static JWKS file for air-gapped clusters.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    Discovery {
+        url: String,
+        ca_file: Option<PathBuf>,
+    },
+    StaticFile(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub keys: KeySource,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    /// Unknown `kid`s trigger a JWKS refresh at most this often, so a flood of
+    /// bogus kids cannot hammer the issuer.
+    pub jwks_refresh_min_interval: Duration,
+    /// Keys are refetched in the background when older than this.
+    pub jwks_max_age: Duration,
+    pub max_token_bytes: usize,
+    pub http_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub key_file: PathBuf,
+    /// How often the broker looks for new secret versions to push to watchers.
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    pub name: String,
+    pub namespaces: Vec<Pattern>,
+    pub service_accounts: Vec<Pattern>,
+    /// When set, the token's `aud` must contain it (on top of the broker's audiences).
+    pub audience: Option<String>,
+    pub secrets: Vec<Pattern>,
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names the source in errors and
+    /// anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let v = Validator { path };
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let listen = raw.server.listen.parse().map_err(|e| {
+            v.err(
+                "server.listen",
+                format!("not an address like 0.0.0.0:8443: {e}"),
+            )
+        })?;
+        let server = ServerConfig {
+            listen,
+            tls_cert_file: resolve(raw.server.tls_cert_file),
+            tls_key_file: resolve(raw.server.tls_key_file),
+            shutdown_grace: raw.server.shutdown_grace,
+            watch_heartbeat: v.bounded(
+                "server.watch_heartbeat",
+                raw.server.watch_heartbeat,
+                Duration::from_secs(1),
+                Duration::from_secs(600),
+            )?,
+        };
+
+        let id = raw.identity;
+        if !id.issuer.starts_with("https://") {
+            return Err(v.err("identity.issuer", "must be an https:// URL"));
+        }
+        if id.audiences.is_empty() || id.audiences.iter().any(|a| a.trim().is_empty()) {
+            return Err(v.err(
+                "identity.audiences",
+                "list at least one non-empty audience (e.g. \"secrets-broker\")",
+            ));
+        }
+        let keys = match (id.jwks_file, id.discovery_url) {
+            (Some(_), Some(_)) => {
+                return Err(v.err(
+                    "identity.jwks_file",
+                    "set either jwks_file or discovery_url, not both",
+                ));
+            }
+            (Some(file), None) => KeySource::StaticFile(resolve(file)),
+            (None, url) => {
+                let url = url.unwrap_or_else(|| {
+                    format!(
+                        "{}/.well-known/openid-configuration",
+                        id.issuer.trim_end_matches('/')
+                    )
+                });
+                if !url.starts_with("https://") {
+                    return Err(v.err("identity.discovery_url", "must be an https:// URL"));
+                }
+                KeySource::Discovery {
+                    url,
+                    ca_file: id.ca_file.map(resolve),
+                }
+            }
+        };
+        let mut algorithms = Vec::new();
+        for name in &id.algorithms {
+            let alg = Algorithm::from_name(name)
+                .map_err(|m| v.err("identity.algorithms", format!("{name:?}: {m}")))?;
+            algorithms.push(alg);
+        }
+        if algorithms.is_empty() {
+            return Err(v.err("identity.algorithms", "list at least one algorithm"));
+        }
+        let identity = IdentityConfig {
+            issuer: id.issuer,
+            audiences: id.audiences,
+            keys,
+            algorithms,
+            leeway: v.bounded(
+                "identity.leeway",
+                id.leeway,
+                Duration::ZERO,
+                Duration::from_secs(300),
+            )?,
+            jwks_refresh_min_interval: v.bounded(
+                "identity.jwks_refresh_min_interval",
+                id.jwks_refresh_min_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+            jwks_max_age: v.bounded(
+                "identity.jwks_max_age",
+                id.jwks_max_age,
+                Duration::from_secs(10),
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+            max_token_bytes: if (256..=1 << 20).contains(&id.max_token_bytes) {
+                id.max_token_bytes
+            } else {
+                return Err(v.err(
+                    "identity.max_token_bytes",
+                    "must be between 256 and 1048576",
+                ));
+            },
+            http_timeout: v.bounded(
+                "identity.http_timeout",
+                id.http_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(120),
+            )?,
+        };
+
+        let store = StoreConfig {
+            path: resolve(raw.store.path),
+            key_file: resolve(raw.store.key_file),
+            poll_interval: v.bounded(
+                "store.poll_interval",
+                raw.store.poll_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+        };
+
+        let mut roles: Vec<RoleConfig> = Vec::new();
+        for (i, r) in raw.roles.into_iter().enumerate() {
+            let key = |field: &str| format!("roles[{i}].{field}");
+            if !crate::policy::valid_role_name(&r.name) {
+                return Err(v.err(
+                    &key("name"),
+                    "use 1-63 characters from a-z, 0-9, '-', '_' and '.'",
+                ));
+            }
+            if roles.iter().any(|o| o.name == r.name) {
+                return Err(v.err(&key("name"), format!("duplicate role name {:?}", r.name)));
+            }
+            let patterns = |field: &str, list: Vec<String>| -> Result<Vec<Pattern>, ConfigError> {
+                if list.is_empty() {
+                    return Err(v.err(&key(field), "list at least one entry"));
+                }
+                list.iter()
+                    .map(|p| Pattern::new(p).map_err(|m| v.err(&key(field), format!("{p:?}: {m}"))))
+                    .collect()
+            };
+            if r.ttl.is_zero() || r.ttl > r.max_ttl {
+                return Err(v.err(
+                    &key("ttl"),
+                    format!(
+                        "must be above zero and at most max_ttl ({})",
+                        humantime::format_duration(r.max_ttl)
+                    ),
+                ));
+            }
+            let max_ttl = v.bounded(
+                &key("max_ttl"),
+                r.max_ttl,
+                Duration::from_secs(10),
+                Duration::from_secs(7 * 24 * 3600),
+            )?;
+            roles.push(RoleConfig {
+                namespaces: patterns("namespaces", r.namespaces)?,
+                service_accounts: patterns("service_accounts", r.service_accounts)?,
+                secrets: patterns("secrets", r.secrets)?,
+                audience: r.audience,
+                ttl: r.ttl.max(Duration::from_secs(1)),
+                max_ttl,
+                name: r.name,
+            });
+        }
+        if roles.is_empty() {
+            return Err(v.err(
+                "roles",
+                "no [[roles]] defined: every login would be refused (deny by default)",
+            ));
+        }
+        Ok(Config {
+            server,
+            identity,
+            store,
+            roles,
+        })
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn bounded(
+        &self,
+        key: &str,
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        if value < min || value > max {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is out of range: use {} to {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+tls_cert_file = "tls.crt"
+tls_key_file = "tls.key"
+
+[identity]
+issuer = "https://issuer.example"
+audiences = ["secrets-broker"]
+
+[store]
+path = "store.db"
+key_file = "store.key"
+
+[[roles]]
+name = "api"
+namespaces = ["payments"]
+service_accounts = ["api-*"]
+secrets = ["payments/*"]
+ttl = "5m"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/sb/broker.toml"))
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../../examples/broker.toml");
+        let cfg = parse(text).expect("examples/broker.toml must stay valid");
+        assert!(!cfg.roles.is_empty());
+    }
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(cfg.store.path, Path::new("/etc/sb/store.db"));
+        assert_eq!(cfg.roles[0].ttl, Duration::from_secs(300));
+        match &cfg.identity.keys {
+            KeySource::Discovery { url, .. } => {
+                assert_eq!(
+                    url,
+                    "https://issuer.example/.well-known/openid-configuration"
+                )
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = GOOD.replace("[store]", "[store]\npaht = \"x\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("paht"), "{err}");
+        assert!(err.contains("broker.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                "listen = \"127.0.0.1:8443\"",
+                "listen = \"nope\"",
+                "server.listen",
+            ),
+            (
+                "https://issuer.example",
+                "http://issuer.example",
+                "identity.issuer",
+            ),
+            ("ttl = \"5m\"", "ttl = \"5h\"", "roles[0].ttl"),
+            ("[\"api-*\"]", "[\"a[b\"]", "roles[0].service_accounts"),
+            ("name = \"api\"", "name = \"Bad Name\"", "roles[0].name"),
+            (
+                "audiences = [\"secrets-broker\"]",
+                "audiences = []",
+                "identity.audiences",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let err = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{to}: {err}");
+        }
+        let err = parse(&GOOD.replace("[identity]", "[identity]\nalgorithms = [\"HS256\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.algorithms") && err.contains("HMAC"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_roles_is_refused() {
+        let text = GOOD.split("[[roles]]").next().unwrap();
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("deny by default"), "{err}");
+    }
+}

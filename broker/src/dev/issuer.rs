@@ -1,0 +1,238 @@
+//! A local OIDC token issuer, for `secrets-broker dev` and for tests: it
+//! mints Kubernetes-style service-account tokens (ES256) and serves the same
+//! documents a Kubernetes API server does, over HTTPS:
+//! `/.well-known/openid-configuration` and `/openid/v1/jwks`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+/// One signing key of the issuer.
+struct SigningKey {
+    kid: String,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+fn new_key(kid: &str) -> Result<SigningKey, rcgen::Error> {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let raw = kp.public_key_raw();
+    let jwk = json!({
+        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+    });
+    Ok(SigningKey {
+        kid: kid.to_owned(),
+        key: EncodingKey::from_ec_der(&kp.serialize_der()),
+        jwk,
+    })
+}
+
+/// The state shared between the HTTPS server and token minting.
+struct State {
+    /// The first key signs; all are published.
+    keys: Vec<SigningKey>,
+    /// Documents are served from this URL (the `iss` of minted tokens).
+    issuer: String,
+}
+
+/// A local token issuer.
+#[derive(Clone)]
+pub struct Issuer {
+    state: Arc<Mutex<State>>,
+}
+
+/// What a minted service-account token says about its workload.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: Option<String>,
+    pub audiences: Vec<String>,
+    pub ttl_seconds: i64,
+}
+
+impl Workload {
+    pub fn new(namespace: &str, service_account: &str, audience: &str) -> Workload {
+        Workload {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod: Some(format!("{service_account}-0")),
+            audiences: vec![audience.into()],
+            ttl_seconds: 600,
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+fn pseudo_uid(seed: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, seed.as_bytes());
+    let h: String = d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl Issuer {
+    /// A new issuer with one fresh key. Its URL is set by [`Issuer::serve`].
+    pub fn new() -> Result<Issuer, rcgen::Error> {
+        Ok(Issuer {
+            state: Arc::new(Mutex::new(State {
+                keys: vec![new_key("dev-key-1")?],
+                issuer: String::new(),
+            })),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The issuer URL (`iss`), once serving.
+    pub fn url(&self) -> String {
+        self.state().issuer.clone()
+    }
+
+    /// Adds a new signing key on top (used for signing from now on); the old
+    /// ones stay published. Returns the new key ID.
+    pub fn rotate_key(&self) -> Result<String, rcgen::Error> {
+        let mut st = self.state();
+        let kid = format!("dev-key-{}", st.keys.len() + 1);
+        st.keys.insert(0, new_key(&kid)?);
+        Ok(kid)
+    }
+
+    /// The published JWKS document.
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": self.state().keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+    }
+
+    /// The claims Kubernetes puts in a projected service-account token.
+    pub fn claims(&self, w: &Workload) -> Value {
+        let now = unix_now();
+        let mut k8s = json!({
+            "namespace": w.namespace,
+            "serviceaccount": {
+                "name": w.service_account,
+                "uid": pseudo_uid(&format!("sa/{}/{}", w.namespace, w.service_account)),
+            },
+        });
+        if let Some(pod) = &w.pod {
+            k8s["pod"] =
+                json!({ "name": pod, "uid": pseudo_uid(&format!("pod/{}/{pod}", w.namespace)) });
+        }
+        json!({
+            "iss": self.url(),
+            "sub": format!("system:serviceaccount:{}:{}", w.namespace, w.service_account),
+            "aud": w.audiences,
+            "iat": now,
+            "nbf": now,
+            "exp": now + w.ttl_seconds,
+            "kubernetes.io": k8s,
+        })
+    }
+
+    /// Signs arbitrary claims with the current key (tests use this to forge
+    /// every kind of bad claim).
+    pub fn sign(&self, claims: &Value) -> Result<String, jsonwebtoken::errors::Error> {
+        let st = self.state();
+        let key = &st.keys[0];
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.key)
+    }
+
+    /// Mints a service-account token for a workload.
+    pub fn mint(&self, w: &Workload) -> Result<String, jsonwebtoken::errors::Error> {
+        self.sign(&self.claims(w))
+    }
+
+    /// Serves the discovery document and JWKS over HTTPS on `listener` until
+    /// the task is dropped. Sets the issuer URL to `https://<host>:<port>`.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        host: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let addr: SocketAddr = listener.local_addr()?;
+        self.state().issuer = format!("https://{host}:{}", addr.port());
+        let acceptor = TlsAcceptor::from(tls);
+        let issuer = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let issuer = issuer.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let issuer = issuer.clone();
+                        async move { Ok::<_, Infallible>(issuer.handle(req)) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }))
+    }
+
+    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        debug!(path = req.uri().path(), "issuer request");
+        let url = self.url();
+        let body = match req.uri().path() {
+            "/.well-known/openid-configuration" => json!({
+                "issuer": url,
+                "jwks_uri": format!("{url}/openid/v1/jwks"),
+                "response_types_supported": ["id_token"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["ES256"],
+            }),
+            "/openid/v1/jwks" => self.jwks(),
+            _ => {
+                return Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(Full::new(Bytes::from_static(b"not found")))
+                    .unwrap_or_default();
+            }
+        };
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap_or_default()
+    }
+}

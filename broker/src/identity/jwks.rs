@@ -1,0 +1,315 @@
+//! The issuer's signing keys.
+//!
+//! Keys come from the issuer's OIDC discovery document (`jwks_uri`, HTTPS only,
+//! optional custom CA bundle) or from a static JWKS file. They are cached; a
+//! token whose `kid` is unknown triggers a refresh, at most once per
+//! `jwks_refresh_min_interval`, so key rotation at the issuer works while a
+//! flood of bogus `kid`s cannot hammer it. Concurrent refreshes coalesce.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::DecodingKey;
+use jsonwebtoken::jwk::Jwk;
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+use crate::config::{IdentityConfig, KeySource};
+
+/// Largest discovery document or JWKS accepted from an issuer.
+const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+/// Why keys could not be obtained.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JwksError {
+    /// The issuer's discovery document or JWKS could not be fetched (network,
+    /// TLS trust, HTTP status). Usually a wrong URL or a missing `ca_file`.
+    #[error("cannot fetch {url}: {message}")]
+    Fetch { url: String, message: String },
+    /// The document was fetched but is not what an OIDC issuer serves.
+    #[error("{what} from {source_name} is invalid: {message}")]
+    Invalid {
+        what: &'static str,
+        source_name: String,
+        message: String,
+    },
+    /// A refresh was attempted too recently; keys are not refetched yet.
+    #[error("signing keys were refreshed less than {0:?} ago")]
+    RateLimited(Duration),
+}
+
+/// One usable verification key.
+#[derive(Clone)]
+pub struct Key {
+    pub key: DecodingKey,
+    /// The JWK's `alg`, when it names one: the token must then use exactly it.
+    pub alg: Option<String>,
+}
+
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, Vec<Key>>,
+    /// Keys published without a `kid`.
+    unnamed: Vec<Key>,
+    fetched_at: Option<Instant>,
+}
+
+/// The key cache of one issuer.
+pub struct Jwks {
+    source: KeySource,
+    issuer: String,
+    client: Option<reqwest::Client>,
+    min_refresh: Duration,
+    max_age: Duration,
+    keys: RwLock<Arc<KeySet>>,
+    /// Held while refreshing; holds the time of the last attempt.
+    refresh: tokio::sync::Mutex<Option<Instant>>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+#[derive(Deserialize)]
+struct RawJwks {
+    keys: Vec<serde_json::Value>,
+}
+
+impl Jwks {
+    /// Builds the cache; fetches nothing yet (see [`Jwks::refresh`]).
+    pub fn new(cfg: &IdentityConfig) -> Result<Jwks, JwksError> {
+        let client = match &cfg.keys {
+            KeySource::StaticFile(_) => None,
+            KeySource::Discovery { url, ca_file } => {
+                let mut builder = reqwest::Client::builder()
+                    .timeout(cfg.http_timeout)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .https_only(true);
+                if let Some(ca_file) = ca_file {
+                    let pem = std::fs::read(ca_file).map_err(|e| JwksError::Fetch {
+                        url: url.clone(),
+                        message: format!("cannot read identity.ca_file {}: {e}", ca_file.display()),
+                    })?;
+                    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                        JwksError::Invalid {
+                            what: "CA bundle",
+                            source_name: ca_file.display().to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    // With a CA bundle, trust only it: the issuer is pinned.
+                    builder = builder.tls_certs_only(certs);
+                }
+                Some(builder.build().map_err(|e| JwksError::Fetch {
+                    url: url.clone(),
+                    message: format!("cannot build HTTPS client: {e}"),
+                })?)
+            }
+        };
+        Ok(Jwks {
+            source: cfg.keys.clone(),
+            issuer: cfg.issuer.clone(),
+            client,
+            min_refresh: cfg.jwks_refresh_min_interval,
+            max_age: cfg.jwks_max_age,
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            refresh: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether keys have been loaded at least once (for readiness).
+    pub fn is_loaded(&self) -> bool {
+        self.current().fetched_at.is_some()
+    }
+
+    /// Candidate keys for a token header's `kid` (or, without a `kid`, every
+    /// key the issuer published without one). Refreshes the cache when the
+    /// `kid` is unknown or the cache is old, within the rate limit.
+    pub async fn keys_for(&self, kid: Option<&str>) -> Result<Vec<Key>, JwksError> {
+        let lookup = |set: &KeySet| -> Vec<Key> {
+            match kid {
+                Some(kid) => set.by_kid.get(kid).cloned().unwrap_or_default(),
+                None => set.unnamed.clone(),
+            }
+        };
+        let set = self.current();
+        let stale = set.fetched_at.is_none_or(|t| t.elapsed() > self.max_age);
+        let found = lookup(&set);
+        if !found.is_empty() && !stale {
+            return Ok(found);
+        }
+        match self.refresh(false).await {
+            Ok(()) => Ok(lookup(&self.current())),
+            // Keep serving with what we have if a refresh fails or is rate limited.
+            Err(e) if !found.is_empty() => {
+                debug!(error = %e, "keeping cached signing keys");
+                Ok(found)
+            }
+            Err(JwksError::RateLimited(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refetches the keys. Without `force`, at most once per
+    /// `jwks_refresh_min_interval`; callers that waited on a concurrent
+    /// refresh reuse its result.
+    pub async fn refresh(&self, force: bool) -> Result<(), JwksError> {
+        let before = self.current().fetched_at;
+        let mut last = self.refresh.lock().await;
+        if self.current().fetched_at != before {
+            return Ok(()); // someone refreshed while we waited
+        }
+        if let Some(t) = *last
+            && !force
+            && t.elapsed() < self.min_refresh
+        {
+            return Err(JwksError::RateLimited(self.min_refresh));
+        }
+        *last = Some(Instant::now());
+        let raw = self.fetch().await?;
+        let set = parse_jwks(&raw, &self.source_name())?;
+        let count = set.by_kid.values().map(Vec::len).sum::<usize>() + set.unnamed.len();
+        info!(issuer = %self.issuer, keys = count, "signing keys loaded");
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        Ok(())
+    }
+
+    fn source_name(&self) -> String {
+        match &self.source {
+            KeySource::StaticFile(p) => p.display().to_string(),
+            KeySource::Discovery { url, .. } => url.clone(),
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<u8>, JwksError> {
+        match (&self.source, &self.client) {
+            (KeySource::StaticFile(path), _) => {
+                tokio::fs::read(path).await.map_err(|e| JwksError::Fetch {
+                    url: path.display().to_string(),
+                    message: e.to_string(),
+                })
+            }
+            (KeySource::Discovery { url, .. }, Some(client)) => {
+                let body = get(client, url).await?;
+                let doc: Discovery =
+                    serde_json::from_slice(&body).map_err(|e| JwksError::Invalid {
+                        what: "discovery document",
+                        source_name: url.clone(),
+                        message: e.to_string(),
+                    })?;
+                if doc.issuer != self.issuer {
+                    return Err(JwksError::Invalid {
+                        what: "discovery document",
+                        source_name: url.clone(),
+                        message: format!(
+                            "its issuer {:?} differs from identity.issuer {:?}",
+                            doc.issuer, self.issuer
+                        ),
+                    });
+                }
+                if !doc.jwks_uri.starts_with("https://") {
+                    return Err(JwksError::Invalid {
+                        what: "discovery document",
+                        source_name: url.clone(),
+                        message: format!("jwks_uri {:?} is not https://", doc.jwks_uri),
+                    });
+                }
+                get(client, &doc.jwks_uri).await
+            }
+            (KeySource::Discovery { url, .. }, None) => Err(JwksError::Fetch {
+                url: url.clone(),
+                message: "no HTTPS client".into(),
+            }),
+        }
+    }
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, JwksError> {
+    let fail = |message: String| JwksError::Fetch {
+        url: url.to_owned(),
+        message,
+    };
+    let mut resp = client
+        .get(url)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .map_err(|e| fail(error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP status {}", resp.status())));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(error_chain(&e)))? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(fail(format!(
+                "response larger than {MAX_DOCUMENT_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The full cause chain of an error, for messages that must say *why* (a TLS
+/// trust failure hides three levels down in reqwest).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Parses a JWKS document. Keys of unsupported types, encryption keys and
+/// malformed entries are skipped with a warning; a document with no usable
+/// key is an error.
+fn parse_jwks(raw: &[u8], source_name: &str) -> Result<KeySet, JwksError> {
+    let invalid = |message: String| JwksError::Invalid {
+        what: "JWKS",
+        source_name: source_name.to_owned(),
+        message,
+    };
+    let doc: RawJwks = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
+    let mut set = KeySet {
+        fetched_at: Some(Instant::now()),
+        ..KeySet::default()
+    };
+    for (i, value) in doc.keys.into_iter().enumerate() {
+        if value.get("use").and_then(|u| u.as_str()) == Some("enc") {
+            continue;
+        }
+        let alg = value.get("alg").and_then(|a| a.as_str()).map(str::to_owned);
+        let jwk: Jwk = match serde_json::from_value(value) {
+            Ok(jwk) => jwk,
+            Err(e) => {
+                warn!(source = source_name, index = i, error = %e, "skipping unusable JWKS entry");
+                continue;
+            }
+        };
+        let key = match DecodingKey::from_jwk(&jwk) {
+            Ok(key) => Key { key, alg },
+            Err(e) => {
+                warn!(source = source_name, index = i, error = %e, "skipping unusable JWKS key");
+                continue;
+            }
+        };
+        match jwk.common.key_id {
+            Some(kid) => set.by_kid.entry(kid).or_default().push(key),
+            None => set.unnamed.push(key),
+        }
+    }
+    if set.by_kid.is_empty() && set.unnamed.is_empty() {
+        return Err(invalid("no usable signing key".into()));
+    }
+    Ok(set)
+}

@@ -1,0 +1,634 @@
+//! Token → [`Identity`], in the order a forged token is cheapest to refuse:
+//! size and shape → header (algorithm allow-list, no key material in the
+//! header, `kid`) → signature with the issuer's key → registered claims →
+//! Kubernetes claims.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Validation;
+use serde::Deserialize;
+
+use super::Identity;
+use super::jwks::{Jwks, JwksError};
+use crate::config::IdentityConfig;
+
+/// Largest JWT header accepted; real headers are under 200 bytes.
+const MAX_HEADER_BYTES: usize = 2048;
+
+/// Signature algorithms the broker can be configured to accept: asymmetric
+/// only. `none` and HMAC are not in this list and can never be configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Algorithm(jsonwebtoken::Algorithm);
+
+impl Algorithm {
+    /// Parses an algorithm name from config or a token header.
+    pub fn from_name(name: &str) -> Result<Algorithm, String> {
+        use jsonwebtoken::Algorithm as A;
+        let alg = match name {
+            "RS256" => A::RS256,
+            "RS384" => A::RS384,
+            "RS512" => A::RS512,
+            "PS256" => A::PS256,
+            "PS384" => A::PS384,
+            "PS512" => A::PS512,
+            "ES256" => A::ES256,
+            "ES384" => A::ES384,
+            "EdDSA" => A::EdDSA,
+            "none" | "None" | "NONE" => {
+                return Err("alg \"none\" (unsigned tokens) is never accepted".into());
+            }
+            n if n.starts_with("HS") => {
+                return Err(format!(
+                    "HMAC algorithm {n} is never accepted: a shared secret cannot prove a workload's identity"
+                ));
+            }
+            n => return Err(format!("unsupported algorithm {n:?}")),
+        };
+        Ok(Algorithm(alg))
+    }
+
+    pub fn name(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+/// Why a token is refused. Each message names the problem and, where it helps,
+/// the offending claim value; never the token itself.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// No `authorization: Bearer` credentials were sent.
+    #[error(
+        "no bearer token: send the pod's service-account token as `authorization: Bearer <jwt>`"
+    )]
+    Missing,
+    /// The token is larger than `identity.max_token_bytes`.
+    #[error("token is {len} bytes, larger than the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    /// Not a JWS in compact form, or a part is not base64url JSON.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The header's `alg` is `none`, HMAC, unknown or not in the allow-list.
+    #[error("token algorithm refused: {0}")]
+    Algorithm(String),
+    /// The header carries key material or a key URL (`jwk`, `jku`, `x5u`,
+    /// `x5c`): keys come only from the configured issuer.
+    #[error(
+        "token header carries its own key (`{0}`): refused, keys come only from the issuer's JWKS"
+    )]
+    HeaderKey(&'static str),
+    /// The header names a key the issuer does not publish (even after a refresh).
+    #[error("token is signed with key id {kid:?}, which the issuer does not publish")]
+    UnknownKey { kid: String },
+    /// No header `kid` and no key without one is published.
+    #[error("token header has no `kid` and the issuer publishes no key without one")]
+    NoKeyId,
+    /// The signature does not verify with the issuer's key.
+    #[error("token signature does not verify with the issuer's key {kid:?}")]
+    BadSignature { kid: String },
+    /// The issuer's keys could not be obtained (network, TLS, bad document).
+    #[error("cannot verify tokens now: {0}")]
+    KeysUnavailable(JwksError),
+    /// `iss` is not the configured issuer.
+    #[error("token issuer {got:?} is not the trusted issuer {want:?}")]
+    Issuer { got: String, want: String },
+    /// `aud` does not contain any configured audience.
+    #[error("token audience {got:?} does not include {want:?}")]
+    Audience { got: Vec<String>, want: Vec<String> },
+    /// `exp` is in the past (beyond the leeway).
+    #[error("token expired at {} (now {})", rfc3339(*exp), rfc3339(*now))]
+    Expired { exp: i64, now: i64 },
+    /// `nbf` is in the future (beyond the leeway).
+    #[error("token not valid before {} (now {})", rfc3339(*nbf), rfc3339(*now))]
+    NotYetValid { nbf: i64, now: i64 },
+    /// `iat` is in the future (beyond the leeway): a clock problem or a forgery.
+    #[error("token issued in the future at {} (now {})", rfc3339(*iat), rfc3339(*now))]
+    IssuedInFuture { iat: i64, now: i64 },
+    /// A legacy, secret-based service-account token: it never expires.
+    #[error(
+        "legacy secret-based service-account token (no expiry) refused: mount a projected service-account token with this broker's audience"
+    )]
+    Legacy,
+    /// A required claim is missing or has the wrong type.
+    #[error("token claim `{0}` is missing or invalid")]
+    Claim(&'static str),
+    /// `sub` does not agree with the `kubernetes.io` claims.
+    #[error("token subject {sub:?} does not match its kubernetes.io claims ({expected:?})")]
+    SubjectMismatch { sub: String, expected: String },
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// `aud` may be one string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<Audience>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    iat: Option<f64>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+    #[serde(rename = "kubernetes.io/serviceaccount/namespace")]
+    legacy_namespace: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaims {
+    namespace: String,
+    serviceaccount: NamedObject,
+    pod: Option<NamedObject>,
+}
+
+#[derive(Deserialize)]
+struct NamedObject {
+    name: String,
+    uid: String,
+}
+
+/// Verifies tokens of one issuer.
+pub struct Verifier {
+    cfg: IdentityConfig,
+    jwks: Jwks,
+}
+
+impl Verifier {
+    pub fn new(cfg: IdentityConfig) -> Result<Verifier, JwksError> {
+        let jwks = Jwks::new(&cfg)?;
+        Ok(Verifier { cfg, jwks })
+    }
+
+    pub fn jwks(&self) -> &Jwks {
+        &self.jwks
+    }
+
+    /// Verifies a token now.
+    pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        self.verify_at(token, SystemTime::now()).await
+    }
+
+    /// Verifies a token as of `now`.
+    pub async fn verify_at(&self, token: &str, now: SystemTime) -> Result<Identity, TokenError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        if token.len() > self.cfg.max_token_bytes {
+            return Err(TokenError::TooLarge {
+                len: token.len(),
+                max: self.cfg.max_token_bytes,
+            });
+        }
+        let header = parse_header(token)?;
+        let alg = Algorithm::from_name(&header.alg).map_err(TokenError::Algorithm)?;
+        if !self.cfg.algorithms.contains(&alg) {
+            return Err(TokenError::Algorithm(format!(
+                "{} is not in identity.algorithms ({})",
+                header.alg,
+                self.cfg
+                    .algorithms
+                    .iter()
+                    .map(Algorithm::name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+
+        let keys = self
+            .jwks
+            .keys_for(header.kid.as_deref())
+            .await
+            .map_err(TokenError::KeysUnavailable)?;
+        let kid = header.kid.clone().unwrap_or_default();
+        if keys.is_empty() {
+            return Err(match header.kid {
+                Some(kid) => TokenError::UnknownKey { kid },
+                None => TokenError::NoKeyId,
+            });
+        }
+
+        // Signature only; the claims are checked below with precise messages.
+        let mut validation = Validation::new(alg.0);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let mut claims = None;
+        let mut last_err = None;
+        for key in &keys {
+            if key.alg.as_deref().is_some_and(|a| a != header.alg) {
+                last_err = Some(TokenError::Algorithm(format!(
+                    "key {kid:?} is published for {}, the token uses {}",
+                    key.alg.as_deref().unwrap_or_default(),
+                    header.alg
+                )));
+                continue;
+            }
+            match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => last_err = Some(signature_error(e, &kid)),
+            }
+        }
+        let Some(claims) = claims else {
+            return Err(last_err.unwrap_or(TokenError::BadSignature { kid }));
+        };
+        self.check_claims(claims, now)
+    }
+
+    fn check_claims(
+        &self,
+        value: serde_json::Value,
+        now: SystemTime,
+    ) -> Result<Identity, TokenError> {
+        let claims: Claims = serde_json::from_value(value)
+            .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+        if claims.legacy_namespace.is_some() {
+            return Err(TokenError::Legacy);
+        }
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs() as i64;
+        let leeway = self.cfg.leeway.as_secs() as i64;
+
+        let iss = claims.iss.ok_or(TokenError::Claim("iss"))?;
+        if iss != self.cfg.issuer {
+            return Err(TokenError::Issuer {
+                got: iss,
+                want: self.cfg.issuer.clone(),
+            });
+        }
+        let audiences = match claims.aud {
+            Some(Audience::One(a)) => vec![a],
+            Some(Audience::Many(a)) => a,
+            None => Vec::new(),
+        };
+        if !audiences.iter().any(|a| self.cfg.audiences.contains(a)) {
+            return Err(TokenError::Audience {
+                got: audiences,
+                want: self.cfg.audiences.clone(),
+            });
+        }
+        let exp = claims.exp.ok_or(TokenError::Legacy)? as i64;
+        if now > exp.saturating_add(leeway) {
+            return Err(TokenError::Expired { exp, now });
+        }
+        if let Some(nbf) = claims.nbf.map(|n| n as i64)
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(TokenError::NotYetValid { nbf, now });
+        }
+        if let Some(iat) = claims.iat.map(|n| n as i64)
+            && iat > now.saturating_add(leeway)
+        {
+            return Err(TokenError::IssuedInFuture { iat, now });
+        }
+
+        let k8s = claims
+            .kubernetes
+            .ok_or(TokenError::Claim("kubernetes.io"))?;
+        let sub = claims.sub.ok_or(TokenError::Claim("sub"))?;
+        let expected = format!(
+            "system:serviceaccount:{}:{}",
+            k8s.namespace, k8s.serviceaccount.name
+        );
+        if sub != expected {
+            return Err(TokenError::SubjectMismatch { sub, expected });
+        }
+        if k8s.namespace.is_empty() || k8s.serviceaccount.name.is_empty() {
+            return Err(TokenError::Claim("kubernetes.io.namespace"));
+        }
+        Ok(Identity {
+            issuer: iss,
+            subject: sub,
+            namespace: k8s.namespace,
+            service_account: k8s.serviceaccount.name,
+            service_account_uid: k8s.serviceaccount.uid,
+            pod_name: k8s.pod.as_ref().map(|p| p.name.clone()),
+            pod_uid: k8s.pod.map(|p| p.uid),
+            audiences,
+            expires_at: exp,
+        })
+    }
+}
+
+struct Header {
+    alg: String,
+    kid: Option<String>,
+}
+
+/// Reads the JOSE header without trusting anything in it yet.
+fn parse_header(token: &str) -> Result<Header, TokenError> {
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err(TokenError::Malformed(format!(
+            "expected 3 dot-separated parts (a signed JWT), found {}",
+            parts.len()
+        )));
+    }
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(TokenError::Malformed("a part of the token is empty".into()));
+    }
+    if parts[0].len() > MAX_HEADER_BYTES {
+        return Err(TokenError::Malformed("header too large".into()));
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(parts[0])
+        .map_err(|_| TokenError::Malformed("header is not base64url".into()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&raw)
+        .map_err(|_| TokenError::Malformed("header is not a JSON object".into()))?;
+    for field in ["jwk", "jku", "x5u", "x5c"] {
+        if header.contains_key(field) {
+            return Err(TokenError::HeaderKey(field));
+        }
+    }
+    if header.contains_key("crit") {
+        return Err(TokenError::Malformed(
+            "header has `crit` extensions, which are not supported".into(),
+        ));
+    }
+    let alg = header
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .ok_or_else(|| TokenError::Malformed("header has no `alg`".into()))?
+        .to_owned();
+    let kid = match header.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(k)) if k.len() <= 256 => Some(k.clone()),
+        Some(_) => {
+            return Err(TokenError::Malformed(
+                "header `kid` is not a short string".into(),
+            ));
+        }
+    };
+    Ok(Header { alg, kid })
+}
+
+fn signature_error(e: jsonwebtoken::errors::Error, kid: &str) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidSignature => TokenError::BadSignature {
+            kid: kid.to_owned(),
+        },
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => TokenError::Algorithm(format!(
+            "key {kid:?} is of a different type than the token's alg"
+        )),
+        K::Base64(_) => TokenError::Malformed("a part is not base64url".into()),
+        K::Json(_) | K::Utf8(_) => TokenError::Malformed("claims are not a JSON object".into()),
+        other => TokenError::Malformed(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeySource;
+    use jsonwebtoken::{EncodingKey, Header as JwtHeader, encode};
+    use serde_json::json;
+
+    const ISS: &str = "https://issuer.test";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        verifier: Verifier,
+        key: EncodingKey,
+        other_key: EncodingKey,
+    }
+
+    fn ec_key() -> (EncodingKey, serde_json::Value) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        let jwk = json!({
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        });
+        (EncodingKey::from_ec_der(&kp.serialize_der()), jwk)
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, mut jwk) = ec_key();
+        jwk["kid"] = json!("k1");
+        let (other_key, _) = ec_key();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({ "keys": [jwk] }).to_string()).unwrap();
+        let cfg = IdentityConfig {
+            issuer: ISS.into(),
+            audiences: vec!["secrets-broker".into()],
+            keys: KeySource::StaticFile(path),
+            algorithms: vec![
+                Algorithm::from_name("ES256").unwrap(),
+                Algorithm::from_name("RS256").unwrap(),
+            ],
+            leeway: Duration::from_secs(5),
+            jwks_refresh_min_interval: Duration::from_secs(60),
+            jwks_max_age: Duration::from_secs(3600),
+            max_token_bytes: 8192,
+            http_timeout: Duration::from_secs(5),
+        };
+        Fixture {
+            _dir: dir,
+            verifier: Verifier::new(cfg).unwrap(),
+            key,
+            other_key,
+        }
+    }
+
+    fn now() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({
+            "iss": ISS, "aud": ["secrets-broker"], "sub": "system:serviceaccount:payments:api",
+            "exp": now() + 600, "iat": now(), "nbf": now(),
+            "kubernetes.io": {
+                "namespace": "payments",
+                "serviceaccount": {"name": "api", "uid": "sa-uid"},
+                "pod": {"name": "api-1", "uid": "pod-uid"}
+            }
+        })
+    }
+
+    fn sign(key: &EncodingKey, kid: Option<&str>, claims: &serde_json::Value) -> String {
+        let mut h = JwtHeader::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = kid.map(Into::into);
+        encode(&h, claims, key).unwrap()
+    }
+
+    fn raw_token(header: serde_json::Value, claims: &serde_json::Value) -> String {
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(b"not-a-signature")
+        )
+    }
+
+    async fn reject(f: &Fixture, token: &str) -> TokenError {
+        f.verifier
+            .verify(token)
+            .await
+            .expect_err("token must be refused")
+    }
+
+    #[tokio::test]
+    async fn accepts_a_good_token() {
+        let f = fixture();
+        let id = f
+            .verifier
+            .verify(&sign(&f.key, Some("k1"), &claims()))
+            .await
+            .unwrap();
+        assert_eq!(id.namespace, "payments");
+        assert_eq!(id.service_account, "api");
+        assert_eq!(id.pod_uid.as_deref(), Some("pod-uid"));
+        assert_eq!(id.issuer, ISS);
+    }
+
+    #[tokio::test]
+    async fn refuses_every_bad_token_with_its_reason() {
+        let f = fixture();
+        let mut cases: Vec<(String, &str)> = Vec::new();
+        let with = |k: &str, v: serde_json::Value| {
+            let mut c = claims();
+            c[k] = v;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = claims();
+            c.as_object_mut().unwrap().remove(k);
+            c
+        };
+        cases.push((String::new(), "no bearer token"));
+        cases.push(("a".repeat(9000), "larger than"));
+        cases.push(("abc.def".into(), "3 dot-separated parts"));
+        cases.push(("!!!.e30.e30".into(), "not base64url"));
+        cases.push((raw_token(json!({"alg":"none"}), &claims()), "\"none\""));
+        cases.push((
+            raw_token(json!({"alg":"HS256","kid":"k1"}), &claims()),
+            "HMAC",
+        ));
+        cases.push((
+            raw_token(json!({"alg":"ES384","kid":"k1"}), &claims()),
+            "not in identity.algorithms",
+        ));
+        cases.push((
+            raw_token(json!({"alg":"ES256","jwk":{"kty":"EC"}}), &claims()),
+            "own key (`jwk`)",
+        ));
+        cases.push((
+            raw_token(json!({"alg":"ES256","jku":"https://evil"}), &claims()),
+            "own key (`jku`)",
+        ));
+        cases.push((sign(&f.key, Some("nope"), &claims()), "does not publish"));
+        cases.push((sign(&f.key, None, &claims()), "no `kid`"));
+        cases.push((
+            sign(&f.other_key, Some("k1"), &claims()),
+            "signature does not verify",
+        ));
+        cases.push((
+            raw_token(json!({"alg":"ES256","kid":"k1"}), &claims()),
+            "signature does not verify",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &with("iss", json!("https://evil"))),
+            "not the trusted issuer",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &with("aud", json!("other"))),
+            "does not include",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &without("aud")),
+            "does not include",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &with("exp", json!(now() - 60))),
+            "token expired at",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &with("nbf", json!(now() + 600))),
+            "not valid before",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &with("iat", json!(now() + 600))),
+            "issued in the future",
+        ));
+        cases.push((sign(&f.key, Some("k1"), &without("exp")), "legacy"));
+        cases.push((
+            sign(
+                &f.key,
+                Some("k1"),
+                &with("kubernetes.io/serviceaccount/namespace", json!("payments")),
+            ),
+            "legacy",
+        ));
+        cases.push((
+            sign(
+                &f.key,
+                Some("k1"),
+                &with("sub", json!("system:serviceaccount:payments:admin")),
+            ),
+            "does not match its kubernetes.io claims",
+        ));
+        cases.push((
+            sign(&f.key, Some("k1"), &without("kubernetes.io")),
+            "`kubernetes.io`",
+        ));
+        for (token, want) in cases {
+            let err = reject(&f, &token).await.to_string();
+            assert!(err.contains(want), "want {want:?}, got {err:?}");
+            if token.len() > 20 {
+                assert!(!err.contains(&token), "error echoes the token: {err}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn leeway_applies() {
+        let f = fixture();
+        let c = {
+            let mut c = claims();
+            c["exp"] = json!(now() - 2);
+            c
+        };
+        assert!(
+            f.verifier
+                .verify(&sign(&f.key, Some("k1"), &c))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn config_cannot_allow_none_or_hmac() {
+        assert!(Algorithm::from_name("none").is_err());
+        assert!(Algorithm::from_name("HS512").unwrap_err().contains("HMAC"));
+        assert!(Algorithm::from_name("RS256").is_ok());
+    }
+}

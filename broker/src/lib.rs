@@ -1,0 +1,189 @@
+//! secrets-broker: verifies workload identity tokens (Kubernetes
+//! service-account JWTs) and exchanges them for short-lived secrets.
+//!
+//! Layout:
+//! - [`config`]: the TOML file → a validated [`config::Config`].
+//! - [`identity`]: JWKS (discovery or static file) and token verification.
+//! - [`policy`]: identity → role → decision, deny by default.
+//! - [`backend`]: sources of secrets; [`backend::embedded`] is the default store.
+//! - [`api::grpc`]: the `Broker` service, where a call reads top to bottom.
+//! - [`dev`]: `secrets-broker dev`, a complete local system in one process.
+//!
+//! [`run`] wires them: the caller passes the listener and the shutdown signal,
+//! so tests bind port 0 and stop the broker with a oneshot.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod dev;
+pub mod identity;
+pub mod policy;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrets_broker_proto::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::api::grpc::{BrokerService, poll_rotations};
+use crate::backend::embedded::{EmbeddedStore, StoreError};
+use crate::config::Config;
+use crate::identity::jwks::JwksError;
+use crate::identity::verify::Verifier;
+use crate::policy::Policy;
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The TLS certificate or key file could not be read.
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The identity configuration cannot be used (e.g. an unreadable CA file).
+    #[error("identity: {0}")]
+    Identity(#[from] JwksError),
+    /// The embedded store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The gRPC server failed (TLS setup, listener).
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Installs aws-lc-rs as the process's rustls crypto provider; idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Runs a broker on `listener` until `shutdown` completes, then drains
+/// in-flight calls for at most `server.shutdown_grace`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    install_crypto_provider();
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| RunError::TlsFile {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let cert = read(&config.server.tls_cert_file)?;
+    let key = zeroize::Zeroizing::new(read(&config.server.tls_key_file)?);
+    let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, &*key));
+
+    let store = EmbeddedStore::open(&config.store.path, &config.store.key_file).await?;
+    let verifier = Arc::new(Verifier::new(config.identity.clone())?);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<BrokerServer<BrokerService>>()
+        .await;
+
+    let (down_tx, down_rx) = watch::channel(false);
+    let (rot_tx, _) = broadcast::channel(1024);
+
+    // Load the issuer's keys in the background; until they load, calls answer
+    // UNAVAILABLE and health says NOT_SERVING.
+    tokio::spawn({
+        let verifier = verifier.clone();
+        let health = health.clone();
+        let mut down = down_rx.clone();
+        async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match verifier.jwks().refresh(true).await {
+                    Ok(()) => {
+                        health.set_serving::<BrokerServer<BrokerService>>().await;
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?delay, "cannot load the issuer's signing keys")
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = until_true(&mut down) => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    });
+    tokio::spawn(poll_rotations(
+        store.clone(),
+        config.store.poll_interval,
+        rot_tx.clone(),
+        down_rx.clone(),
+    ));
+
+    let service = BrokerService {
+        verifier,
+        policy: Arc::new(Policy::new(config.roles.clone())),
+        store: store.clone(),
+        rotations: rot_tx,
+        heartbeat: config.server.watch_heartbeat,
+        shutdown: down_rx.clone(),
+    };
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, "broker listening (gRPC over TLS)");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut signal_rx = down_rx.clone();
+    let serve = Server::builder()
+        .tls_config(tls)?
+        .add_service(health_service)
+        .add_service(BrokerServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move {
+            until_true(&mut signal_rx).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested: draining");
+        health
+            .set_not_serving::<BrokerServer<BrokerService>>()
+            .await;
+        let _ = down_tx.send(true);
+    });
+    let grace = config.server.shutdown_grace;
+    let mut deadline_rx = down_rx;
+    tokio::select! {
+        r = serve => r?,
+        _ = async move {
+            until_true(&mut deadline_rx).await;
+            tokio::time::sleep(grace).await;
+        } => warn!(grace = ?grace, "drain deadline passed; closing remaining calls"),
+    }
+    store.close().await;
+    info!("broker stopped");
+    Ok(())
+}
+
+/// Verifies `token` as a login would and resolves its role. On success, a
+/// JSON line with the identity and role; on refusal, the reason.
+pub async fn check_token(config: &Config, token: &str, role: &str) -> Result<String, String> {
+    install_crypto_provider();
+    let verifier = Verifier::new(config.identity.clone()).map_err(|e| e.to_string())?;
+    let identity = verifier.verify(token).await.map_err(|e| e.to_string())?;
+    let policy = Policy::new(config.roles.clone());
+    let role = policy.resolve(&identity, role).map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({
+        "accepted": true,
+        "identity": identity,
+        "role": role.name,
+        "secrets": role.secrets.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "lease_ttl_seconds": role.ttl.as_secs(),
+    })
+    .to_string())
+}
+
+/// Completes once `rx` has seen `true` (or its sender is gone).
+pub(crate) async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}

@@ -1,0 +1,15 @@
+//! The wire contract of secrets-broker: `secretbroker.v1`.
+//!
+//! Layout:
+//! - `secretbroker/v1/broker.proto`: the `Broker` service between sidecar and
+//!   broker (login, fetch, renew, watch). The pod's token travels as
+//!   `authorization: Bearer <jwt>` metadata on every call, never in a message.
+//! - `secretbroker/v1/secrets.proto`: the `Secrets` service a sidecar serves to
+//!   its application on a Unix socket.
+
+#![allow(unreachable_pub, clippy::all)]
+
+/// `secretbroker.v1`: generated messages, clients and servers.
+pub mod v1 {
+    tonic::include_proto!("secretbroker.v1");
+}

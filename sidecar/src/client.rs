@@ -1,0 +1,160 @@
+//! The connection to the broker: TLS pinned to the configured CA, the pod's
+//! token re-read from its file for every call and sent as bearer credentials.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use secrets_broker_proto::v1 as pb;
+use secrets_broker_proto::v1::broker_client::BrokerClient;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::config::Config;
+
+/// Largest token file accepted.
+const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+
+/// Why talking to the broker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The token file could not be read; usually the projected volume is missing.
+    #[error("cannot read token file {path}: {message}")]
+    Token { path: PathBuf, message: String },
+    /// The CA file or broker URL is unusable.
+    #[error("broker connection setup: {0}")]
+    Setup(String),
+    /// The broker answered with an error status.
+    #[error("broker: {} ({})", .0.message(), code_name(.0.code()))]
+    Status(#[from] tonic::Status),
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Unauthenticated => "UNAUTHENTICATED",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::NotFound => "NOT_FOUND",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::Unavailable => "UNAVAILABLE",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        _ => "error",
+    }
+}
+
+/// A client of the broker's gRPC service.
+#[derive(Clone)]
+pub struct Client {
+    inner: BrokerClient<Channel>,
+    token_file: PathBuf,
+    role: String,
+    ttl_seconds: u32,
+}
+
+/// Reads the token file afresh (kubelet rotates it).
+pub fn read_token(path: &Path) -> Result<SecretString, ClientError> {
+    let fail = |message: String| ClientError::Token {
+        path: path.to_owned(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if meta.len() > MAX_TOKEN_BYTES {
+        return Err(fail(format!("larger than {MAX_TOKEN_BYTES} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let token = SecretString::from(text.trim().to_owned());
+    drop(zeroize::Zeroizing::new(text));
+    if token.expose_secret().is_empty() {
+        return Err(fail("the file is empty".into()));
+    }
+    Ok(token)
+}
+
+impl Client {
+    /// Builds a client; connects lazily and reconnects as needed.
+    pub fn new(cfg: &Config) -> Result<Client, ClientError> {
+        let ca = std::fs::read(&cfg.ca_file).map_err(|e| {
+            ClientError::Setup(format!(
+                "cannot read ca_file {}: {e}",
+                cfg.ca_file.display()
+            ))
+        })?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(name) = &cfg.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let endpoint = Endpoint::from_shared(cfg.broker_url.clone())
+            .map_err(|e| ClientError::Setup(format!("broker_url: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| ClientError::Setup(format!("TLS: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(cfg.request_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        Ok(Client {
+            inner: BrokerClient::new(endpoint.connect_lazy()),
+            token_file: cfg.token_file.clone(),
+            role: cfg.role.clone(),
+            ttl_seconds: cfg
+                .ttl
+                .map(|t| t.as_secs().min(u64::from(u32::MAX)) as u32)
+                .unwrap_or(0),
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Result<Request<T>, ClientError> {
+        let token = read_token(&self.token_file)?;
+        let mut value: MetadataValue<_> = format!("Bearer {}", token.expose_secret())
+            .parse()
+            .map_err(|_| ClientError::Token {
+                path: self.token_file.clone(),
+                message: "the token has characters not allowed in a header".into(),
+            })?;
+        value.set_sensitive(true);
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+
+    pub async fn login(&self) -> Result<pb::LoginResponse, ClientError> {
+        let req = self.request(pb::LoginRequest {
+            role: self.role.clone(),
+        })?;
+        Ok(self.inner.clone().login(req).await?.into_inner())
+    }
+
+    pub async fn fetch(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
+        let req = self.request(pb::FetchRequest {
+            role: self.role.clone(),
+            names,
+            ttl_seconds: self.ttl_seconds,
+        })?;
+        Ok(self.inner.clone().fetch(req).await?.into_inner().secrets)
+    }
+
+    pub async fn renew(
+        &self,
+        leases: Vec<pb::LeaseRef>,
+    ) -> Result<Vec<pb::RenewedLease>, ClientError> {
+        let req = self.request(pb::RenewRequest {
+            role: self.role.clone(),
+            leases,
+            ttl_seconds: self.ttl_seconds,
+        })?;
+        Ok(self.inner.clone().renew(req).await?.into_inner().leases)
+    }
+
+    pub async fn watch(
+        &self,
+        names: Vec<String>,
+    ) -> Result<tonic::Streaming<pb::WatchEvent>, ClientError> {
+        let req = self.request(pb::WatchRequest {
+            role: self.role.clone(),
+            names,
+        })?;
+        // A watch outlives the per-request timeout: no deadline on the stream itself.
+        Ok(self.inner.clone().watch(req).await?.into_inner())
+    }
+}

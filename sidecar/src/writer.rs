@@ -1,0 +1,308 @@
+//! Writes a set of secrets as one generation, the kubelet AtomicWriter way:
+//!
+//! ```text
+//! DIR/..2026_11_26_10_00_00.123456789/<name>   real files, mode 0400 (0440 with a group)
+//! DIR/..data -> ..2026_11_26_10_00_00.123456789 swapped with one rename
+//! DIR/<name> -> ..data/<name>
+//! ```
+//!
+//! An application never sees a half-written set: `..data` flips from one
+//! complete generation to the next in a single `rename`. The writer refuses a
+//! target that is not tmpfs/ramfs (unless told otherwise) and any file name
+//! that could escape the directory.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+const DATA: &str = "..data";
+const DATA_TMP: &str = "..data_tmp";
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// Why a generation could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The directory is on a persistent filesystem; secrets would reach a disk.
+    #[error(
+        "{0} is not on tmpfs/ramfs: secrets would be written to a persistent disk; mount an emptyDir with medium: Memory there (or set allow_non_tmpfs = true for local development)"
+    )]
+    NotTmpfs(PathBuf),
+    /// A file name could escape the directory or collide with the writer's own entries.
+    #[error("invalid secret file name {0:?}: {1}")]
+    BadName(String, &'static str),
+    /// A filesystem call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WriteError + 'a {
+    move |source| WriteError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks a file name for the secrets directory: one plain path component,
+/// no leading dot (the writer's own entries start with `..`), no NUL.
+pub fn validate_file_name(name: &str) -> Result<(), WriteError> {
+    let bad = |why| Err(WriteError::BadName(name.to_owned(), why));
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 255 {
+        return bad("longer than 255 bytes");
+    }
+    if name.contains('\0') {
+        return bad("contains NUL");
+    }
+    if name.contains('/') {
+        return bad("contains '/'");
+    }
+    if name.starts_with('.') {
+        return bad("starts with '.' ('..' and hidden names are reserved)");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("contains control characters");
+    }
+    Ok(())
+}
+
+/// Whether `dir` is on a memory-only filesystem.
+pub fn is_memory_fs(dir: &Path) -> io::Result<bool> {
+    let st = rustix::fs::statfs(dir)?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let magic = st.f_type as u64;
+    Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
+}
+
+/// Writes generations into one directory.
+#[derive(Debug, Clone)]
+pub struct AtomicWriter {
+    dir: PathBuf,
+    /// When set, files are 0440 and owned by this group (the pod's fsGroup).
+    group: Option<u32>,
+}
+
+impl AtomicWriter {
+    /// Prepares a writer for `dir` (created if missing), refusing a
+    /// persistent filesystem unless `allow_non_tmpfs`.
+    pub fn new(
+        dir: &Path,
+        allow_non_tmpfs: bool,
+        group: Option<u32>,
+    ) -> Result<AtomicWriter, WriteError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(io_err("create directory", dir))?;
+        if !allow_non_tmpfs && !is_memory_fs(dir).map_err(io_err("statfs", dir))? {
+            return Err(WriteError::NotTmpfs(dir.to_owned()));
+        }
+        Ok(AtomicWriter {
+            dir: dir.to_owned(),
+            group,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `files` (name, content) as a new generation and makes it current
+    /// with one rename; files absent from the set disappear from the directory.
+    pub fn write(&self, files: &[(&str, &[u8])]) -> Result<PathBuf, WriteError> {
+        for (name, _) in files {
+            validate_file_name(name)?;
+        }
+        let generation = self.new_generation_dir()?;
+        let (file_mode, dir_mode) = if self.group.is_some() {
+            (0o440, 0o750)
+        } else {
+            (0o400, 0o700)
+        };
+        for (name, content) in files {
+            let path = generation.join(name);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(file_mode)
+                .open(&path)
+                .map_err(io_err("create", &path))?;
+            f.write_all(content).map_err(io_err("write", &path))?;
+            if let Some(gid) = self.group {
+                std::os::unix::fs::chown(&path, None, Some(gid)).map_err(io_err("chown", &path))?;
+            }
+        }
+        // Only now may the directory become readable by the group.
+        fs::set_permissions(
+            &generation,
+            std::os::unix::fs::PermissionsExt::from_mode(dir_mode),
+        )
+        .map_err(io_err("chmod", &generation))?;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(&generation, None, Some(gid))
+                .map_err(io_err("chown", &generation))?;
+        }
+
+        // The swap: ..data_tmp -> generation, renamed over ..data.
+        let gen_name = generation.file_name().unwrap_or_default();
+        let tmp = self.dir.join(DATA_TMP);
+        let _ = fs::remove_file(&tmp);
+        symlink(gen_name, &tmp).map_err(io_err("symlink", &tmp))?;
+        fs::rename(&tmp, self.dir.join(DATA)).map_err(io_err("rename", &tmp))?;
+
+        // User-visible links: DIR/<name> -> ..data/<name>.
+        for (name, _) in files {
+            let link = self.dir.join(name);
+            let target = Path::new(DATA).join(name);
+            if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+                let tmp_link = self.dir.join(format!("..{name}.tmp"));
+                let _ = fs::remove_file(&tmp_link);
+                symlink(&target, &tmp_link).map_err(io_err("symlink", &tmp_link))?;
+                fs::rename(&tmp_link, &link).map_err(io_err("rename", &link))?;
+            }
+        }
+        self.remove_stale(Some(gen_name), files)?;
+        Ok(generation)
+    }
+
+    /// Removes every secret and generation the writer made.
+    pub fn remove_all(&self) -> Result<(), WriteError> {
+        let _ = fs::remove_file(self.dir.join(DATA));
+        self.remove_stale(None, &[])
+    }
+
+    fn new_generation_dir(&self) -> Result<PathBuf, WriteError> {
+        let format =
+            time::macros::format_description!("[year]_[month]_[day]_[hour]_[minute]_[second]");
+        for _ in 0..100 {
+            let now = time::OffsetDateTime::now_utc();
+            let stamp = now.format(&format).unwrap_or_default();
+            let path = self.dir.join(format!("..{stamp}.{:09}", now.nanosecond()));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(path),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("create directory", &path)(e)),
+            }
+        }
+        Err(io_err("create directory", &self.dir)(io::Error::other(
+            "no free generation name",
+        )))
+    }
+
+    /// Removes generations other than `keep`, and links to names not in `files`
+    /// that point into `..data`.
+    fn remove_stale(
+        &self,
+        keep: Option<&OsStr>,
+        files: &[(&str, &[u8])],
+    ) -> Result<(), WriteError> {
+        let entries = fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(text) = name.to_str() else { continue };
+            let path = entry.path();
+            let is_generation = text.starts_with("..")
+                && text.as_bytes().get(2).is_some_and(u8::is_ascii_digit)
+                && entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_generation {
+                if Some(name.as_os_str()) != keep {
+                    fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+                }
+                continue;
+            }
+            let ours = fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA));
+            if ours && !files.iter().any(|(n, _)| *n == text) {
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn writer() -> (tempfile::TempDir, AtomicWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let w = AtomicWriter::new(dir.path(), true, None).unwrap();
+        (dir, w)
+    }
+
+    #[test]
+    fn layout_follows_the_kubelet_convention() {
+        let (dir, w) = writer();
+        let g1 = w.write(&[("a", b"1"), ("b", b"2")]).unwrap();
+        let data = fs::read_link(dir.path().join("..data")).unwrap();
+        assert_eq!(data, Path::new(g1.file_name().unwrap()));
+        let name = data.to_str().unwrap();
+        assert!(
+            name.starts_with("..") && name.len() == "..2026_11_26_10_00_00.123456789".len(),
+            "{name}"
+        );
+        assert_eq!(
+            fs::read_link(dir.path().join("a")).unwrap(),
+            Path::new("..data/a")
+        );
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"1");
+        let mode = fs::metadata(g1.join("a")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400);
+
+        // A new generation replaces the old one, and a dropped name disappears.
+        let g2 = w.write(&[("a", b"3")]).unwrap();
+        assert_ne!(g1, g2);
+        assert!(!g1.exists());
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"3");
+        assert!(fs::symlink_metadata(dir.path().join("b")).is_err());
+
+        w.remove_all().unwrap();
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn unrelated_files_are_left_alone() {
+        let (dir, w) = writer();
+        fs::write(dir.path().join("app.sock"), b"").unwrap();
+        w.write(&[("a", b"1")]).unwrap();
+        w.remove_all().unwrap();
+        assert!(dir.path().join("app.sock").exists());
+    }
+
+    #[test]
+    fn names_that_could_escape_are_refused() {
+        for bad in [
+            "", ".", "..", "../x", "a/b", ".hidden", "..data", "a\0b", "x\n",
+        ] {
+            assert!(validate_file_name(bad).is_err(), "{bad:?}");
+        }
+        let (_dir, w) = writer();
+        assert!(w.write(&[("../evil", b"x")]).is_err());
+        assert!(validate_file_name("db-password").is_ok());
+    }
+
+    #[test]
+    fn persistent_disk_is_refused_and_tmpfs_accepted() {
+        // The working directory of a test is on the build disk, not tmpfs.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        if !is_memory_fs(dir.path()).unwrap() {
+            let err = AtomicWriter::new(dir.path(), false, None).unwrap_err();
+            assert!(matches!(err, WriteError::NotTmpfs(_)), "{err}");
+        }
+        if Path::new("/dev/shm").exists() && is_memory_fs(Path::new("/dev/shm")).unwrap() {
+            let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+            AtomicWriter::new(shm.path(), false, None).unwrap();
+        }
+    }
+}
