@@ -163,6 +163,7 @@ impl Keeper {
             })
             .collect();
         let renewed = self.client.renew(refs).await?;
+        debug!(leases = renewed.len(), "renewed leases");
         let mut rotated = false;
         for r in renewed {
             let Some(h) = self.held.get_mut(&r.name) else {

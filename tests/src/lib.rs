@@ -1,1 +1,304 @@
-//! e2e
+//! Support for the end-to-end tests: the real `secrets-broker` and
+//! `secrets-sidecar` binaries run as processes, against a real HTTPS OIDC
+//! issuer on loopback (keys minted by the test) and a real tmpfs.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`; the
+//! README's test command does it).
+
+use std::io::Write;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use secrets_broker::dev::issuer::{Issuer, Workload};
+use secrets_broker::dev::tls::{DevTls, TlsFiles};
+
+pub const AUDIENCE: &str = "secrets-broker";
+
+/// Path of one of the workspace's binaries, next to the test executable's
+/// `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A directory on a memory filesystem: a fresh tmpfs mount when running as
+/// root, else a directory under `/dev/shm`. Unmounted/removed on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+    mounted: bool,
+    _holder: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn new() -> Result<Tmpfs> {
+        let holder = tempfile::tempdir()?;
+        let path = holder.path().join("secrets");
+        std::fs::create_dir(&path)?;
+        let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+        if is_root {
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs"])
+                .arg(&path)
+                .status();
+            if status.is_ok_and(|s| s.success()) {
+                return Ok(Tmpfs {
+                    path,
+                    mounted: true,
+                    _holder: holder,
+                });
+            }
+        }
+        let shm = tempfile::Builder::new().prefix("sb-e2e-").tempdir_in("/dev/shm")?;
+        let path = shm.path().to_owned();
+        Ok(Tmpfs {
+            path,
+            mounted: false,
+            _holder: shm,
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// A running child process whose stderr goes to a log file; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        let file = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Proc { child, log })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`TERM`, `KILL`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        wait_for("process exit", timeout, || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: an HTTPS OIDC issuer, TLS files, a store key, and the
+/// config files for a broker and sidecars.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub issuer: Issuer,
+    pub tls: TlsFiles,
+    pub broker_port: u16,
+    /// Runs the issuer's HTTPS server.
+    pub runtime: tokio::runtime::Runtime,
+}
+
+impl World {
+    /// Starts an issuer and writes a broker config whose roles are `roles_toml`.
+    pub fn new(roles_toml: &str) -> Result<World> {
+        secrets_broker::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let tls = DevTls::generate()?;
+        let tls_files = tls.write(&dir.path().join("tls"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let issuer = Issuer::new()?;
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            issuer.serve(listener, "127.0.0.1", tls.server_config()?).await?;
+            anyhow::Ok(())
+        })?;
+        let out = Command::new(bin("secrets-broker"))
+            .args(["store", "keygen", "--out"])
+            .arg(dir.path().join("store.key"))
+            .output()?;
+        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let world = World {
+            broker_port: free_port(),
+            dir,
+            issuer,
+            tls: tls_files,
+            runtime,
+        };
+        world.write_broker_config(roles_toml)?;
+        Ok(world)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn broker_config(&self) -> PathBuf {
+        self.path("broker.toml")
+    }
+
+    fn write_broker_config(&self, roles: &str) -> Result<()> {
+        std::fs::write(
+            self.broker_config(),
+            format!(
+                r#"[server]
+listen = "127.0.0.1:{port}"
+tls_cert_file = "tls/tls.crt"
+tls_key_file = "tls/tls.key"
+shutdown_grace = "2s"
+watch_heartbeat = "5s"
+
+[identity]
+issuer = "{issuer}"
+audiences = ["{AUDIENCE}"]
+ca_file = "tls/ca.crt"
+leeway = "5s"
+jwks_refresh_min_interval = "2s"
+
+[store]
+path = "store.db"
+key_file = "store.key"
+poll_interval = "200ms"
+
+{roles}
+"#,
+                port = self.broker_port,
+                issuer = self.issuer.url(),
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Stores a secret version with `secrets-broker store put` (value on stdin).
+    pub fn put(&self, name: &str, value: &str) -> Result<()> {
+        let mut child = Command::new(bin("secrets-broker"))
+            .args(["store", "put", "--config"])
+            .arg(self.broker_config())
+            .arg(name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("stdin").write_all(value.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("store put failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Starts `secrets-broker serve` and waits until it has loaded the keys.
+    pub fn start_broker(&self, log_name: &str) -> Result<Proc> {
+        let proc = Proc::spawn(
+            Command::new(bin("secrets-broker"))
+                .args(["serve", "--config"])
+                .arg(self.broker_config()),
+            self.path(log_name),
+        )?;
+        wait_for("broker ready", Duration::from_secs(30), || {
+            proc.log_text().contains("signing keys loaded").then_some(())
+        })
+        .with_context(|| format!("broker log:\n{}", proc.log_text()))?;
+        Ok(proc)
+    }
+
+    /// Mints a token for a workload and writes it to `name`.
+    pub fn token_file(&self, name: &str, w: &Workload) -> Result<PathBuf> {
+        self.write_token(name, &self.issuer.mint(w)?)
+    }
+
+    pub fn write_token(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.path(name);
+        std::fs::write(&path, token)?;
+        Ok(path)
+    }
+
+    /// Writes a sidecar config; `extra` is appended before the secrets list.
+    pub fn sidecar_config(&self, name: &str, token: &Path, dir: &Path, extra: &str, secrets: &[(&str, &str)]) -> Result<PathBuf> {
+        let mut text = format!(
+            r#"broker_url = "https://localhost:{port}"
+ca_file = "{ca}"
+token_file = "{token}"
+dir = "{dir}"
+retry_initial = "100ms"
+retry_max = "1s"
+request_timeout = "5s"
+{extra}
+"#,
+            port = self.broker_port,
+            ca = self.tls.ca.display(),
+            token = token.display(),
+            dir = dir.display(),
+        );
+        for (name, file) in secrets {
+            text.push_str(&format!("[[secrets]]\nname = \"{name}\"\nfile = \"{file}\"\n"));
+        }
+        let path = self.path(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Runs a binary to completion and returns its output.
+    pub fn run(&self, name: &str, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(bin(name)).args(args).env("NO_COLOR", "1").output()?)
+    }
+}

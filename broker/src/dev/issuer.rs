@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,6 +56,8 @@ struct State {
 #[derive(Clone)]
 pub struct Issuer {
     state: Arc<Mutex<State>>,
+    /// How many times the JWKS was served (tests check the refresh rate limit).
+    jwks_served: Arc<AtomicU64>,
 }
 
 /// What a minted service-account token says about its workload.
@@ -110,11 +113,17 @@ impl Issuer {
                 keys: vec![new_key("dev-key-1")?],
                 issuer: String::new(),
             })),
+            jwks_served: Arc::new(AtomicU64::new(0)),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many times the JWKS document has been served.
+    pub fn jwks_served(&self) -> u64 {
+        self.jwks_served.load(Ordering::Relaxed)
     }
 
     /// The issuer URL (`iss`), once serving.
@@ -222,7 +231,10 @@ impl Issuer {
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": ["ES256"],
             }),
-            "/openid/v1/jwks" => self.jwks(),
+            "/openid/v1/jwks" => {
+                self.jwks_served.fetch_add(1, Ordering::Relaxed);
+                self.jwks()
+            }
             _ => {
                 return Response::builder()
                     .status(StatusCode::NOT_FOUND)
