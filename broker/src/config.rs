@@ -532,4 +532,23 @@ ttl = "5m"
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("deny by default"), "{err}");
     }
+
+    proptest::proptest! {
+        /// Arbitrary text never panics the parser; errors name the file.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            if let Err(e) = parse(&text) {
+                proptest::prop_assert!(e.to_string().contains("broker.toml"));
+            }
+        }
+
+        /// Mutating one value of a good file either parses or names the problem.
+        #[test]
+        fn mutated_values_are_reported(value in "[ -~]{0,20}") {
+            let text = GOOD.replace("\"5m\"", &format!("{value:?}"));
+            if let Err(e) = parse(&text) {
+                proptest::prop_assert!(e.to_string().contains("broker.toml"));
+            }
+        }
+    }
 }

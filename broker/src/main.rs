@@ -93,6 +93,9 @@ enum StoreCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     secrets_broker::telemetry::init(cli.log_format == "json", "info");
+    if let Err(e) = secrets_sidecar::hardening::disable_core_dumps() {
+        tracing::warn!(error = %e, "cannot disable core dumps");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

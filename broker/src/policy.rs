@@ -255,4 +255,19 @@ mod tests {
         assert!(grants(&r, "demo/x").is_ok());
         assert!(grants(&r, "prod/x").is_err());
     }
+
+    proptest::proptest! {
+        /// A pattern without `*` matches exactly itself; `prefix*` matches every
+        /// extension of the prefix; `*suffix` every string ending in it.
+        #[test]
+        fn pattern_semantics(a in "[a-z/.-]{1,12}", b in "[a-z/.-]{0,12}") {
+            let (prefix, suffix) = (p(&format!("{a}*")), p(&format!("*{a}")));
+            let (ab, ba) = (format!("{a}{b}"), format!("{b}{a}"));
+            proptest::prop_assert!(p(&a).matches(&a));
+            proptest::prop_assert_eq!(p(&a).matches(&b), a == b);
+            proptest::prop_assert!(prefix.matches(&ab));
+            proptest::prop_assert!(suffix.matches(&ba));
+            proptest::prop_assert_eq!(prefix.matches(&b), b.starts_with(&a));
+        }
+    }
 }

@@ -6,12 +6,14 @@
 //! - [`client`]: the broker connection (TLS pinned to a CA, token re-read per call).
 //! - [`writer`]: the kubelet-style `..data` generation swap, tmpfs check, name checks.
 //! - [`schedule`]: renew at about 2/3 of the lease with jitter; capped backoff.
+//! - [`hardening`]: no core dumps, not dumpable (shared with the broker).
 //!
 //! [`run`] keeps secrets fresh until a shutdown signal; [`once`] fetches and
 //! writes one generation and returns (init containers, CI jobs).
 
 pub mod client;
 pub mod config;
+pub mod hardening;
 pub mod schedule;
 pub mod writer;
 

@@ -48,6 +48,9 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    if let Err(e) = secrets_sidecar::hardening::disable_core_dumps() {
+        tracing::warn!(error = %e, "cannot disable core dumps");
+    }
     let config_path = match &cli.command {
         Command::Run { config } | Command::Once { config, .. } => config.clone(),
     };

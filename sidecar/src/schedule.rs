@@ -68,4 +68,21 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(1.0), Duration::from_millis(100));
     }
+
+    proptest::proptest! {
+        /// Delays stay within [step/2, step] and never exceed the cap; renewal
+        /// always comes before the lease ends.
+        #[test]
+        fn backoff_and_renewal_bounds(initial_ms in 1u64..5_000, max_ms in 5_000u64..120_000, jitters in proptest::collection::vec(0.0f64..=1.0, 1..40), ttl_s in 1u64..100_000) {
+            let max = Duration::from_millis(max_ms);
+            let mut b = Backoff::new(Duration::from_millis(initial_ms), max);
+            for j in jitters {
+                let d = b.next_delay(j);
+                proptest::prop_assert!(d <= max);
+                proptest::prop_assert!(d >= Duration::from_millis(initial_ms) / 2);
+                let ttl = Duration::from_secs(ttl_s);
+                proptest::prop_assert!(renew_after(ttl, j) < ttl);
+            }
+        }
+    }
 }

@@ -305,4 +305,18 @@ mod tests {
             AtomicWriter::new(shm.path(), false, None).unwrap();
         }
     }
+
+    proptest::proptest! {
+        /// Any name the writer accepts is one plain component inside the directory.
+        #[test]
+        fn accepted_names_stay_inside(name in "\\PC{0,40}") {
+            if validate_file_name(&name).is_ok() {
+                let joined = Path::new("/secrets").join(&name);
+                let parts: Vec<_> = joined.strip_prefix("/secrets").unwrap().components().collect();
+                proptest::prop_assert_eq!(parts.len(), 1);
+                proptest::prop_assert!(matches!(parts[0], std::path::Component::Normal(_)));
+                proptest::prop_assert!(!name.starts_with('.'));
+            }
+        }
+    }
 }

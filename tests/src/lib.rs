@@ -23,7 +23,13 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
-        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
         .expect("target directory");
     let path = dir.join(name);
     assert!(
@@ -35,7 +41,11 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {
@@ -69,7 +79,11 @@ impl Tmpfs {
         let holder = tempfile::tempdir()?;
         let path = holder.path().join("secrets");
         std::fs::create_dir(&path)?;
-        let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0\n"))
+            .unwrap_or(false);
         if is_root {
             let status = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs"])
@@ -83,7 +97,9 @@ impl Tmpfs {
                 });
             }
         }
-        let shm = tempfile::Builder::new().prefix("sb-e2e-").tempdir_in("/dev/shm")?;
+        let shm = tempfile::Builder::new()
+            .prefix("sb-e2e-")
+            .tempdir_in("/dev/shm")?;
         let path = shm.path().to_owned();
         Ok(Tmpfs {
             path,
@@ -133,7 +149,9 @@ impl Proc {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        wait_for("process exit", timeout, || self.child.try_wait().ok().flatten())
+        wait_for("process exit", timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 
@@ -169,14 +187,20 @@ impl World {
         let issuer = Issuer::new()?;
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            issuer.serve(listener, "127.0.0.1", tls.server_config()?).await?;
+            issuer
+                .serve(listener, "127.0.0.1", tls.server_config()?)
+                .await?;
             anyhow::Ok(())
         })?;
         let out = Command::new(bin("secrets-broker"))
             .args(["store", "keygen", "--out"])
             .arg(dir.path().join("store.key"))
             .output()?;
-        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let world = World {
             broker_port: free_port(),
             dir,
@@ -238,7 +262,11 @@ poll_interval = "200ms"
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        child.stdin.take().expect("stdin").write_all(value.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(value.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!("store put failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -255,7 +283,9 @@ poll_interval = "200ms"
             self.path(log_name),
         )?;
         wait_for("broker ready", Duration::from_secs(30), || {
-            proc.log_text().contains("signing keys loaded").then_some(())
+            proc.log_text()
+                .contains("signing keys loaded")
+                .then_some(())
         })
         .with_context(|| format!("broker log:\n{}", proc.log_text()))?;
         Ok(proc)
@@ -273,7 +303,14 @@ poll_interval = "200ms"
     }
 
     /// Writes a sidecar config; `extra` is appended before the secrets list.
-    pub fn sidecar_config(&self, name: &str, token: &Path, dir: &Path, extra: &str, secrets: &[(&str, &str)]) -> Result<PathBuf> {
+    pub fn sidecar_config(
+        &self,
+        name: &str,
+        token: &Path,
+        dir: &Path,
+        extra: &str,
+        secrets: &[(&str, &str)],
+    ) -> Result<PathBuf> {
         let mut text = format!(
             r#"broker_url = "https://localhost:{port}"
 ca_file = "{ca}"
@@ -290,7 +327,9 @@ request_timeout = "5s"
             dir = dir.display(),
         );
         for (name, file) in secrets {
-            text.push_str(&format!("[[secrets]]\nname = \"{name}\"\nfile = \"{file}\"\n"));
+            text.push_str(&format!(
+                "[[secrets]]\nname = \"{name}\"\nfile = \"{file}\"\n"
+            ));
         }
         let path = self.path(name);
         std::fs::write(&path, text)?;
@@ -299,6 +338,9 @@ request_timeout = "5s"
 
     /// Runs a binary to completion and returns its output.
     pub fn run(&self, name: &str, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin(name)).args(args).env("NO_COLOR", "1").output()?)
+        Ok(Command::new(bin(name))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()?)
     }
 }

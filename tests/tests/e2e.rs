@@ -38,7 +38,10 @@ fn read(path: &Path) -> Option<String> {
 
 fn assert_no_leak(log: &str, what: &str, secrets: &[&str]) {
     for s in secrets {
-        assert!(!log.contains(s), "{what} log contains a secret or token fragment {s:?}");
+        assert!(
+            !log.contains(s),
+            "{what} log contains a secret or token fragment {s:?}"
+        );
     }
 }
 
@@ -49,7 +52,9 @@ fn assert_no_leak(log: &str, what: &str, secrets: &[&str]) {
 #[test]
 fn sidecar_keeps_secrets_fresh_through_rotation_and_outage() {
     let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "first-value-7f3a").unwrap();
+    world
+        .put("payments/db-password", "first-value-7f3a")
+        .unwrap();
     world.put("payments/api-key", "api-key-value-91c2").unwrap();
     let mut broker = world.start_broker("broker.log").unwrap();
 
@@ -63,34 +68,68 @@ fn sidecar_keeps_secrets_fresh_through_rotation_and_outage() {
             &token,
             &tmpfs.path,
             "",
-            &[("payments/db-password", "db-password"), ("payments/api-key", "api-key")],
+            &[
+                ("payments/db-password", "db-password"),
+                ("payments/api-key", "api-key"),
+            ],
         )
         .unwrap();
     let mut sidecar = Proc::spawn(
-        std::process::Command::new(bin("secrets-sidecar")).args(["run", "--config"]).arg(&cfg),
+        std::process::Command::new(bin("secrets-sidecar"))
+            .args(["run", "--config"])
+            .arg(&cfg),
         world.path("sidecar.log"),
     )
     .unwrap();
 
     let file = tmpfs.path.join("db-password");
-    wait_for("first generation", LONG, || (read(&file)? == "first-value-7f3a").then_some(()))
-        .unwrap_or_else(|e| panic!("{e}\nsidecar:\n{}\nbroker:\n{}", sidecar.log_text(), broker.log_text()));
-    assert_eq!(read(&tmpfs.path.join("api-key")).unwrap(), "api-key-value-91c2");
+    wait_for("first generation", LONG, || {
+        (read(&file)? == "first-value-7f3a").then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nsidecar:\n{}\nbroker:\n{}",
+            sidecar.log_text(),
+            broker.log_text()
+        )
+    });
+    assert_eq!(
+        read(&tmpfs.path.join("api-key")).unwrap(),
+        "api-key-value-91c2"
+    );
 
     // The kubelet AtomicWriter layout, mode 0400.
     let data = std::fs::read_link(tmpfs.path.join("..data")).unwrap();
     let data = data.to_str().unwrap().to_owned();
-    assert!(data.starts_with("..") && data.len() == "..2026_11_26_10_00_00.123456789".len(), "{data}");
-    assert_eq!(std::fs::read_link(&file).unwrap(), Path::new("..data/db-password"));
+    assert!(
+        data.starts_with("..") && data.len() == "..2026_11_26_10_00_00.123456789".len(),
+        "{data}"
+    );
+    assert_eq!(
+        std::fs::read_link(&file).unwrap(),
+        Path::new("..data/db-password")
+    );
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o400);
 
     // Rotation: a new version in the store becomes a new generation on disk.
-    world.put("payments/db-password", "second-value-c0de").unwrap();
-    wait_for("rotated generation", LONG, || (read(&file)? == "second-value-c0de").then_some(())).unwrap();
+    world
+        .put("payments/db-password", "second-value-c0de")
+        .unwrap();
+    wait_for("rotated generation", LONG, || {
+        (read(&file)? == "second-value-c0de").then_some(())
+    })
+    .unwrap();
     let data2 = std::fs::read_link(tmpfs.path.join("..data")).unwrap();
-    assert_ne!(data2.to_str().unwrap(), data, "a rotation is a new generation");
-    assert!(!tmpfs.path.join(&data).exists(), "the old generation is cleaned up");
+    assert_ne!(
+        data2.to_str().unwrap(),
+        data,
+        "a rotation is a new generation"
+    );
+    assert!(
+        !tmpfs.path.join(&data).exists(),
+        "the old generation is cleaned up"
+    );
 
     // Broker down: the sidecar keeps serving what it has...
     broker.signal("KILL");
@@ -105,8 +144,10 @@ fn sidecar_keeps_secrets_fresh_through_rotation_and_outage() {
 
     // Broker back: the sidecar recovers on its own.
     let broker2 = world.start_broker("broker2.log").unwrap();
-    wait_for("recovery", LONG, || (read(&file)? == "second-value-c0de").then_some(()))
-        .unwrap_or_else(|e| panic!("{e}\nsidecar:\n{}", sidecar.log_text()));
+    wait_for("recovery", LONG, || {
+        (read(&file)? == "second-value-c0de").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nsidecar:\n{}", sidecar.log_text()));
 
     // SIGTERM: the sidecar removes the secrets and exits cleanly.
     sidecar.signal("TERM");
@@ -121,7 +162,16 @@ fn sidecar_keeps_secrets_fresh_through_rotation_and_outage() {
         ("broker", broker.log_text()),
         ("broker2", broker2.log_text()),
     ] {
-        assert_no_leak(&log, name, &["first-value-7f3a", "second-value-c0de", "api-key-value-91c2", signature]);
+        assert_no_leak(
+            &log,
+            name,
+            &[
+                "first-value-7f3a",
+                "second-value-c0de",
+                "api-key-value-91c2",
+                signature,
+            ],
+        );
     }
 }
 
@@ -140,7 +190,9 @@ fn sidecar_renews_short_leases_without_rewriting() {
         .sidecar_config("s.toml", &token, &tmpfs.path, "", &[("short/k", "k")])
         .unwrap();
     let sidecar = Proc::spawn(
-        std::process::Command::new(bin("secrets-sidecar")).args(["run", "--config"]).arg(&cfg),
+        std::process::Command::new(bin("secrets-sidecar"))
+            .args(["run", "--config"])
+            .arg(&cfg),
         world.path("sidecar.log"),
     )
     .unwrap();
@@ -153,8 +205,15 @@ fn sidecar_renews_short_leases_without_rewriting() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
     assert_eq!(read(&file).as_deref(), Some("short-lived-value"));
-    assert_eq!(std::fs::read_link(tmpfs.path.join("..data")).unwrap(), generation);
-    assert!(!sidecar.log_text().contains("removed secrets"), "{}", sidecar.log_text());
+    assert_eq!(
+        std::fs::read_link(tmpfs.path.join("..data")).unwrap(),
+        generation
+    );
+    assert!(
+        !sidecar.log_text().contains("removed secrets"),
+        "{}",
+        sidecar.log_text()
+    );
 }
 
 #[test]
@@ -167,12 +226,31 @@ fn once_mode_writes_one_generation_and_exits() {
         .token_file("t", &Workload::new("payments", "worker-3", AUDIENCE))
         .unwrap();
     let cfg = world
-        .sidecar_config("s.toml", &token, &tmpfs.path, "", &[("payments/db-password", "pw")])
+        .sidecar_config(
+            "s.toml",
+            &token,
+            &tmpfs.path,
+            "",
+            &[("payments/db-password", "pw")],
+        )
         .unwrap();
     let out = world
-        .run("secrets-sidecar", &["once", "--config", cfg.to_str().unwrap(), "--timeout", "30s"])
+        .run(
+            "secrets-sidecar",
+            &[
+                "once",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--timeout",
+                "30s",
+            ],
+        )
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(read(&tmpfs.path.join("pw")).as_deref(), Some("once-value"));
 }
 
@@ -191,28 +269,45 @@ fn sidecar_refuses_persistent_disks_and_escaping_names() {
             .sidecar_config("s.toml", &token, &disk, "", &[("payments/x", "x")])
             .unwrap();
         let out = world
-            .run("secrets-sidecar", &["once", "--config", cfg.to_str().unwrap(), "--timeout", "5s"])
+            .run(
+                "secrets-sidecar",
+                &["once", "--config", cfg.to_str().unwrap(), "--timeout", "5s"],
+            )
             .unwrap();
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is not on tmpfs/ramfs"), "{err}");
-        assert_eq!(std::fs::read_dir(&disk).unwrap().count(), 0, "nothing written to disk");
+        assert_eq!(
+            std::fs::read_dir(&disk).unwrap().count(),
+            0,
+            "nothing written to disk"
+        );
     }
     for bad in ["../escape", "a/b", ".hidden", "..data"] {
         let cfg = world
             .sidecar_config("bad.toml", &token, &disk, "", &[("payments/x", bad)])
             .unwrap();
         let out = world
-            .run("secrets-sidecar", &["once", "--config", cfg.to_str().unwrap()])
+            .run(
+                "secrets-sidecar",
+                &["once", "--config", cfg.to_str().unwrap()],
+            )
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("secrets[0].file") && err.contains("invalid secret file name"), "{err}");
+        assert!(
+            err.contains("secrets[0].file") && err.contains("invalid secret file name"),
+            "{err}"
+        );
     }
 }
 
 fn secrets_sidecar_is_memory_fs(p: &Path) -> bool {
-    let out = std::process::Command::new("stat").args(["-f", "-c", "%T"]).arg(p).output().unwrap();
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(p)
+        .output()
+        .unwrap();
     let t = String::from_utf8_lossy(&out.stdout);
     t.contains("tmpfs") || t.contains("ramfs")
 }
@@ -225,7 +320,13 @@ fn check_token_reports_identity_role_or_reason() {
         world
             .run(
                 "secrets-broker",
-                &["check-token", "--config", cfg.to_str().unwrap(), "--token-file", token.to_str().unwrap()],
+                &[
+                    "check-token",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--token-file",
+                    token.to_str().unwrap(),
+                ],
             )
             .unwrap()
     };
@@ -234,7 +335,12 @@ fn check_token_reports_identity_role_or_reason() {
         .token_file("good", &Workload::new("payments", "api", AUDIENCE))
         .unwrap();
     let out = check(&good);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["accepted"], true);
     assert_eq!(line["role"], "payments");
@@ -242,42 +348,81 @@ fn check_token_reports_identity_role_or_reason() {
     assert_eq!(line["identity"]["service_account"], "api");
     assert_eq!(line["identity"]["pod_name"], "api-0");
 
-    let mut expired = world.issuer.claims(&Workload::new("payments", "api", AUDIENCE));
+    let mut expired = world
+        .issuer
+        .claims(&Workload::new("payments", "api", AUDIENCE));
     expired["exp"] = json!(1_000_000_000);
     let mut other_aud = Workload::new("payments", "api", "https://kubernetes.default.svc");
     other_aud.ttl_seconds = 600;
     let cases = [
-        (world.write_token("expired", &world.issuer.sign(&expired).unwrap()).unwrap(), "token expired at 2001-09-09"),
-        (world.token_file("aud", &other_aud).unwrap(), "does not include [\"secrets-broker\"]"),
         (
-            world.token_file("norole", &Workload::new("payments", "admin", AUDIENCE)).unwrap(),
+            world
+                .write_token("expired", &world.issuer.sign(&expired).unwrap())
+                .unwrap(),
+            "token expired at 2001-09-09",
+        ),
+        (
+            world.token_file("aud", &other_aud).unwrap(),
+            "does not include [\"secrets-broker\"]",
+        ),
+        (
+            world
+                .token_file("norole", &Workload::new("payments", "admin", AUDIENCE))
+                .unwrap(),
             "no role matches identity payments/admin",
         ),
-        (world.write_token("garbage", "not-a-jwt").unwrap(), "malformed token"),
+        (
+            world.write_token("garbage", "not-a-jwt").unwrap(),
+            "malformed token",
+        ),
     ];
     for (file, want) in cases {
         let out = check(&file);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(1), "{stdout}");
-        assert!(stdout.starts_with("rejected: ") && stdout.contains(want), "want {want:?}: {stdout}");
+        assert!(
+            stdout.starts_with("rejected: ") && stdout.contains(want),
+            "want {want:?}: {stdout}"
+        );
         assert_eq!(stdout.trim().lines().count(), 1);
     }
 
     // Configuration and usage errors: exit 2, naming the key or file.
-    std::fs::write(world.path("bad.toml"), std::fs::read_to_string(&cfg).unwrap().replace("ttl = \"20s\"", "ttl = \"2h\""))
-        .unwrap();
+    std::fs::write(
+        world.path("bad.toml"),
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("ttl = \"20s\"", "ttl = \"2h\""),
+    )
+    .unwrap();
     let out = world
         .run(
             "secrets-broker",
-            &["check-token", "--config", world.path("bad.toml").to_str().unwrap(), "--token-file", good.to_str().unwrap()],
+            &[
+                "check-token",
+                "--config",
+                world.path("bad.toml").to_str().unwrap(),
+                "--token-file",
+                good.to_str().unwrap(),
+            ],
         )
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("roles[0].ttl"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("roles[0].ttl"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = world
         .run(
             "secrets-broker",
-            &["check-token", "--config", cfg.to_str().unwrap(), "--token-file", "/nonexistent/token"],
+            &[
+                "check-token",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--token-file",
+                "/nonexistent/token",
+            ],
         )
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -291,7 +436,9 @@ fn check_token_reports_identity_role_or_reason() {
 #[test]
 fn broker_refusals_over_grpc() {
     let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "grpc-secret-value").unwrap();
+    world
+        .put("payments/db-password", "grpc-secret-value")
+        .unwrap();
     let broker = world.start_broker("broker.log").unwrap();
     let ca = std::fs::read(&world.tls.ca).unwrap();
     let port = world.broker_port;
@@ -316,14 +463,18 @@ fn broker_refusals_over_grpc() {
                 ttl_seconds: 0,
             });
             if let Some(t) = token {
-                req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
             }
             async move { client.fetch(req).await }
         };
 
         let api = Workload::new("payments", "api", AUDIENCE);
         let good = world.issuer.mint(&api).unwrap();
-        let ok = fetch(Some(good.clone()), vec!["payments/db-password"], "").await.unwrap().into_inner();
+        let ok = fetch(Some(good.clone()), vec!["payments/db-password"], "")
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(ok.secrets[0].value, b"grpc-secret-value");
         assert_eq!(ok.secrets[0].version, 1);
         let lease = ok.secrets[0].lease.clone().unwrap();
@@ -339,29 +490,154 @@ fn broker_refusals_over_grpc() {
             world.issuer.sign(&c).unwrap()
         };
         use tonic::Code;
-        let cases: Vec<(Option<String>, Vec<&str>, &str, Code, &str)> = vec![
-            (None, vec!["payments/db-password"], "", Code::Unauthenticated, "no bearer token"),
-            (Some(format!("{}.{body}.", b64(json!({"alg":"none"})))), vec!["payments/db-password"], "", Code::Unauthenticated, "malformed token"),
-            (Some(format!("{}.{body}.c2ln", b64(json!({"alg":"none"})))), vec!["payments/db-password"], "", Code::Unauthenticated, "\"none\""),
-            (Some(format!("{}.{body}.c2ln", b64(json!({"alg":"HS256","kid":"dev-key-1"})))), vec!["payments/db-password"], "", Code::Unauthenticated, "HMAC"),
-            (Some(format!("{}.{body}.c2ln", b64(json!({"alg":"ES256","jwk":{"kty":"EC"}})))), vec!["payments/db-password"], "", Code::Unauthenticated, "own key (`jwk`)"),
-            (Some(format!("{}.{body}.c2ln", b64(json!({"alg":"ES256","kid":"dev-key-1"})))), vec!["payments/db-password"], "", Code::Unauthenticated, "signature does not verify"),
-            (Some(with("exp", json!(1_000_000_000))), vec!["payments/db-password"], "", Code::Unauthenticated, "token expired at"),
-            (Some(with("iss", json!("https://evil.example"))), vec!["payments/db-password"], "", Code::Unauthenticated, "not the trusted issuer"),
-            (Some(with("aud", json!(["other"]))), vec!["payments/db-password"], "", Code::Unauthenticated, "does not include"),
-            (Some(with("nbf", json!(4_000_000_000i64))), vec!["payments/db-password"], "", Code::Unauthenticated, "not valid before"),
-            (Some(with("sub", json!("system:serviceaccount:kube-system:admin"))), vec!["payments/db-password"], "", Code::Unauthenticated, "does not match its kubernetes.io claims"),
-            (Some(good.clone()), vec!["short/k"], "", Code::PermissionDenied, "role \"payments\" does not grant secret \"short/k\""),
-            (Some(good.clone()), vec!["payments/db-password"], "short", Code::PermissionDenied, "is not bound to role \"short\""),
-            (Some(world.issuer.mint(&Workload::new("payments", "admin", AUDIENCE)).unwrap()), vec!["payments/db-password"], "", Code::PermissionDenied, "no role matches identity payments/admin"),
-            (Some(good.clone()), vec!["payments/missing"], "", Code::NotFound, "does not exist"),
-            (Some(good.clone()), vec!["../etc/passwd"], "", Code::InvalidArgument, "segment starting with '.'"),
-            (Some(good.clone()), vec![], "", Code::InvalidArgument, "at least one secret"),
+        // (token, secrets, role, expected code, expected message fragment)
+        type Case<'a> = (Option<String>, Vec<&'a str>, &'a str, Code, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                None,
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "no bearer token",
+            ),
+            (
+                Some(format!("{}.{body}.", b64(json!({"alg":"none"})))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "malformed token",
+            ),
+            (
+                Some(format!("{}.{body}.c2ln", b64(json!({"alg":"none"})))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "\"none\"",
+            ),
+            (
+                Some(format!(
+                    "{}.{body}.c2ln",
+                    b64(json!({"alg":"HS256","kid":"dev-key-1"}))
+                )),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "HMAC",
+            ),
+            (
+                Some(format!(
+                    "{}.{body}.c2ln",
+                    b64(json!({"alg":"ES256","jwk":{"kty":"EC"}}))
+                )),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "own key (`jwk`)",
+            ),
+            (
+                Some(format!(
+                    "{}.{body}.c2ln",
+                    b64(json!({"alg":"ES256","kid":"dev-key-1"}))
+                )),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "signature does not verify",
+            ),
+            (
+                Some(with("exp", json!(1_000_000_000))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "token expired at",
+            ),
+            (
+                Some(with("iss", json!("https://evil.example"))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "not the trusted issuer",
+            ),
+            (
+                Some(with("aud", json!(["other"]))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "does not include",
+            ),
+            (
+                Some(with("nbf", json!(4_000_000_000i64))),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "not valid before",
+            ),
+            (
+                Some(with(
+                    "sub",
+                    json!("system:serviceaccount:kube-system:admin"),
+                )),
+                vec!["payments/db-password"],
+                "",
+                Code::Unauthenticated,
+                "does not match its kubernetes.io claims",
+            ),
+            (
+                Some(good.clone()),
+                vec!["short/k"],
+                "",
+                Code::PermissionDenied,
+                "role \"payments\" does not grant secret \"short/k\"",
+            ),
+            (
+                Some(good.clone()),
+                vec!["payments/db-password"],
+                "short",
+                Code::PermissionDenied,
+                "is not bound to role \"short\"",
+            ),
+            (
+                Some(
+                    world
+                        .issuer
+                        .mint(&Workload::new("payments", "admin", AUDIENCE))
+                        .unwrap(),
+                ),
+                vec!["payments/db-password"],
+                "",
+                Code::PermissionDenied,
+                "no role matches identity payments/admin",
+            ),
+            (
+                Some(good.clone()),
+                vec!["payments/missing"],
+                "",
+                Code::NotFound,
+                "does not exist",
+            ),
+            (
+                Some(good.clone()),
+                vec!["../etc/passwd"],
+                "",
+                Code::InvalidArgument,
+                "segment starting with '.'",
+            ),
+            (
+                Some(good.clone()),
+                vec![],
+                "",
+                Code::InvalidArgument,
+                "at least one secret",
+            ),
         ];
         for (token, names, role, code, want) in cases {
             let status = fetch(token.clone(), names, role).await.expect_err(want);
             assert_eq!(status.code(), code, "{want}: {}", status.message());
-            assert!(status.message().contains(want), "want {want:?}, got {:?}", status.message());
+            assert!(
+                status.message().contains(want),
+                "want {want:?}, got {:?}",
+                status.message()
+            );
             if let Some(t) = token {
                 assert!(!status.message().contains(&t), "message echoes the token");
             }
@@ -371,13 +647,26 @@ fn broker_refusals_over_grpc() {
         // jwks_refresh_min_interval (2s), and good callers keep being served.
         let before = world.issuer.jwks_served();
         for i in 0..50 {
-            let t = format!("{}.{body}.c2ln", b64(json!({"alg":"ES256","kid":format!("bogus-{i}")})));
-            let status = fetch(Some(t), vec!["payments/db-password"], "").await.unwrap_err();
-            assert!(status.message().contains("does not publish"), "{}", status.message());
+            let t = format!(
+                "{}.{body}.c2ln",
+                b64(json!({"alg":"ES256","kid":format!("bogus-{i}")}))
+            );
+            let status = fetch(Some(t), vec!["payments/db-password"], "")
+                .await
+                .unwrap_err();
+            assert!(
+                status.message().contains("does not publish"),
+                "{}",
+                status.message()
+            );
         }
         let refreshes = world.issuer.jwks_served() - before;
         assert!(refreshes <= 3, "{refreshes} JWKS fetches for 50 bogus kids");
-        assert!(fetch(Some(good.clone()), vec!["payments/db-password"], "").await.is_ok());
+        assert!(
+            fetch(Some(good.clone()), vec!["payments/db-password"], "")
+                .await
+                .is_ok()
+        );
 
         // Issuer key rotation: tokens signed with the new key are accepted once
         // the rate limit lets the broker refetch.

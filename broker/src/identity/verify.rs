@@ -631,4 +631,47 @@ mod tests {
         assert!(Algorithm::from_name("HS512").unwrap_err().contains("HMAC"));
         assert!(Algorithm::from_name("RS256").is_ok());
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Arbitrary input is refused without a panic and without echoing it.
+            #[test]
+            fn arbitrary_tokens_are_refused_cleanly(token in "\\PC{0,400}") {
+                let f = fixture();
+                let err = runtime().block_on(f.verifier.verify(&token)).unwrap_err().to_string();
+                if token.trim().len() >= 24 {
+                    prop_assert!(!err.contains(token.trim()));
+                }
+            }
+
+            /// Tokens shaped like JWTs, with random header and claims JSON.
+            #[test]
+            fn jwt_shaped_garbage_is_refused(
+                header in proptest::collection::btree_map("[a-z]{1,5}", "[A-Za-z0-9]{0,12}", 0..6),
+                claims in proptest::collection::btree_map("[a-z.]{1,14}", "[A-Za-z0-9:]{0,12}", 0..8),
+                sig in "[A-Za-z0-9_-]{0,90}",
+            ) {
+                let f = fixture();
+                let token = format!(
+                    "{}.{}.{}",
+                    URL_SAFE_NO_PAD.encode(serde_json::to_string(&header).unwrap()),
+                    URL_SAFE_NO_PAD.encode(serde_json::to_string(&claims).unwrap()),
+                    sig
+                );
+                prop_assert!(runtime().block_on(f.verifier.verify(&token)).is_err());
+            }
+        }
+    }
 }
