@@ -176,7 +176,7 @@ pub struct IdentityConfig {
     /// Unknown `kid`s trigger a JWKS refresh at most this often, so a flood of
     /// bogus kids cannot hammer the issuer.
     pub jwks_refresh_min_interval: Duration,
-    /// Keys are refetched in the background when older than this.
+    /// Keys are refetched in the background this often.
     pub jwks_max_age: Duration,
     pub max_token_bytes: usize,
     pub http_timeout: Duration,

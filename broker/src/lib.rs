@@ -22,7 +22,6 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use secrets_broker_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
@@ -91,29 +90,19 @@ pub async fn run(
     let (down_tx, down_rx) = watch::channel(false);
     let (rot_tx, _) = broadcast::channel(1024);
 
-    // Load the issuer's keys in the background; until they load, calls answer
-    // UNAVAILABLE and health says NOT_SERVING.
+    // Load the issuer's keys in the background and keep them fresh; until
+    // they load, calls answer UNAVAILABLE and health says NOT_SERVING.
     tokio::spawn({
         let verifier = verifier.clone();
         let health = health.clone();
         let mut down = down_rx.clone();
         async move {
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match verifier.jwks().refresh(true).await {
-                    Ok(()) => {
-                        health.set_serving::<BrokerServer<BrokerService>>().await;
-                        return;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?delay, "cannot load the issuer's signing keys")
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = until_true(&mut down) => return,
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
+            let fresh = verifier.jwks().keep_fresh(async || {
+                health.set_serving::<BrokerServer<BrokerService>>().await;
+            });
+            tokio::select! {
+                _ = fresh => {}
+                _ = until_true(&mut down) => {}
             }
         }
     });

@@ -690,3 +690,87 @@ fn broker_refusals_over_grpc() {
     assert!(log.contains("token refused"), "refusals are logged");
     assert_no_leak(&log, "broker", &["grpc-secret-value"]);
 }
+
+/// The sidecar re-reads the token file at every call: a pod whose token was
+/// expired recovers as soon as kubelet writes a fresh one, without a restart.
+#[test]
+fn sidecar_rereads_the_token_file() {
+    let world = World::new(ROLES).unwrap();
+    world
+        .put("payments/db-password", "after-token-refresh")
+        .unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    let tmpfs = Tmpfs::new().unwrap();
+    let api = Workload::new("payments", "api", AUDIENCE);
+    let mut expired = world.issuer.claims(&api);
+    expired["exp"] = json!(1_000_000_000);
+    let token = world
+        .write_token("t", &world.issuer.sign(&expired).unwrap())
+        .unwrap();
+    let cfg = world
+        .sidecar_config(
+            "s.toml",
+            &token,
+            &tmpfs.path,
+            "",
+            &[("payments/db-password", "pw")],
+        )
+        .unwrap();
+    let sidecar = Proc::spawn(
+        std::process::Command::new(bin("secrets-sidecar"))
+            .args(["run", "--config"])
+            .arg(&cfg),
+        world.path("sidecar.log"),
+    )
+    .unwrap();
+    wait_for("the refusal to be logged", LONG, || {
+        sidecar
+            .log_text()
+            .contains("token expired at")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
+    assert!(read(&tmpfs.path.join("pw")).is_none());
+    // kubelet rotates the projected token: write-then-rename, like AtomicWriter.
+    let fresh = world.token_file("t.new", &api).unwrap();
+    std::fs::rename(fresh, &token).unwrap();
+    wait_for("secrets after the token refresh", LONG, || {
+        read(&tmpfs.path.join("pw"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
+}
+
+/// `secrets-broker dev`: the demo secret appears in the `..data` layout with
+/// mode 0400, rotates to a new generation, and Ctrl-C removes it.
+#[test]
+fn dev_mode_runs_the_whole_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Proc::spawn(
+        std::process::Command::new(bin("secrets-broker"))
+            .args(["dev", "--rotate-every", "1s", "--dir"])
+            .arg(dir.path()),
+        dir.path().join("dev.log"),
+    )
+    .unwrap();
+    let file = dir.path().join("secrets/greeting");
+    let first = wait_for("the demo secret", LONG, || read(&file))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dev.log_text()));
+    assert!(
+        first.starts_with("hello from secrets-broker dev"),
+        "{first}"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o400);
+    assert!(std::fs::read_link(dir.path().join("secrets/..data")).is_ok());
+    wait_for("a rotation", LONG, || read(&file).filter(|v| *v != first))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dev.log_text()));
+
+    dev.signal("INT");
+    let status = dev.wait_exit(LONG).unwrap();
+    assert!(status.success(), "dev exit {status}: {}", dev.log_text());
+    assert!(
+        std::fs::symlink_metadata(&file).is_err(),
+        "secrets removed on exit"
+    );
+    assert!(!dir.path().join("token").exists());
+}

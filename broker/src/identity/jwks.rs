@@ -130,8 +130,8 @@ impl Jwks {
     }
 
     /// Candidate keys for a token header's `kid` (or, without a `kid`, every
-    /// key the issuer published without one). Refreshes the cache when the
-    /// `kid` is unknown or the cache is old, within the rate limit.
+    /// key the issuer published without one). An unknown `kid` refreshes the
+    /// cache first, within the rate limit.
     pub async fn keys_for(&self, kid: Option<&str>) -> Result<Vec<Key>, JwksError> {
         let lookup = |set: &KeySet| -> Vec<Key> {
             match kid {
@@ -139,21 +139,38 @@ impl Jwks {
                 None => set.unnamed.clone(),
             }
         };
-        let set = self.current();
-        let stale = set.fetched_at.is_none_or(|t| t.elapsed() > self.max_age);
-        let found = lookup(&set);
-        if !found.is_empty() && !stale {
+        let found = lookup(&self.current());
+        if !found.is_empty() {
             return Ok(found);
         }
         match self.refresh(false).await {
             Ok(()) => Ok(lookup(&self.current())),
-            // Keep serving with what we have if a refresh fails or is rate limited.
-            Err(e) if !found.is_empty() => {
-                debug!(error = %e, "keeping cached signing keys");
-                Ok(found)
-            }
             Err(JwksError::RateLimited(_)) => Ok(Vec::new()),
+            // With keys cached, an unreachable issuer only means this kid is unknown.
+            Err(e) if self.is_loaded() => {
+                debug!(error = %e, "signing key refresh failed; keeping cached keys");
+                Ok(Vec::new())
+            }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the keys fresh: loads them (retrying with backoff until they
+    /// load, then calling `on_loaded`), then refetches every `jwks_max_age`.
+    /// A failed periodic refetch keeps the cached keys. Runs until dropped.
+    pub async fn keep_fresh(&self, on_loaded: impl AsyncFnOnce()) {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = self.refresh(true).await {
+            warn!(error = %e, retry_in = ?delay, "cannot load the issuer's signing keys");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        on_loaded().await;
+        loop {
+            tokio::time::sleep(self.max_age).await;
+            if let Err(e) = self.refresh(true).await {
+                warn!(error = %e, "periodic signing key refresh failed; keeping cached keys");
+            }
         }
     }
 

@@ -332,13 +332,16 @@ impl Verifier {
     }
 }
 
-struct Header {
-    alg: String,
-    kid: Option<String>,
+/// A JOSE header as read before any verification: nothing in it is trusted.
+#[derive(Debug)]
+pub struct UnverifiedHeader {
+    pub alg: String,
+    pub kid: Option<String>,
 }
 
-/// Reads the JOSE header without trusting anything in it yet.
-fn parse_header(token: &str) -> Result<Header, TokenError> {
+/// Reads the JOSE header without trusting anything in it yet: shape, size,
+/// no key material, `alg` present, `kid` a short string.
+pub fn parse_header(token: &str) -> Result<UnverifiedHeader, TokenError> {
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
         return Err(TokenError::Malformed(format!(
@@ -381,7 +384,7 @@ fn parse_header(token: &str) -> Result<Header, TokenError> {
             ));
         }
     };
-    Ok(Header { alg, kid })
+    Ok(UnverifiedHeader { alg, kid })
 }
 
 fn signature_error(e: jsonwebtoken::errors::Error, kid: &str) -> TokenError {
