@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::db::DatabaseConfig;
 use crate::identity::verify::Algorithm;
 use crate::policy::Pattern;
 
@@ -38,7 +39,10 @@ pub enum ConfigError {
 struct RawConfig {
     server: RawServer,
     identity: RawIdentity,
+    database: RawDatabase,
     store: RawStore,
+    #[serde(default)]
+    revocation: RawRevocation,
     #[serde(default)]
     roles: Vec<RawRole>,
 }
@@ -79,8 +83,34 @@ struct RawIdentity {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: String,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    #[serde(default = "default_revocation_refresh", with = "humantime_serde")]
+    refresh_interval: Duration,
+    #[serde(default = "default_max_staleness", with = "humantime_serde")]
+    max_staleness: Duration,
+}
+
+impl Default for RawRevocation {
+    fn default() -> Self {
+        RawRevocation {
+            refresh_interval: default_revocation_refresh(),
+            max_staleness: default_max_staleness(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawStore {
-    path: PathBuf,
     key_file: PathBuf,
     #[serde(default = "default_poll", with = "humantime_serde")]
     poll_interval: Duration,
@@ -127,6 +157,15 @@ fn default_http_timeout() -> Duration {
 fn default_poll() -> Duration {
     Duration::from_secs(2)
 }
+fn default_max_connections() -> u32 {
+    8
+}
+fn default_revocation_refresh() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_ttl() -> Duration {
     Duration::from_secs(300)
 }
@@ -139,7 +178,9 @@ fn default_max_ttl() -> Duration {
 pub struct Config {
     pub server: ServerConfig,
     pub identity: IdentityConfig,
+    pub database: DatabaseConfig,
     pub store: StoreConfig,
+    pub revocation: RevocationConfig,
     pub roles: Vec<RoleConfig>,
 }
 
@@ -182,9 +223,18 @@ pub struct IdentityConfig {
     pub http_timeout: Duration,
 }
 
+/// How fresh the revocation view must be.
+#[derive(Debug, Clone)]
+pub struct RevocationConfig {
+    /// The rules are re-read this often (PostgreSQL also pushes changes at once).
+    pub refresh_interval: Duration,
+    /// A replica whose view is older than this refuses new issuance (fails
+    /// closed) until it can read the rules again.
+    pub max_staleness: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    pub path: PathBuf,
     pub key_file: PathBuf,
     /// How often the broker looks for new secret versions to push to watchers.
     pub poll_interval: Duration,
@@ -324,8 +374,73 @@ impl Config {
             )?,
         };
 
+        let database = match raw.database.url.split_once(':') {
+            Some(("sqlite", rest)) => {
+                let path = rest.trim_start_matches("//");
+                if path.is_empty() || raw.database.password_file.is_some() {
+                    return Err(v.err(
+                        "database.url",
+                        "use sqlite://<path> (no password_file) or postgres://user@host/db",
+                    ));
+                }
+                DatabaseConfig::Sqlite {
+                    path: resolve(PathBuf::from(path)),
+                }
+            }
+            Some(("postgres" | "postgresql", _)) => {
+                let password = match raw.database.password_file {
+                    None => None,
+                    Some(file) => {
+                        let file = resolve(file);
+                        let text = std::fs::read_to_string(&file).map_err(|e| {
+                            v.err(
+                                "database.password_file",
+                                format!("cannot read {}: {e}", file.display()),
+                            )
+                        })?;
+                        Some(secrecy::SecretString::from(
+                            text.trim_end_matches(['\r', '\n']).to_owned(),
+                        ))
+                    }
+                };
+                if !(1..=200).contains(&raw.database.max_connections) {
+                    return Err(v.err("database.max_connections", "must be between 1 and 200"));
+                }
+                DatabaseConfig::Postgres {
+                    url: secrecy::SecretString::from(raw.database.url),
+                    password,
+                    max_connections: raw.database.max_connections,
+                }
+            }
+            _ => {
+                return Err(v.err(
+                    "database.url",
+                    "use sqlite://<path> (one replica) or postgres://user@host/db (several replicas)",
+                ));
+            }
+        };
+        let revocation = RevocationConfig {
+            refresh_interval: v.bounded(
+                "revocation.refresh_interval",
+                raw.revocation.refresh_interval,
+                Duration::from_millis(50),
+                Duration::from_secs(60),
+            )?,
+            max_staleness: v.bounded(
+                "revocation.max_staleness",
+                raw.revocation.max_staleness,
+                Duration::from_millis(500),
+                Duration::from_secs(3600),
+            )?,
+        };
+        if revocation.max_staleness <= revocation.refresh_interval {
+            return Err(v.err(
+                "revocation.max_staleness",
+                "must be longer than revocation.refresh_interval",
+            ));
+        }
+
         let store = StoreConfig {
-            path: resolve(raw.store.path),
             key_file: resolve(raw.store.key_file),
             poll_interval: v.bounded(
                 "store.poll_interval",
@@ -389,7 +504,9 @@ impl Config {
         Ok(Config {
             server,
             identity,
+            database,
             store,
+            revocation,
             roles,
         })
     }
@@ -444,8 +561,10 @@ tls_key_file = "tls.key"
 issuer = "https://issuer.example"
 audiences = ["secrets-broker"]
 
+[database]
+url = "sqlite://store.db"
+
 [store]
-path = "store.db"
 key_file = "store.key"
 
 [[roles]]
@@ -470,7 +589,10 @@ ttl = "5m"
     #[test]
     fn good_config_resolves_paths_and_defaults() {
         let cfg = parse(GOOD).unwrap();
-        assert_eq!(cfg.store.path, Path::new("/etc/sb/store.db"));
+        match &cfg.database {
+            DatabaseConfig::Sqlite { path } => assert_eq!(path, Path::new("/etc/sb/store.db")),
+            other => panic!("unexpected {other:?}"),
+        }
         assert_eq!(cfg.roles[0].ttl, Duration::from_secs(300));
         match &cfg.identity.keys {
             KeySource::Discovery { url, .. } => {
@@ -511,6 +633,12 @@ ttl = "5m"
                 "audiences = [\"secrets-broker\"]",
                 "audiences = []",
                 "identity.audiences",
+            ),
+            ("sqlite://store.db", "mysql://x", "database.url"),
+            (
+                "[store]",
+                "[revocation]\nmax_staleness = \"10ms\"\n[store]",
+                "revocation.max_staleness",
             ),
         ];
         for (from, to, key) in cases {

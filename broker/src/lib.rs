@@ -6,6 +6,8 @@
 //! - [`identity`]: JWKS (discovery or static file) and token verification.
 //! - [`policy`]: identity → role → decision, deny by default.
 //! - [`backend`]: sources of secrets; [`backend::embedded`] is the default store.
+//! - [`db`]: SQLite (one replica) or PostgreSQL (several), one schema.
+//! - [`state`]: revocation rules and their in-memory view, leases, the audit log.
 //! - [`api::grpc`]: the `Broker` service, where a call reads top to bottom.
 //! - [`dev`]: `secrets-broker dev`, a complete local system in one process.
 //!
@@ -15,9 +17,11 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod db;
 pub mod dev;
 pub mod identity;
 pub mod policy;
+pub mod state;
 pub mod telemetry;
 
 use std::future::Future;
@@ -33,9 +37,13 @@ use tracing::{info, warn};
 use crate::api::grpc::{BrokerService, poll_rotations};
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::config::Config;
+use crate::db::Db;
 use crate::identity::jwks::JwksError;
 use crate::identity::verify::Verifier;
 use crate::policy::Policy;
+use crate::state::Leases;
+use crate::state::audit::{Audit, Auditor};
+use crate::state::revocation::{Revocations, View};
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +60,9 @@ pub enum RunError {
     /// The embedded store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The database could not be reached or migrated.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -80,7 +91,12 @@ pub async fn run(
     let key = zeroize::Zeroizing::new(read(&config.server.tls_key_file)?);
     let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, &*key));
 
-    let store = EmbeddedStore::open(&config.store.path, &config.store.key_file).await?;
+    let db = Db::connect(&config.database).await?;
+    let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
+    let leases = Leases::new(db.clone());
+    let revocations = Revocations::new(db.clone());
+    let view = Arc::new(View::new(config.revocation.max_staleness));
+    let (auditor, audit_writer) = Auditor::start(Audit::new(db.clone()));
     let verifier = Arc::new(Verifier::new(config.identity.clone())?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -106,6 +122,14 @@ pub async fn run(
             }
         }
     });
+    tokio::spawn(state::revocation::keep_fresh(
+        view.clone(),
+        revocations.clone(),
+        db.clone(),
+        config.revocation.refresh_interval,
+        Arc::new(tokio::sync::Notify::new()),
+        down_rx.clone(),
+    ));
     tokio::spawn(poll_rotations(
         store.clone(),
         config.store.poll_interval,
@@ -117,6 +141,9 @@ pub async fn run(
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
         store: store.clone(),
+        leases,
+        view,
+        auditor,
         rotations: rot_tx,
         heartbeat: config.server.watch_heartbeat,
         shutdown: down_rx.clone(),
@@ -149,7 +176,9 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => warn!(grace = ?grace, "drain deadline passed; closing remaining calls"),
     }
-    store.close().await;
+    // The service (and its auditor) is gone: let the audit writer drain.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), audit_writer).await;
+    db.close().await;
     info!("broker stopped");
     Ok(())
 }
@@ -162,6 +191,15 @@ pub async fn check_token(config: &Config, token: &str, role: &str) -> Result<Str
     let identity = verifier.verify(token).await.map_err(|e| e.to_string())?;
     let policy = Policy::new(config.roles.clone());
     let role = policy.resolve(&identity, role).map_err(|e| e.to_string())?;
+    // Revocation, as a login would see it.
+    let db = Db::connect(&config.database)
+        .await
+        .map_err(|e| format!("cannot read revocation rules: {e}"))?;
+    let rules = Revocations::new(db.clone()).list().await;
+    db.close().await;
+    let view = View::new(config.revocation.max_staleness);
+    view.replace(rules.map_err(|e| format!("cannot read revocation rules: {e}"))?);
+    view.check(&identity, &[]).map_err(|e| e.to_string())?;
     Ok(serde_json::json!({
         "accepted": true,
         "identity": identity,

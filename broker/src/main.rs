@@ -199,7 +199,10 @@ async fn check_token(
 async fn store(command: StoreCommand) -> ExitCode {
     use secrets_broker::backend::embedded::{EmbeddedStore, generate_key_file};
     let open = |cfg: Config| async move {
-        EmbeddedStore::open(&cfg.store.path, &cfg.store.key_file).await
+        let db = secrets_broker::db::Db::connect(&cfg.database)
+            .await
+            .map_err(secrets_broker::backend::embedded::StoreError::from)?;
+        EmbeddedStore::new(db, &cfg.store.key_file)
     };
     match command {
         StoreCommand::Keygen { out, key_id } => match generate_key_file(&out, &key_id) {

@@ -169,13 +169,20 @@ pub struct World {
     pub issuer: Issuer,
     pub tls: TlsFiles,
     pub broker_port: u16,
+    /// `database.url` of the brokers.
+    pub database: String,
     /// Runs the issuer's HTTPS server.
     pub runtime: tokio::runtime::Runtime,
 }
 
 impl World {
-    /// Starts an issuer and writes a broker config whose roles are `roles_toml`.
+    /// Starts an issuer and writes a broker config (SQLite) whose roles are `roles_toml`.
     pub fn new(roles_toml: &str) -> Result<World> {
+        Self::with_database(roles_toml, "sqlite://store.db")
+    }
+
+    /// Like [`World::new`], with the brokers on `database` (e.g. a PostgreSQL URL).
+    pub fn with_database(roles_toml: &str, database: &str) -> Result<World> {
         secrets_broker::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let tls = DevTls::generate()?;
@@ -203,12 +210,13 @@ impl World {
         );
         let world = World {
             broker_port: free_port(),
+            database: database.to_owned(),
             dir,
             issuer,
             tls: tls_files,
             runtime,
         };
-        world.write_broker_config(roles_toml)?;
+        world.write_broker_config(&world.broker_config(), world.broker_port, roles_toml)?;
         Ok(world)
     }
 
@@ -220,9 +228,10 @@ impl World {
         self.path("broker.toml")
     }
 
-    fn write_broker_config(&self, roles: &str) -> Result<()> {
+    /// Writes a broker config listening on `port` to `path`.
+    pub fn write_broker_config(&self, path: &Path, port: u16, roles: &str) -> Result<()> {
         std::fs::write(
-            self.broker_config(),
+            path,
             format!(
                 r#"[server]
 listen = "127.0.0.1:{port}"
@@ -238,15 +247,17 @@ ca_file = "tls/ca.crt"
 leeway = "5s"
 jwks_refresh_min_interval = "2s"
 
+[database]
+url = "{database}"
+
 [store]
-path = "store.db"
 key_file = "store.key"
 poll_interval = "200ms"
 
 {roles}
 "#,
-                port = self.broker_port,
                 issuer = self.issuer.url(),
+                database = self.database,
             ),
         )?;
         Ok(())

@@ -1,12 +1,13 @@
 //! The `Broker` gRPC service. A call reads top to bottom:
-//! bearer token → verify (identity) → resolve role → authorize each secret →
-//! read the store → lease → respond. Errors become `tonic::Status` in exactly
-//! one place ([`ApiError`] → `Status`).
+//! bearer token → verify (identity) → resolve role → revocation view fresh?
+//! → revoked? → authorize each secret → read the store → record the lease →
+//! audit → respond. Errors become `tonic::Status` in exactly one place
+//! ([`ApiError`] → `Status`).
 
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use secrets_broker_proto::v1 as pb;
 use secrets_broker_proto::v1::broker_server::Broker;
@@ -18,9 +19,14 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::backend::validate_secret_name;
 use crate::config::RoleConfig;
+use crate::db::unix_now;
 use crate::identity::verify::{TokenError, Verifier};
 use crate::identity::{Identity, fingerprint};
 use crate::policy::{self, Denied, Policy};
+use crate::state::audit::{Auditor, Entry};
+use crate::state::revocation::{Revoked, Stale, View};
+use crate::state::{LeaseRecord, Leases};
+use serde_json::json;
 
 /// Most secrets one request may name.
 const MAX_NAMES_PER_REQUEST: usize = 256;
@@ -39,12 +45,38 @@ pub enum ApiError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Denied(#[from] Denied),
+    #[error(transparent)]
+    Revoked(#[from] Revoked),
+    #[error(transparent)]
+    Stale(#[from] Stale),
     #[error("secret {0:?} does not exist")]
     NotFound(String),
+    #[error("lease {0:?} is unknown or not yours; fetch the secret again")]
+    UnknownLease(String),
+    #[error("state database: {0}")]
+    Database(#[from] sqlx::Error),
     #[error("invalid request: {0}")]
     BadRequest(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// A short, bounded class for audit records and (later) metric labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApiError::Token(TokenError::KeysUnavailable(_)) => "keys_unavailable",
+            ApiError::Token(TokenError::Expired { .. }) => "token_expired",
+            ApiError::Token(_) => "token_invalid",
+            ApiError::Denied(_) => "denied",
+            ApiError::Revoked(_) => "revoked",
+            ApiError::Stale(_) => "stale_view",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::UnknownLease(_) => "unknown_lease",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Store(_) | ApiError::Database(_) => "backend_error",
+        }
+    }
 }
 
 impl From<ApiError> for Status {
@@ -53,8 +85,12 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Token(TokenError::KeysUnavailable(_)) => Status::unavailable(msg),
             ApiError::Token(_) => Status::unauthenticated(msg),
-            ApiError::Denied(_) => Status::permission_denied(msg),
-            ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Denied(_) | ApiError::Revoked(_) => Status::permission_denied(msg),
+            ApiError::Stale(_) => Status::unavailable(msg),
+            ApiError::NotFound(_) | ApiError::UnknownLease(_) => Status::not_found(msg),
+            ApiError::Database(_) => {
+                Status::unavailable("the state database is unavailable; retry later")
+            }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
             // Store internals (paths, SQL) stay in the broker's log.
             ApiError::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
@@ -70,17 +106,13 @@ pub struct BrokerService {
     pub verifier: Arc<Verifier>,
     pub policy: Arc<Policy>,
     pub store: EmbeddedStore,
+    pub leases: Leases,
+    pub view: Arc<View>,
+    pub auditor: Auditor,
     pub rotations: broadcast::Sender<Rotation>,
     pub heartbeat: Duration,
     /// Flips to true on shutdown, ending watch streams so the server can drain.
     pub shutdown: watch::Receiver<bool>,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, TokenError> {
@@ -125,30 +157,70 @@ fn new_lease(ttl: Duration) -> Result<pb::Lease, ApiError> {
 }
 
 impl BrokerService {
-    /// Steps 1-3 of every call: verify the bearer token, then resolve the role.
+    /// The steps every call shares: verify the bearer token, resolve the
+    /// role, make sure the revocation view is fresh, and check it for the
+    /// identity and the secrets named. Refusals are logged and audited here.
     async fn authenticate<T>(
         &self,
         req: &Request<T>,
+        action: &str,
         role: &str,
+        names: &[String],
     ) -> Result<(Identity, &RoleConfig), ApiError> {
         let token = bearer(req)?;
         let identity = match self.verifier.verify(token).await {
             Ok(id) => id,
             Err(e) => {
-                warn!(token.fp = %fingerprint(token), reason = %e, "token refused");
-                return Err(e.into());
+                let fp = fingerprint(token);
+                warn!(token.fp = %fp, reason = %e, "token refused");
+                let e = ApiError::from(e);
+                self.auditor.record(Entry::new(
+                    format!("token:{fp}"),
+                    action,
+                    e.class(),
+                    json!({ "reason": e.to_string() }),
+                ));
+                return Err(e);
             }
         };
+        let decision = self.authorize(&identity, role, names);
+        if let Err(e) = &decision {
+            warn!(identity = %identity, action, reason = %e, "call refused");
+            self.audit(
+                &identity,
+                action,
+                e.class(),
+                json!({ "reason": e.to_string(), "secrets": names }),
+            );
+        }
+        decision.map(|role| (identity, role))
+    }
+
+    fn authorize(
+        &self,
+        identity: &Identity,
+        role: &str,
+        names: &[String],
+    ) -> Result<&RoleConfig, ApiError> {
         if !role.is_empty() && !policy::valid_role_name(role) {
             return Err(ApiError::BadRequest("role name is not valid".into()));
         }
-        match self.policy.resolve(&identity, role) {
-            Ok(role) => Ok((identity, role)),
-            Err(e) => {
-                warn!(identity = %identity, reason = %e, "login denied");
-                Err(e.into())
-            }
-        }
+        let role = self.policy.resolve(identity, role)?;
+        self.view.ensure_fresh()?;
+        self.view.check(identity, names)?;
+        Ok(role)
+    }
+
+    fn audit(&self, id: &Identity, action: &str, result: &str, mut detail: serde_json::Value) {
+        detail["issuer"] = json!(id.issuer);
+        detail["pod"] = json!(id.pod_name);
+        detail["pod_uid"] = json!(id.pod_uid);
+        self.auditor.record(Entry::new(
+            format!("{}/{}", id.namespace, id.service_account),
+            action,
+            result,
+            detail,
+        ));
     }
 
     fn authorize_all(role: &RoleConfig, names: &[String]) -> Result<(), ApiError> {
@@ -181,8 +253,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let span = info_span!("login");
         async {
-            let (id, role) = self.authenticate(&req, &req.get_ref().role).await?;
+            let (id, role) = self
+                .authenticate(&req, "login", &req.get_ref().role, &[])
+                .await?;
             info!(identity = %id, role = %role.name, result = "accepted", "login");
+            self.audit(&id, "login", "ok", json!({ "role": role.name }));
             Ok(Response::new(pb::LoginResponse {
                 identity: Some(to_pb(&id)),
                 role: role.name.clone(),
@@ -202,20 +277,30 @@ impl Broker for BrokerService {
         let span = info_span!("fetch");
         async {
             let r = req.get_ref();
-            let (id, role) = self.authenticate(&req, &r.role).await?;
+            let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
             Self::authorize_all(role, &r.names)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut secrets = Vec::with_capacity(r.names.len());
+            let mut records = Vec::with_capacity(r.names.len());
             for name in &r.names {
                 let v = self.read(name).await?;
+                let lease = new_lease(ttl)?;
+                records.push(lease_record(&id, role, name, v.version, &lease));
                 secrets.push(pb::Secret {
                     name: v.name.clone(),
                     version: v.version,
                     value: v.value().to_vec(),
-                    lease: Some(new_lease(ttl)?),
+                    lease: Some(lease),
                 });
             }
+            // A lease that cannot be recorded cannot be revoked: fail instead.
+            self.leases.record(&records).await?;
             info!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
+            self.audit(&id, "fetch", "ok", json!({
+                "role": role.name,
+                "secrets": records.iter().map(|l| json!({"name": l.secret, "version": l.version, "lease_id": l.lease_id})).collect::<Vec<_>>(),
+                "ttl_seconds": ttl.as_secs(),
+            }));
             Ok(Response::new(pb::FetchResponse { secrets }))
         }
         .instrument(span)
@@ -230,8 +315,8 @@ impl Broker for BrokerService {
         let span = info_span!("renew");
         async {
             let r = req.get_ref();
-            let (id, role) = self.authenticate(&req, &r.role).await?;
             let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
+            let (id, role) = self.authenticate(&req, "renew", &r.role, &names).await?;
             Self::authorize_all(role, &names)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let versions = self.store.latest_versions().await?;
@@ -240,10 +325,21 @@ impl Broker for BrokerService {
                 let current = *versions
                     .get(&held.name)
                     .ok_or_else(|| ApiError::NotFound(held.name.clone()))?;
-                let mut lease = new_lease(ttl)?;
-                if !held.lease_id.is_empty() {
-                    lease.lease_id.clone_from(&held.lease_id);
+                // Only the workload that holds a lease may extend it.
+                let record = self.leases.get(&held.lease_id).await?;
+                let owned = record.is_some_and(|l| {
+                    l.secret == held.name
+                        && l.namespace == id.namespace
+                        && l.service_account == id.service_account
+                        && l.pod_uid == id.pod_uid
+                        && l.expires_at > unix_now()
+                });
+                if !owned {
+                    return Err(ApiError::UnknownLease(held.lease_id.clone()));
                 }
+                let mut lease = new_lease(ttl)?;
+                lease.lease_id.clone_from(&held.lease_id);
+                self.leases.extend(&lease.lease_id, lease.expires_at_unix).await?;
                 leases.push(pb::RenewedLease {
                     name: held.name.clone(),
                     current_version: current,
@@ -251,6 +347,10 @@ impl Broker for BrokerService {
                 });
             }
             info!(identity = %id, role = %role.name, leases = leases.len(), "renew");
+            self.audit(&id, "renew", "ok", json!({
+                "role": role.name,
+                "leases": leases.iter().map(|l| json!({"name": l.name, "lease_id": l.lease.as_ref().map(|x| x.lease_id.clone())})).collect::<Vec<_>>(),
+            }));
             Ok(Response::new(pb::RenewResponse { leases }))
         }
         .instrument(span)
@@ -261,12 +361,21 @@ impl Broker for BrokerService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let (id, role) = self.authenticate(&req, &req.get_ref().role).await?;
+        let (id, role) = self
+            .authenticate(&req, "watch", &req.get_ref().role, &req.get_ref().names)
+            .await?;
         let names = req.into_inner().names;
         Self::authorize_all(role, &names)?;
         info!(identity = %id, role = %role.name, secrets = names.len(), "watch opened");
-        let watched: HashSet<String> = names.into_iter().collect();
+        self.audit(
+            &id,
+            "watch",
+            "ok",
+            json!({ "role": role.name, "secrets": names }),
+        );
+        let mut watched: HashSet<String> = names.iter().cloned().collect();
         let mut rotations = self.rotations.subscribe();
+        let mut revocations = self.view.subscribe();
         let mut shutdown = self.shutdown.clone();
         let heartbeat = self.heartbeat;
         // The stream ends when the token that opened it expires: a client must
@@ -287,6 +396,35 @@ impl Broker for BrokerService {
                         return;
                     }
                     _ = tick.tick() => pb::watch_event::Event::Heartbeat(pb::Heartbeat { unix_time: unix_now() }),
+                    r = revocations.recv() => match r {
+                        Ok(rule) => {
+                            let names: Vec<String> = watched.iter().cloned().collect();
+                            let affected: Vec<String> = rule.affected(&id, &names).into_iter().map(str::to_owned).collect();
+                            if affected.is_empty() || !rule.active(unix_now()) {
+                                continue;
+                            }
+                            let ev = pb::watch_event::Event::Revoked(pb::Revoked {
+                                rule_id: rule.id.clone(),
+                                reason: rule.reason.clone(),
+                                names: affected.clone(),
+                            });
+                            if tx.send(Ok(pb::WatchEvent { event: Some(ev) })).await.is_err() {
+                                return;
+                            }
+                            for n in &affected {
+                                watched.remove(n);
+                            }
+                            if watched.is_empty() || rule.blocks_identity(&id) {
+                                let denied = Revoked { rule_id: rule.id, reason: rule.reason };
+                                let _ = tx.send(Err(Status::permission_denied(denied.to_string()))).await;
+                                return;
+                            }
+                            continue;
+                        }
+                        // Missed rules: the next call is checked against the view anyway.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
                     r = rotations.recv() => match r {
                         Ok(rot) if watched.contains(&rot.name) => {
                             pb::watch_event::Event::Rotated(pb::Rotated { name: rot.name, version: rot.version })
@@ -328,6 +466,28 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn lease_record(
+    id: &Identity,
+    role: &RoleConfig,
+    secret: &str,
+    version: u64,
+    lease: &pb::Lease,
+) -> LeaseRecord {
+    LeaseRecord {
+        lease_id: lease.lease_id.clone(),
+        issuer: id.issuer.clone(),
+        namespace: id.namespace.clone(),
+        service_account: id.service_account.clone(),
+        pod_name: id.pod_name.clone(),
+        pod_uid: id.pod_uid.clone(),
+        role: role.name.clone(),
+        secret: secret.to_owned(),
+        version,
+        issued_at: unix_now(),
+        expires_at: lease.expires_at_unix,
+    }
 }
 
 pub fn to_pb(id: &Identity) -> pb::Identity {

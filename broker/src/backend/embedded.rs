@@ -1,5 +1,6 @@
-//! The embedded secrets store, the default backend: SQLite through `sqlx`,
-//! every value sealed with AES-256-GCM under a key from a key file.
+//! The embedded secrets store, the default backend: rows in the broker's
+//! database (SQLite, or PostgreSQL shared by replicas), every value sealed
+//! with AES-256-GCM under a key from a key file.
 //!
 //! The key file holds one key per line, `<key-id> <base64 of 32 bytes>`; `#`
 //! starts a comment. The first key seals new versions; the others still open
@@ -15,19 +16,17 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::SecretSlice;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use tracing::warn;
 use zeroize::Zeroizing;
 
 use super::{MAX_SECRET_BYTES, SecretVersion, validate_secret_name};
+use crate::db::{Db, on_db, unix_now};
 
 /// What can go wrong in the embedded store.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +34,7 @@ pub enum StoreError {
     /// The key file is missing, unreadable or malformed.
     #[error("store key file {path}: {message}")]
     KeyFile { path: PathBuf, message: String },
-    /// SQLite failed (file permissions, disk full, locked database).
+    /// The database failed (unreachable, permissions, disk full, locked).
     #[error("store database: {0}")]
     Database(#[from] sqlx::Error),
     /// A row was sealed with a key that is no longer in the key file.
@@ -66,50 +65,16 @@ struct SealKey {
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    pool: SqlitePool,
+    db: Db,
     keys: std::sync::Arc<Vec<SealKey>>,
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS secret_versions (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    key_id TEXT NOT NULL,
-    nonce BLOB NOT NULL,
-    ciphertext BLOB NOT NULL,
-    created_at INTEGER NOT NULL,
-    PRIMARY KEY (name, version)
-)";
-
 impl EmbeddedStore {
-    /// Opens (creating if needed) the database at `path` with the keys in `key_file`.
-    pub async fn open(path: &Path, key_file: &Path) -> Result<EmbeddedStore, StoreError> {
-        let keys = load_keys(key_file)?;
-        if !path.exists() {
-            // Created 0600 before SQLite opens it: the file holds ciphertexts only,
-            // but nobody else needs to read them.
-            std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| {
-                    StoreError::Invalid(format!("cannot create {}: {e}", path.display()))
-                })?;
-        }
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::query(SCHEMA).execute(&pool).await?;
+    /// A store on `db` (already migrated) with the keys in `key_file`.
+    pub fn new(db: Db, key_file: &Path) -> Result<EmbeddedStore, StoreError> {
         Ok(EmbeddedStore {
-            pool,
-            keys: std::sync::Arc::new(keys),
+            db,
+            keys: std::sync::Arc::new(load_keys(key_file)?),
         })
     }
 
@@ -142,36 +107,54 @@ impl EmbeddedStore {
                 &mut *sealed,
             )
             .map_err(|_| StoreError::Invalid("encryption failed".into()))?;
-        // One statement, so concurrent writers (several processes) get distinct versions.
-        let row = sqlx::query(
+        // One statement computes the next version; two writers racing for the
+        // same one collide on the primary key, and the loser tries again.
+        const PUT: &str =
             "INSERT INTO secret_versions (name, version, key_id, nonce, ciphertext, created_at)
-             SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, unixepoch()
-             FROM secret_versions WHERE name = ?1
-             RETURNING version",
-        )
-        .bind(name)
-        .bind(&seal.id)
-        .bind(&nonce[..])
-        .bind(&sealed[..])
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.get::<i64, _>(0) as u64)
+             SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4, $5
+             FROM secret_versions WHERE name = $1
+             RETURNING version";
+        let mut attempt = 0;
+        loop {
+            let result = on_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(PUT)
+                .bind(name)
+                .bind(&seal.id)
+                .bind(&nonce[..])
+                .bind(&sealed[..])
+                .bind(unix_now())
+                .fetch_one(pool)
+                .await);
+            match result {
+                Ok(v) => return Ok(v as u64),
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes every version of `name`; returns how many there were.
+    pub async fn delete(&self, name: &str) -> Result<u64, StoreError> {
+        let done = on_db!(&self.db, pool => sqlx::query("DELETE FROM secret_versions WHERE name = $1")
+            .bind(name)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done)
     }
 
     /// The latest version of `name`, or `None` when it does not exist.
     pub async fn get(&self, name: &str) -> Result<Option<SecretVersion>, StoreError> {
-        let row = sqlx::query(
-            "SELECT version, key_id, nonce, ciphertext FROM secret_versions
-             WHERE name = ?1 ORDER BY version DESC LIMIT 1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let version = row.get::<i64, _>(0) as u64;
-        let key_id: String = row.get(1);
-        let nonce: Vec<u8> = row.get(2);
-        let ciphertext: Vec<u8> = row.get(3);
+        const GET: &str = "SELECT version, key_id, nonce, ciphertext FROM secret_versions
+             WHERE name = $1 ORDER BY version DESC LIMIT 1";
+        let row = on_db!(&self.db, pool => sqlx::query(GET).bind(name).fetch_optional(pool).await.map(|row| {
+            row.map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1), r.get::<Vec<u8>, _>(2), r.get::<Vec<u8>, _>(3)))
+        }))?;
+        let Some((version, key_id, nonce, ciphertext)) = row else {
+            return Ok(None);
+        };
+        let version = version as u64;
         self.open_row(name, version, &key_id, &nonce, ciphertext)
             .map(Some)
     }
@@ -212,23 +195,13 @@ impl EmbeddedStore {
 
     /// The latest version number of every secret.
     pub async fn latest_versions(&self) -> Result<HashMap<String, u64>, StoreError> {
-        let rows = sqlx::query("SELECT name, MAX(version) FROM secret_versions GROUP BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
-            .collect())
-    }
-
-    /// Cheap liveness check of the database.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
+        const LATEST: &str = "SELECT name, MAX(version) FROM secret_versions GROUP BY name";
+        let rows = on_db!(&self.db, pool => sqlx::query(LATEST).fetch_all(pool).await.map(|rows| {
+            rows.into_iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
+                .collect::<HashMap<_, _>>()
+        }))?;
+        Ok(rows)
     }
 }
 
@@ -315,9 +288,12 @@ mod tests {
         if !key.exists() {
             generate_key_file(&key, "k1").unwrap();
         }
-        EmbeddedStore::open(&dir.join("store.db"), &key)
-            .await
-            .unwrap()
+        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
+            path: dir.join("store.db"),
+        })
+        .await
+        .unwrap();
+        EmbeddedStore::new(db, &key).unwrap()
     }
 
     #[tokio::test]
@@ -333,6 +309,8 @@ mod tests {
         let versions = s.latest_versions().await.unwrap();
         assert_eq!(versions.get("a/b"), Some(&2));
         assert!(s.put("../x", b"v").await.is_err());
+        assert_eq!(s.delete("a/b").await.unwrap(), 2);
+        assert!(s.get("a/b").await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -340,7 +318,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path()).await;
         s.put("db/password", b"plaintext-marker-123").await.unwrap();
-        s.close().await;
+        s.db.close().await;
         for file in ["store.db", "store.db-wal"] {
             if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
                 assert!(
@@ -362,7 +340,7 @@ mod tests {
             b"plaintext-marker-123"
         );
         s.put("db/password", b"v2").await.unwrap();
-        s.close().await;
+        s.db.close().await;
         // Without the old key, old rows are reported, new ones still open.
         std::fs::write(&key, &new).unwrap();
         let s = store(dir.path()).await;
@@ -380,7 +358,10 @@ mod tests {
             "UPDATE secret_versions SET nonce = (SELECT nonce FROM secret_versions WHERE name='b'),
              ciphertext = (SELECT ciphertext FROM secret_versions WHERE name='b') WHERE name='a'",
         )
-        .execute(&s.pool)
+        .execute(match &s.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(_) => unreachable!(),
+        })
         .await
         .unwrap();
         let err = s.get("a").await.unwrap_err().to_string();

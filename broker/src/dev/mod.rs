@@ -92,8 +92,10 @@ issuer = "{issuer_url}"
 audiences = ["{AUDIENCE}"]
 ca_file = "tls/ca.crt"
 
+[database]
+url = "sqlite://store.db"
+
 [store]
-path = "store.db"
 key_file = "store.key"
 poll_interval = "500ms"
 
@@ -133,7 +135,8 @@ file = "greeting"
     let broker_cfg = crate::config::Config::load(&broker_toml)?;
     let sidecar_cfg = secrets_sidecar::config::Config::load(&sidecar_toml)?;
 
-    let store = EmbeddedStore::open(&broker_cfg.store.path, &broker_cfg.store.key_file).await?;
+    let db = crate::db::Db::connect(&broker_cfg.database).await?;
+    let store = EmbeddedStore::new(db.clone(), &broker_cfg.store.key_file)?;
     let first = store.put(DEMO_SECRET, demo_value(1).as_bytes()).await?;
 
     let (down_tx, down_rx) = watch::channel(false);
@@ -221,7 +224,7 @@ file = "greeting"
         let _ = tokio::time::timeout(Duration::from_secs(10), broker).await;
     }
     issuer_task.abort();
-    store.close().await;
+    db.close().await;
     let _ = std::fs::remove_file(&token_file);
     if let Ok(mut entries) = std::fs::read_dir(&secrets_dir)
         && entries.next().is_none()

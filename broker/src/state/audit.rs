@@ -1,0 +1,353 @@
+//! The audit log: every login, fetch, renew, revocation and admin call, in
+//! the shared database, hash-chained so that an altered or removed record is
+//! detected by [`Audit::verify`].
+//!
+//! Records never hold a secret value or a token (a token appears only as its
+//! fingerprint). Calls hand records to [`Auditor::record`], which queues them;
+//! one writer task per replica appends them in batches, each in a transaction
+//! that extends the chain under a lock (`pg_advisory_xact_lock` on
+//! PostgreSQL; SQLite serialises writers itself), so replicas share one chain.
+
+use std::time::Duration;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::db::{Db, on_db};
+
+/// Hash that starts the chain.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Advisory lock key that serialises chain appends across replicas.
+const CHAIN_LOCK: i64 = 0x5365_6372_6574_4175;
+
+/// One audit record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub seq: i64,
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+    /// Who acted: a workload identity (`ns/sa`) or an admin client's name.
+    pub actor: String,
+    /// `login`, `fetch`, `renew`, `watch`, `revoke`, `admin.<call>`.
+    pub action: String,
+    /// `ok` or the refusal reason class.
+    pub result: String,
+    /// Details as JSON text: pod UID, secrets and versions, lease IDs, reason.
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// A record before it is chained.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub result: String,
+    pub detail: serde_json::Value,
+}
+
+impl Entry {
+    pub fn new(
+        actor: impl Into<String>,
+        action: &str,
+        result: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> Entry {
+        Entry {
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as i64,
+            actor: actor.into(),
+            action: action.to_owned(),
+            result: result.into(),
+            detail,
+        }
+    }
+}
+
+fn chain_hash(
+    prev: &str,
+    seq: i64,
+    at_ms: i64,
+    actor: &str,
+    action: &str,
+    result: &str,
+    detail: &str,
+) -> String {
+    // Length-prefixed fields: no two different records hash the same input.
+    let mut input = Vec::with_capacity(256);
+    for field in [
+        prev,
+        &seq.to_string(),
+        &at_ms.to_string(),
+        actor,
+        action,
+        result,
+        detail,
+    ] {
+        input.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        input.extend_from_slice(field.as_bytes());
+    }
+    digest(&SHA256, &input)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The result of checking the chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub records: i64,
+    pub last_seq: i64,
+    /// The first problem found, naming the record.
+    pub problem: Option<String>,
+}
+
+/// The audit log in the shared database.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    db: Db,
+}
+
+const COLUMNS: &str = "seq, at_ms, actor, action, result, detail, prev_hash, hash";
+
+impl Audit {
+    pub fn new(db: Db) -> Audit {
+        Audit { db }
+    }
+
+    /// Appends entries to the chain in one transaction.
+    pub async fn append(&self, entries: &[Entry]) -> Result<(), sqlx::Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+        let insert =
+            format!("INSERT INTO audit ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            if self.db.is_postgres() {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
+            }
+            let (mut seq, mut prev) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
+                Some(r) => (r.get::<i64, _>(0), r.get::<String, _>(1)),
+                None => (0, GENESIS.to_owned()),
+            };
+            for e in entries {
+                seq += 1;
+                let detail = e.detail.to_string();
+                let hash = chain_hash(&prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &detail);
+                sqlx::query(sqlx::AssertSqlSafe(insert.as_str()))
+                    .bind(seq)
+                    .bind(e.at_ms)
+                    .bind(&e.actor)
+                    .bind(&e.action)
+                    .bind(&e.result)
+                    .bind(&detail)
+                    .bind(&prev)
+                    .bind(&hash)
+                    .execute(&mut *tx)
+                    .await?;
+                prev = hash;
+            }
+            tx.commit().await
+        })
+    }
+
+    /// Records after `after_seq`, oldest first, at most `limit`.
+    pub async fn after(&self, after_seq: i64, limit: i64) -> Result<Vec<Record>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2");
+        on_db!(&self.db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(after_seq).bind(limit).fetch_all(pool).await.map(|rows| {
+            rows.iter()
+                .map(|r| Record {
+                    seq: r.get(0),
+                    at_ms: r.get(1),
+                    actor: r.get(2),
+                    action: r.get(3),
+                    result: r.get(4),
+                    detail: r.get(5),
+                    prev_hash: r.get(6),
+                    hash: r.get(7),
+                })
+                .collect()
+        }))
+    }
+
+    /// The last `n` records, oldest first.
+    pub async fn tail(&self, n: i64) -> Result<Vec<Record>, sqlx::Error> {
+        let last: Option<i64> = on_db!(&self.db, pool => sqlx::query_scalar("SELECT MAX(seq) FROM audit").fetch_one(pool).await)?;
+        self.after(last.unwrap_or(0).saturating_sub(n), n).await
+    }
+
+    /// Walks the whole chain: every record's hash must recompute, link to its
+    /// predecessor, and sequence numbers must have no gap.
+    pub async fn verify(&self) -> Result<VerifyReport, sqlx::Error> {
+        let mut prev = GENESIS.to_owned();
+        let mut expected_seq = 1;
+        let mut count = 0;
+        loop {
+            let batch = self.after(expected_seq - 1, 1000).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch {
+                let problem = if r.seq != expected_seq {
+                    Some(format!(
+                        "record {expected_seq} is missing (next is {})",
+                        r.seq
+                    ))
+                } else if r.prev_hash != prev {
+                    Some(format!(
+                        "record {} does not link to record {}",
+                        r.seq,
+                        r.seq - 1
+                    ))
+                } else if chain_hash(
+                    &r.prev_hash,
+                    r.seq,
+                    r.at_ms,
+                    &r.actor,
+                    &r.action,
+                    &r.result,
+                    &r.detail,
+                ) != r.hash
+                {
+                    Some(format!(
+                        "record {} was altered (its hash does not match its content)",
+                        r.seq
+                    ))
+                } else {
+                    None
+                };
+                if problem.is_some() {
+                    return Ok(VerifyReport {
+                        ok: false,
+                        records: count,
+                        last_seq: expected_seq - 1,
+                        problem,
+                    });
+                }
+                prev = r.hash;
+                expected_seq += 1;
+                count += 1;
+            }
+        }
+        Ok(VerifyReport {
+            ok: true,
+            records: count,
+            last_seq: expected_seq - 1,
+            problem: None,
+        })
+    }
+}
+
+/// The handle calls use: queues records for the writer task.
+#[derive(Clone, Debug)]
+pub struct Auditor {
+    tx: mpsc::Sender<Entry>,
+}
+
+impl Auditor {
+    /// Starts the writer task; it drains the queue when every `Auditor` is
+    /// dropped, then `done` completes.
+    pub fn start(audit: Audit) -> (Auditor, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Entry>(65_536);
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(256);
+            while rx.recv_many(&mut batch, 256).await > 0 {
+                let mut delay = Duration::from_millis(100);
+                while let Err(e) = audit.append(&batch).await {
+                    warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    if rx.is_closed() && delay >= Duration::from_secs(5) {
+                        warn!(
+                            records = batch.len(),
+                            "dropping audit records at shutdown: database unreachable"
+                        );
+                        break;
+                    }
+                }
+                batch.clear();
+            }
+        });
+        (Auditor { tx }, task)
+    }
+
+    /// Queues a record; never blocks a call. A full queue drops the record with a warning.
+    pub fn record(&self, entry: Entry) {
+        if let Err(e) = self.tx.try_send(entry) {
+            warn!(error = %e, "audit queue full; record dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn chain_detects_alteration_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
+            path: dir.path().join("a.db"),
+        })
+        .await
+        .unwrap();
+        let audit = Audit::new(db.clone());
+        let entries: Vec<Entry> = (0..5)
+            .map(|i| Entry::new("payments/api", "fetch", "ok", json!({"n": i})))
+            .collect();
+        audit.append(&entries[..2]).await.unwrap();
+        audit.append(&entries[2..]).await.unwrap();
+        let report = audit.verify().await.unwrap();
+        assert!(report.ok && report.records == 5, "{report:?}");
+        assert_eq!(
+            audit
+                .tail(2)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+
+        let pool = match &db {
+            Db::Sqlite(p) => p,
+            Db::Postgres(_) => unreachable!(),
+        };
+        sqlx::query("UPDATE audit SET result = 'refused' WHERE seq = 3")
+            .execute(pool)
+            .await
+            .unwrap();
+        let report = audit.verify().await.unwrap();
+        assert_eq!(
+            report.problem.as_deref(),
+            Some("record 3 was altered (its hash does not match its content)")
+        );
+        sqlx::query("UPDATE audit SET result = 'ok' WHERE seq = 3")
+            .execute(pool)
+            .await
+            .unwrap();
+        assert!(audit.verify().await.unwrap().ok);
+        sqlx::query("DELETE FROM audit WHERE seq = 2")
+            .execute(pool)
+            .await
+            .unwrap();
+        let report = audit.verify().await.unwrap();
+        assert_eq!(
+            report.problem.as_deref(),
+            Some("record 2 is missing (next is 3)")
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Shared state in the broker's database: revocation rules, leases and the
+//! audit log. Every replica reads and writes the same tables, so any replica
+//! can serve any call.
+//!
+//! - [`revocation`]: the rules and the in-memory view every call is checked
+//!   against, kept fresh (PostgreSQL `LISTEN/NOTIFY` plus a periodic re-read).
+//! - [`audit`]: the hash-chained audit log.
+
+pub mod audit;
+pub mod revocation;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::db::{Db, on_db};
+
+/// A lease as recorded when a secret is handed out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    pub issuer: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    pub role: String,
+    pub secret: String,
+    pub version: u64,
+    pub issued_at: i64,
+    pub expires_at: i64,
+}
+
+const LEASE_COLUMNS: &str = "lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at";
+
+fn lease_from_row<R: Row>(r: &R) -> LeaseRecord
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    LeaseRecord {
+        lease_id: r.get("lease_id"),
+        issuer: r.get("issuer"),
+        namespace: r.get("namespace"),
+        service_account: r.get("service_account"),
+        pod_name: r.get("pod_name"),
+        pod_uid: r.get("pod_uid"),
+        role: r.get("role"),
+        secret: r.get("secret"),
+        version: r.get::<i64, _>("version") as u64,
+        issued_at: r.get("issued_at"),
+        expires_at: r.get("expires_at"),
+    }
+}
+
+/// Leases, in the shared database.
+#[derive(Clone, Debug)]
+pub struct Leases {
+    db: Db,
+}
+
+impl Leases {
+    pub fn new(db: Db) -> Leases {
+        Leases { db }
+    }
+
+    /// Records leases just handed out (one row each).
+    pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), sqlx::Error> {
+        const INSERT: &str = "INSERT INTO leases (lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for l in leases {
+                sqlx::query(INSERT)
+                    .bind(&l.lease_id)
+                    .bind(&l.issuer)
+                    .bind(&l.namespace)
+                    .bind(&l.service_account)
+                    .bind(&l.pod_name)
+                    .bind(&l.pod_uid)
+                    .bind(&l.role)
+                    .bind(&l.secret)
+                    .bind(l.version as i64)
+                    .bind(l.issued_at)
+                    .bind(l.expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })
+    }
+
+    /// Moves a lease's end; returns false when the lease is unknown.
+    pub async fn extend(&self, lease_id: &str, expires_at: i64) -> Result<bool, sqlx::Error> {
+        const UPDATE: &str = "UPDATE leases SET expires_at = $1 WHERE lease_id = $2";
+        let n = on_db!(&self.db, pool => sqlx::query(UPDATE).bind(expires_at).bind(lease_id).execute(pool).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+
+    pub async fn get(&self, lease_id: &str) -> Result<Option<LeaseRecord>, sqlx::Error> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE lease_id = $1");
+        on_db!(&self.db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(lease_id)
+            .fetch_optional(pool)
+            .await
+            .map(|r| r.as_ref().map(lease_from_row)))
+    }
+
+    /// Leases still running at `now`, newest first, optionally of one namespace.
+    pub async fn list_active(
+        &self,
+        namespace: Option<&str>,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<LeaseRecord>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE expires_at > $1 AND ($2 IS NULL OR namespace = $2)
+             ORDER BY issued_at DESC LIMIT $3"
+        );
+        on_db!(&self.db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(now)
+            .bind(namespace)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+            .map(|rows| rows.iter().map(lease_from_row).collect()))
+    }
+
+    /// Ends every running lease the rule covers (they are refused from now
+    /// on anyway; this keeps `leases list` truthful). Returns how many.
+    pub async fn end_matching(
+        &self,
+        rule: &revocation::Rule,
+        now: i64,
+    ) -> Result<u64, sqlx::Error> {
+        const END: &str = "UPDATE leases SET expires_at = $1 WHERE expires_at > $1
+             AND ($2 IS NULL OR namespace = $2) AND ($3 IS NULL OR service_account = $3)
+             AND ($4 IS NULL OR pod_uid = $4) AND ($5 IS NULL OR secret = $5)";
+        let n = on_db!(&self.db, pool => sqlx::query(END)
+            .bind(now)
+            .bind(&rule.namespace)
+            .bind(&rule.service_account)
+            .bind(&rule.pod_uid)
+            .bind(&rule.secret)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
+    /// Deletes leases that ended more than `keep` seconds ago.
+    pub async fn prune(&self, now: i64, keep: i64) -> Result<u64, sqlx::Error> {
+        const PRUNE: &str = "DELETE FROM leases WHERE expires_at < $1";
+        Ok(
+            on_db!(&self.db, pool => sqlx::query(PRUNE).bind(now - keep).execute(pool).await.map(|r| r.rows_affected()))?,
+        )
+    }
+}
