@@ -43,6 +43,7 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     revocation: RawRevocation,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     roles: Vec<RawRole>,
 }
@@ -88,6 +89,26 @@ struct RawDatabase {
     password_file: Option<PathBuf>,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    client_ca_file: PathBuf,
+    #[serde(default)]
+    clients: Vec<RawAdminClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminClient {
+    name: String,
+    subject_cn: Option<String>,
+    san: Option<String>,
+    role: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,7 +202,43 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub store: StoreConfig,
     pub revocation: RevocationConfig,
+    /// The HTTPS admin API; absent when not configured.
+    pub admin: Option<AdminConfig>,
     pub roles: Vec<RoleConfig>,
+}
+
+/// What an admin client may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    /// List revocations and leases, read the audit log, list secret names.
+    Viewer,
+    /// Also create and delete revocation rules.
+    Revoker,
+    /// Also read and write the embedded store's secrets.
+    Admin,
+}
+
+/// An operator's client certificate, mapped to a role.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    /// Recorded as the actor in the audit log.
+    pub name: String,
+    /// Matches the certificate's subject common name.
+    pub subject_cn: Option<String>,
+    /// Matches one of the certificate's subject alternative names (DNS, email, URI).
+    pub san: Option<String>,
+    pub role: AdminRole,
+}
+
+/// The admin API: HTTPS, client certificates signed by `client_ca_file`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: std::net::SocketAddr,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub clients: Vec<AdminClient>,
 }
 
 #[derive(Debug, Clone)]
@@ -440,6 +497,62 @@ impl Config {
             ));
         }
 
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                let listen = a.listen.parse().map_err(|e| {
+                    v.err(
+                        "admin.listen",
+                        format!("not an address like 0.0.0.0:8444: {e}"),
+                    )
+                })?;
+                let mut clients: Vec<AdminClient> = Vec::new();
+                for (i, c) in a.clients.into_iter().enumerate() {
+                    let key = |f: &str| format!("admin.clients[{i}].{f}");
+                    let role = match c.role.as_str() {
+                        "viewer" => AdminRole::Viewer,
+                        "revoker" => AdminRole::Revoker,
+                        "admin" => AdminRole::Admin,
+                        other => {
+                            return Err(v.err(
+                                &key("role"),
+                                format!("{other:?}: use viewer, revoker or admin"),
+                            ));
+                        }
+                    };
+                    if c.subject_cn.is_none() == c.san.is_none() {
+                        return Err(
+                            v.err(&key("subject_cn"), "set exactly one of subject_cn and san")
+                        );
+                    }
+                    if c.name.trim().is_empty() || clients.iter().any(|o| o.name == c.name) {
+                        return Err(
+                            v.err(&key("name"), "give each client a unique, non-empty name")
+                        );
+                    }
+                    clients.push(AdminClient {
+                        name: c.name,
+                        subject_cn: c.subject_cn,
+                        san: c.san,
+                        role,
+                    });
+                }
+                Some(AdminConfig {
+                    listen,
+                    tls_cert_file: a
+                        .tls_cert_file
+                        .map(resolve)
+                        .unwrap_or_else(|| server.tls_cert_file.clone()),
+                    tls_key_file: a
+                        .tls_key_file
+                        .map(resolve)
+                        .unwrap_or_else(|| server.tls_key_file.clone()),
+                    client_ca_file: resolve(a.client_ca_file),
+                    clients,
+                })
+            }
+        };
+
         let store = StoreConfig {
             key_file: resolve(raw.store.key_file),
             poll_interval: v.bounded(
@@ -507,6 +620,7 @@ impl Config {
             database,
             store,
             revocation,
+            admin,
             roles,
         })
     }

@@ -63,6 +63,9 @@ pub enum RunError {
     /// The database could not be reached or migrated.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The admin API could not start (TLS files, client CA, listener).
+    #[error("admin API: {0}")]
+    Admin(String),
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -96,7 +99,20 @@ pub async fn run(
     let leases = Leases::new(db.clone());
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
-    let (auditor, audit_writer) = Auditor::start(Audit::new(db.clone()));
+    let audit = Audit::new(db.clone());
+    let (auditor, audit_writer) = Auditor::start(audit.clone());
+    let poke = Arc::new(tokio::sync::Notify::new());
+    // The admin API binds before anything is served, so its errors stop the start.
+    let admin = match &config.admin {
+        None => None,
+        Some(admin) => {
+            let tls = api::admin::tls_config(admin).map_err(RunError::Admin)?;
+            let listener = TcpListener::bind(admin.listen)
+                .await
+                .map_err(|e| RunError::Admin(format!("cannot listen on {}: {e}", admin.listen)))?;
+            Some((listener, tls, Arc::new(admin.clients.clone())))
+        }
+    };
     let verifier = Arc::new(Verifier::new(config.identity.clone())?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -127,9 +143,26 @@ pub async fn run(
         revocations.clone(),
         db.clone(),
         config.revocation.refresh_interval,
-        Arc::new(tokio::sync::Notify::new()),
+        poke.clone(),
         down_rx.clone(),
     ));
+    if let Some((listener, tls, clients)) = admin {
+        let state = api::admin::AdminState {
+            revocations: revocations.clone(),
+            leases: leases.clone(),
+            audit,
+            auditor: auditor.clone(),
+            store: store.clone(),
+            poke,
+        };
+        tokio::spawn(api::admin::serve(
+            listener,
+            tls,
+            clients,
+            state,
+            down_rx.clone(),
+        ));
+    }
     tokio::spawn(poll_rotations(
         store.clone(),
         config.store.poll_interval,

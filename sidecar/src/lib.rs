@@ -75,6 +75,16 @@ struct Keeper {
     client: Client,
     writer: AtomicWriter,
     held: HashMap<String, Held>,
+    /// Secrets an operator revoked: not on disk, not renewed, retried with
+    /// backoff in case the rule is lifted. Name → rule ID.
+    revoked: HashMap<String, String>,
+}
+
+/// What the watch stream tells the main loop.
+#[derive(Debug)]
+enum BrokerEvent {
+    Rotated(pb::Rotated),
+    Revoked(pb::Revoked),
 }
 
 impl Keeper {
@@ -89,6 +99,7 @@ impl Keeper {
             client,
             writer,
             held: HashMap::new(),
+            revoked: HashMap::new(),
         })
     }
 
@@ -96,10 +107,23 @@ impl Keeper {
         self.cfg.secrets.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// Fetches every secret and writes a new generation if anything changed.
-    async fn fetch_and_write(&mut self) -> Result<(), SidecarError> {
-        let secrets = self.client.fetch(self.names()).await?;
-        let mut changed = self.held.len() != secrets.len();
+    /// Configured secrets that are not revoked.
+    fn wanted(&self) -> Vec<String> {
+        self.cfg
+            .secrets
+            .iter()
+            .filter(|s| !self.revoked.contains_key(&s.name))
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Fetches `names`, and writes a new generation if anything changed.
+    async fn fetch_and_write(&mut self, names: Vec<String>) -> Result<(), SidecarError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let secrets = self.client.fetch(names.clone()).await?;
+        let mut changed = false;
         let mut fresh = HashMap::with_capacity(secrets.len());
         for s in secrets {
             let lease = s.lease.unwrap_or_default();
@@ -119,42 +143,76 @@ impl Keeper {
                 },
             );
         }
-        if let Some(missing) = self
-            .cfg
-            .secrets
-            .iter()
-            .find(|s| !fresh.contains_key(&s.name))
-        {
+        if let Some(missing) = names.iter().find(|n| !fresh.contains_key(*n)) {
             return Err(ClientError::Status(tonic::Status::internal(format!(
-                "broker answered without secret {:?}",
-                missing.name
+                "broker answered without secret {missing:?}"
             )))
             .into());
         }
-        self.held = fresh;
+        for name in fresh.keys() {
+            self.revoked.remove(name);
+        }
+        self.held.extend(fresh);
         if changed {
-            let files: Vec<(&str, &[u8])> = self
-                .cfg
-                .secrets
-                .iter()
-                .map(|s| (s.file.as_str(), self.held[&s.name].value.as_slice()))
-                .collect();
-            let generation = self.writer.write(&files)?;
-            let versions: Vec<String> = self
-                .cfg
-                .secrets
-                .iter()
-                .map(|s| format!("{}@{}", s.name, self.held[&s.name].version))
-                .collect();
-            info!(generation = %generation.display(), secrets = ?versions, "wrote new generation");
+            self.write()?;
         } else {
             debug!("secrets unchanged; leases extended");
         }
         Ok(())
     }
 
+    /// Writes what is held as one generation (or removes everything when
+    /// nothing is held).
+    fn write(&mut self) -> Result<(), SidecarError> {
+        if self.held.is_empty() {
+            self.writer.remove_all()?;
+            return Ok(());
+        }
+        let files: Vec<(&str, &[u8])> = self
+            .cfg
+            .secrets
+            .iter()
+            .filter_map(|s| {
+                self.held
+                    .get(&s.name)
+                    .map(|h| (s.file.as_str(), h.value.as_slice()))
+            })
+            .collect();
+        let generation = self.writer.write(&files)?;
+        let versions: Vec<String> = self
+            .cfg
+            .secrets
+            .iter()
+            .filter_map(|s| {
+                self.held
+                    .get(&s.name)
+                    .map(|h| format!("{}@{}", s.name, h.version))
+            })
+            .collect();
+        info!(generation = %generation.display(), secrets = ?versions, "wrote new generation");
+        Ok(())
+    }
+
+    /// An operator revoked `names`: take them off the disk now, in one swap.
+    fn revoke(&mut self, r: &pb::Revoked) -> Result<(), SidecarError> {
+        let mut removed = Vec::new();
+        for name in &r.names {
+            if self.cfg.secrets.iter().any(|s| s.name == *name) {
+                self.revoked.insert(name.clone(), r.rule_id.clone());
+                if self.held.remove(name).is_some() {
+                    removed.push(name.as_str());
+                }
+            }
+        }
+        warn!(rule = %r.rule_id, reason = %r.reason, secrets = ?removed, "access revoked; secrets removed");
+        self.write()
+    }
+
     /// Extends leases; returns true when a secret has rotated and must be fetched.
     async fn renew(&mut self) -> Result<bool, SidecarError> {
+        if self.held.is_empty() {
+            return Ok(false);
+        }
         let refs = self
             .held
             .iter()
@@ -182,12 +240,8 @@ impl Keeper {
     }
 
     /// When the next renewal is due: ~2/3 into the shortest lease.
-    fn next_renewal(&self) -> Instant {
-        self.held
-            .values()
-            .map(|h| h.renew_at)
-            .min()
-            .unwrap_or_else(Instant::now)
+    fn next_renewal(&self) -> Option<Instant> {
+        self.held.values().map(|h| h.renew_at).min()
     }
 
     /// When the first lease ends; the files must be gone by then.
@@ -210,7 +264,7 @@ pub async fn once(cfg: Config, timeout: Duration) -> Result<(), SidecarError> {
     let mut backoff = Backoff::new(keeper.cfg.retry_initial, keeper.cfg.retry_max);
     let deadline = Instant::now() + timeout;
     loop {
-        match keeper.fetch_and_write().await {
+        match keeper.fetch_and_write(keeper.names()).await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline || !retryable(&e) => {
                 return Err(SidecarError::Timeout(timeout, e.to_string()));
@@ -237,7 +291,7 @@ fn retryable(e: &SidecarError) -> bool {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
     tokio::pin!(shutdown);
-    let (events_tx, mut events) = mpsc::channel::<pb::Rotated>(64);
+    let (events_tx, mut events) = mpsc::channel::<BrokerEvent>(64);
     let watcher = tokio::spawn(watch_loop(
         keeper.client.clone(),
         keeper.names(),
@@ -247,6 +301,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut backoff = Backoff::new(keeper.cfg.retry_initial, keeper.cfg.retry_max);
     let mut need_fetch = true;
     let mut retry_at: Option<Instant> = None;
+    // Revoked secrets are retried on their own schedule, in case the rule is lifted.
+    let mut revoked_backoff = Backoff::new(keeper.cfg.retry_initial, keeper.cfg.retry_max);
+    let mut revoked_retry_at: Option<Instant> = None;
     info!(broker = %keeper.cfg.broker_url, dir = %keeper.cfg.dir.display(), secrets = keeper.cfg.secrets.len(), "sidecar started");
 
     let result = loop {
@@ -264,7 +321,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
         }
         if need_fetch {
-            match keeper.fetch_and_write().await {
+            match keeper.fetch_and_write(keeper.wanted()).await {
                 Ok(()) => {
                     need_fetch = false;
                     backoff.reset();
@@ -282,7 +339,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let lease_end = keeper.lease_end();
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            _ = tokio::time::sleep_until(renew_at) => {
+            _ = sleep_until_opt(revoked_retry_at) => {
+                let names: Vec<String> = keeper.revoked.keys().cloned().collect();
+                match keeper.fetch_and_write(names).await {
+                    Ok(()) => {
+                        info!("revoked secrets are served again: the rule was lifted");
+                        revoked_backoff.reset();
+                        revoked_retry_at = None;
+                    }
+                    Err(e) => {
+                        let delay = revoked_backoff.next_delay(fastrand::f64());
+                        debug!(error = %e, retry_in = ?delay, "revoked secrets still refused");
+                        revoked_retry_at = Some(Instant::now() + delay);
+                    }
+                }
+            }
+            _ = sleep_until_opt(renew_at) => {
                 match keeper.renew().await {
                     Ok(rotated) => {
                         backoff.reset();
@@ -300,13 +372,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 keeper.remove("lease ended");
                 need_fetch = true;
             }
-            Some(ev) = events.recv() => {
-                let stale = keeper.held.get(&ev.name).is_none_or(|h| ev.version == 0 || h.version != ev.version);
-                if stale {
-                    info!(secret = %ev.name, version = ev.version, "rotation announced");
-                    need_fetch = true;
+            Some(ev) = events.recv() => match ev {
+                BrokerEvent::Rotated(ev) => {
+                    let stale = !keeper.revoked.contains_key(&ev.name)
+                        && keeper.held.get(&ev.name).is_none_or(|h| ev.version == 0 || h.version != ev.version);
+                    if stale {
+                        info!(secret = %ev.name, version = ev.version, "rotation announced");
+                        need_fetch = true;
+                    }
                 }
-            }
+                BrokerEvent::Revoked(r) => {
+                    if let Err(e) = keeper.revoke(&r) {
+                        warn!(error = %e, "cannot remove revoked secrets");
+                    }
+                    revoked_backoff.reset();
+                    revoked_retry_at = Some(Instant::now() + revoked_backoff.next_delay(fastrand::f64()));
+                }
+            },
         }
     };
     watcher.abort();
@@ -325,11 +407,11 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// Keeps a watch stream open (reconnecting with backoff and a fresh token)
-/// and forwards rotations to the main loop.
+/// and forwards rotations and revocations to the main loop.
 async fn watch_loop(
     client: Client,
     names: Vec<String>,
-    tx: mpsc::Sender<pb::Rotated>,
+    tx: mpsc::Sender<BrokerEvent>,
     cfg: Config,
 ) {
     let mut backoff = Backoff::new(cfg.retry_initial, cfg.retry_max);
@@ -340,33 +422,32 @@ async fn watch_loop(
                 if std::mem::take(&mut reconnect) {
                     // Rotations may have happened while disconnected: have the main loop check.
                     for name in &names {
-                        if tx
-                            .send(pb::Rotated {
-                                name: name.clone(),
-                                version: 0,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        let check = BrokerEvent::Rotated(pb::Rotated {
+                            name: name.clone(),
+                            version: 0,
+                        });
+                        if tx.send(check).await.is_err() {
                             return;
                         }
                     }
                 }
-                match stream.message().await {
-                    Ok(Some(pb::WatchEvent {
-                        event: Some(pb::watch_event::Event::Rotated(r)),
-                    })) => {
-                        backoff.reset();
-                        if tx.send(r).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(_)) => backoff.reset(), // heartbeat
+                let event = match stream.message().await {
+                    Ok(Some(pb::WatchEvent { event: Some(event) })) => event,
+                    Ok(Some(_)) => continue,
                     Ok(None) => break,
                     Err(status) => {
                         debug!(status = %status.message(), "watch stream ended");
                         break;
                     }
+                };
+                backoff.reset();
+                let forward = match event {
+                    pb::watch_event::Event::Rotated(r) => BrokerEvent::Rotated(r),
+                    pb::watch_event::Event::Revoked(r) => BrokerEvent::Revoked(r),
+                    pb::watch_event::Event::Heartbeat(_) => continue,
+                };
+                if tx.send(forward).await.is_err() {
+                    return;
                 }
             },
             Err(e) => debug!(error = %e, "cannot open watch stream"),

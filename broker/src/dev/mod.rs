@@ -56,7 +56,8 @@ pub async fn run(
     let secrets_dir = dir.join("secrets");
 
     // Fresh TLS material and issuer key each run; the store and its key persist.
-    let tls = tls::DevTls::generate().context("generate TLS certificates")?;
+    let tls =
+        tls::DevTls::generate_with_clients(&["dev-admin"]).context("generate TLS certificates")?;
     tls.write(&dir.join("tls")).context("write TLS files")?;
     let key_file = dir.join("store.key");
     if !key_file.exists() {
@@ -76,6 +77,10 @@ pub async fn run(
         .await
         .with_context(|| format!("bind broker on {}", opts.listen))?;
     let broker_addr = broker_listener.local_addr()?;
+    let admin_port = {
+        let l = std::net::TcpListener::bind((broker_addr.ip(), 0))?;
+        l.local_addr()?.port()
+    };
     let broker_toml = dir.join("broker.toml");
     std::fs::write(
         &broker_toml,
@@ -99,6 +104,15 @@ url = "sqlite://store.db"
 key_file = "store.key"
 poll_interval = "500ms"
 
+[admin]
+listen = "{admin_ip}:{admin_port}"
+client_ca_file = "tls/ca.crt"
+
+[[admin.clients]]
+name = "dev-admin"
+subject_cn = "dev-admin"
+role = "admin"
+
 [[roles]]
 name = "demo"
 namespaces = ["default"]
@@ -109,6 +123,7 @@ max_ttl = "1h"
 "#,
             issuer_url = issuer.url(),
             ttl = humantime::format_duration(opts.lease_ttl),
+            admin_ip = broker_addr.ip(),
         ),
     )?;
     let sidecar_toml = dir.join("sidecar.toml");
@@ -195,6 +210,7 @@ file = "greeting"
          \x20 sidecar       writing {secret} to {secrets}\n\
          \x20 rotation      a new version of {secret} every {rotate}\n\
          \x20 configs       {broker_toml}, {sidecar_toml}\n\
+         \x20 admin API     https://{admin_ip}:{admin_port}   try: {brokerctl} leases list\n\
          \x20 read it       cat {secrets}/greeting   (ls -la {secrets} shows the ..data layout)",
         issuer_url = issuer.url(),
         store_db = dir.join("store.db").display(),
@@ -203,6 +219,11 @@ file = "greeting"
         rotate = humantime::format_duration(opts.rotate_every),
         broker_toml = broker_toml.display(),
         sidecar_toml = sidecar_toml.display(),
+        admin_ip = broker_addr.ip(),
+        brokerctl = format_args!(
+            "brokerctl --server https://localhost:{admin_port} --ca {t}/ca.crt --cert {t}/dev-admin.crt --key {t}/dev-admin.key",
+            t = dir.join("tls").display()
+        ),
     );
 
     tokio::pin!(shutdown);

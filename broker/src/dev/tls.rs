@@ -9,9 +9,18 @@ use rcgen::{
 };
 use zeroize::Zeroizing;
 
-/// A CA plus one server certificate, PEM-encoded.
+/// A CA plus one server certificate and any client certificates, PEM-encoded.
 pub struct DevTls {
     pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+    /// Client certificates (for the admin API) by common name.
+    pub clients: Vec<ClientCert>,
+}
+
+/// A client certificate whose subject CN is `name`.
+pub struct ClientCert {
+    pub name: String,
     pub cert_pem: String,
     pub key_pem: Zeroizing<String>,
 }
@@ -26,6 +35,11 @@ pub struct TlsFiles {
 impl DevTls {
     /// Generates a fresh CA and a server certificate for local names.
     pub fn generate() -> Result<DevTls, rcgen::Error> {
+        Self::generate_with_clients(&[])
+    }
+
+    /// Like [`DevTls::generate`], plus one client certificate per common name.
+    pub fn generate_with_clients(client_names: &[&str]) -> Result<DevTls, rcgen::Error> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
@@ -41,17 +55,30 @@ impl DevTls {
             .push(DnType::CommonName, "secrets-broker dev");
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca)?;
+        let mut clients = Vec::new();
+        for name in client_names {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, *name);
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &ca)?;
+            clients.push(ClientCert {
+                name: (*name).to_owned(),
+                cert_pem: cert.pem(),
+                key_pem: Zeroizing::new(key.serialize_pem()),
+            });
+        }
         Ok(DevTls {
             ca_pem: ca.pem(),
             cert_pem: cert.pem(),
             key_pem: Zeroizing::new(key.serialize_pem()),
+            clients,
         })
     }
 
-    /// Writes `ca.crt`, `tls.crt` and `tls.key` (0600) into `dir`.
+    /// Writes `ca.crt`, `tls.crt`, `tls.key` (0600), and `<name>.crt` /
+    /// `<name>.key` for each client into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<TlsFiles> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(dir)?;
         let files = TlsFiles {
             ca: dir.join("ca.crt"),
@@ -60,13 +87,11 @@ impl DevTls {
         };
         std::fs::write(&files.ca, &self.ca_pem)?;
         std::fs::write(&files.cert, &self.cert_pem)?;
-        let _ = std::fs::remove_file(&files.key);
-        std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&files.key)?
-            .write_all(self.key_pem.as_bytes())?;
+        write_private(&files.key, &self.key_pem)?;
+        for c in &self.clients {
+            std::fs::write(dir.join(format!("{}.crt", c.name)), &c.cert_pem)?;
+            write_private(&dir.join(format!("{}.key", c.name)), &c.key_pem)?;
+        }
         Ok(files)
     }
 
@@ -87,4 +112,16 @@ impl DevTls {
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
+}
+
+fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(pem.as_bytes())
 }

@@ -1,0 +1,674 @@
+//! The admin API: HTTPS with client-certificate authentication, JSON bodies,
+//! an OpenAPI document at `/v1/openapi.json`. Each certificate maps to a role
+//! (`viewer` < `revoker` < `admin`) by subject CN or SAN; every call is
+//! written to the audit log.
+//!
+//! | method | path | role |
+//! |---|---|---|
+//! | GET | `/v1/revocations` | viewer |
+//! | POST | `/v1/revocations` | revoker |
+//! | DELETE | `/v1/revocations/{id}` | revoker |
+//! | GET | `/v1/leases?namespace=&limit=` | viewer |
+//! | GET | `/v1/audit?after=&limit=` or `?tail=N` | viewer |
+//! | GET | `/v1/audit/verify` | viewer |
+//! | GET | `/v1/secrets` | viewer (names and versions only) |
+//! | GET, PUT, DELETE | `/v1/secrets/{name}` | admin |
+
+use std::sync::Arc;
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::backend::embedded::{EmbeddedStore, StoreError};
+use crate::config::{AdminClient, AdminConfig, AdminRole};
+use crate::db::unix_now;
+use crate::state::Leases;
+use crate::state::audit::{Audit, Auditor, Entry};
+use crate::state::revocation::{NewRule, Revocations, RuleError};
+
+/// Who is calling, from the TLS handshake.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No client certificate was presented.
+    Anonymous,
+    /// A verified certificate that matches no configured client.
+    Unknown {
+        subject: String,
+    },
+    Known {
+        name: String,
+        role: AdminRole,
+    },
+}
+
+impl Caller {
+    fn actor(&self) -> String {
+        match self {
+            Caller::Anonymous => "admin:anonymous".into(),
+            Caller::Unknown { subject } => format!("admin:unknown({subject})"),
+            Caller::Known { name, .. } => format!("admin:{name}"),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub revocations: Revocations,
+    pub leases: Leases,
+    pub audit: Audit,
+    pub auditor: Auditor,
+    pub store: EmbeddedStore,
+    /// Wakes the local revocation view after a change.
+    pub poke: Arc<Notify>,
+}
+
+/// An error answer: a status and a message a person can act on.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> ApiError {
+        warn!(error = %e, "admin API: database error");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the state database is unavailable; retry later".into(),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            StoreError::Database(e) => e.into(),
+            other => {
+                warn!(error = %other, "admin API: store error");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+/// Checks the caller's role, and audits the call either way.
+fn authorize(
+    state: &AdminState,
+    caller: &Caller,
+    need: AdminRole,
+    action: &str,
+    detail: &Value,
+) -> Result<(), ApiError> {
+    let refusal = match caller {
+        Caller::Anonymous => Some(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "client certificate required: call with --cert and --key of a certificate signed by the admin client CA".into(),
+        )),
+        Caller::Unknown { subject } => Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("certificate {subject:?} is not mapped to a role in [[admin.clients]]"),
+        )),
+        Caller::Known { role, .. } if *role < need => Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("role {} may not {action}; it needs {}", role_name(*role), role_name(need)),
+        )),
+        Caller::Known { .. } => None,
+    };
+    let result = if refusal.is_some() { "forbidden" } else { "ok" };
+    state.auditor.record(Entry::new(
+        caller.actor(),
+        &format!("admin.{action}"),
+        result,
+        detail.clone(),
+    ));
+    match refusal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn role_name(r: AdminRole) -> &'static str {
+    match r {
+        AdminRole::Viewer => "viewer",
+        AdminRole::Revoker => "revoker",
+        AdminRole::Admin => "admin",
+    }
+}
+
+/// The router, without TLS (tests and the server wrap it).
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route(
+            "/v1/revocations",
+            get(list_revocations).post(create_revocation),
+        )
+        .route(
+            "/v1/revocations/{id}",
+            axum::routing::delete(delete_revocation),
+        )
+        .route("/v1/leases", get(list_leases))
+        .route("/v1/audit", get(audit_records))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/secrets", get(list_secrets))
+        .route(
+            "/v1/secrets/{*name}",
+            get(get_secret).put(put_secret).delete(delete_secret),
+        )
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /v1/openapi.json".into(),
+            )
+        })
+        .with_state(state)
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+async fn list_revocations(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &c, AdminRole::Viewer, "revocations.list", &json!({}))?;
+    Ok(Json(json!({ "revocations": s.revocations.list().await? })))
+}
+
+async fn create_revocation(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    body: Result<Json<NewRule>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(new) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {}", e.body_text()),
+        )
+    })?;
+    authorize(
+        &s,
+        &c,
+        AdminRole::Revoker,
+        "revoke",
+        &json!({ "request": new }),
+    )?;
+    let rule = s
+        .revocations
+        .create(new, &c.actor(), &s.leases)
+        .await
+        .map_err(|e| match e {
+            RuleError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            RuleError::UnknownLease(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            RuleError::Database(e) => e.into(),
+        })?;
+    s.poke.notify_one();
+    let ended = s.leases.end_matching(&rule, unix_now()).await?;
+    info!(rule = %rule.id, by = %c.actor(), reason = %rule.reason, leases_ended = ended, "revocation rule created");
+    s.auditor.record(Entry::new(
+        c.actor(),
+        "revoke",
+        "ok",
+        json!({ "rule": rule, "leases_ended": ended }),
+    ));
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "rule": rule, "leases_ended": ended })),
+    ))
+}
+
+async fn delete_revocation(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(
+        &s,
+        &c,
+        AdminRole::Revoker,
+        "revocations.delete",
+        &json!({ "rule_id": id }),
+    )?;
+    if !s.revocations.delete(&id).await? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("revocation rule {id:?} does not exist"),
+        ));
+    }
+    s.poke.notify_one();
+    info!(rule = %id, by = %c.actor(), "revocation rule deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct LeaseQuery {
+    namespace: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_leases(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<LeaseQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(
+        &s,
+        &c,
+        AdminRole::Viewer,
+        "leases.list",
+        &json!({ "namespace": q.namespace }),
+    )?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let leases = s
+        .leases
+        .list_active(q.namespace.as_deref(), unix_now(), limit)
+        .await?;
+    Ok(Json(json!({ "leases": leases })))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+    tail: Option<i64>,
+}
+
+async fn audit_records(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &c, AdminRole::Viewer, "audit.read", &json!({}))?;
+    let records = match q.tail {
+        Some(n) => s.audit.tail(n.clamp(1, 10_000)).await?,
+        None => {
+            s.audit
+                .after(
+                    q.after.unwrap_or(0),
+                    q.limit.unwrap_or(100).clamp(1, 10_000),
+                )
+                .await?
+        }
+    };
+    Ok(Json(json!({ "records": records })))
+}
+
+async fn audit_verify(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &c, AdminRole::Viewer, "audit.verify", &json!({}))?;
+    Ok(Json(
+        serde_json::to_value(s.audit.verify().await?).unwrap_or_default(),
+    ))
+}
+
+async fn list_secrets(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &c, AdminRole::Viewer, "secrets.list", &json!({}))?;
+    let mut names: Vec<(String, u64)> = s.store.latest_versions().await?.into_iter().collect();
+    names.sort();
+    let list: Vec<Value> = names
+        .into_iter()
+        .map(|(n, v)| json!({ "name": n, "version": v }))
+        .collect();
+    Ok(Json(json!({ "secrets": list })))
+}
+
+async fn get_secret(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(
+        &s,
+        &c,
+        AdminRole::Admin,
+        "secrets.get",
+        &json!({ "secret": name }),
+    )?;
+    let v = s.store.get(&name).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("secret {name:?} does not exist"),
+        )
+    })?;
+    Ok(Json(
+        json!({ "name": v.name, "version": v.version, "value_base64": STANDARD.encode(v.value()) }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutSecret {
+    value_base64: String,
+}
+
+async fn put_secret(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    body: Result<Json<PutSecret>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(
+        &s,
+        &c,
+        AdminRole::Admin,
+        "secrets.put",
+        &json!({ "secret": name }),
+    )?;
+    let Json(body) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {}", e.body_text()),
+        )
+    })?;
+    let value =
+        zeroize::Zeroizing::new(STANDARD.decode(body.value_base64.as_bytes()).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "value_base64 is not valid base64".into(),
+            )
+        })?);
+    drop(zeroize::Zeroizing::new(body.value_base64));
+    let version = s.store.put(&name, &value).await?;
+    s.auditor.record(Entry::new(
+        c.actor(),
+        "secrets.version",
+        "ok",
+        json!({ "secret": name, "version": version }),
+    ));
+    Ok(Json(json!({ "name": name, "version": version })))
+}
+
+async fn delete_secret(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(
+        &s,
+        &c,
+        AdminRole::Admin,
+        "secrets.delete",
+        &json!({ "secret": name }),
+    )?;
+    let n = s.store.delete(&name).await?;
+    if n == 0 {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("secret {name:?} does not exist"),
+        ));
+    }
+    Ok(Json(json!({ "name": name, "versions_deleted": n })))
+}
+
+/// Maps a verified client certificate to a caller.
+pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> Caller {
+    let Some(cert) = cert else {
+        return Caller::Anonymous;
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Caller::Unknown {
+            subject: "unparsable certificate".into(),
+        };
+    };
+    let cns: Vec<String> = parsed
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    let mut sans: Vec<String> = Vec::new();
+    if let Ok(Some(ext)) = parsed.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            use x509_parser::extensions::GeneralName as G;
+            match name {
+                G::DNSName(s) | G::RFC822Name(s) | G::URI(s) => sans.push((*s).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    for c in clients {
+        let by_cn = c.subject_cn.as_ref().is_some_and(|cn| cns.contains(cn));
+        let by_san = c.san.as_ref().is_some_and(|san| sans.contains(san));
+        if by_cn || by_san {
+            return Caller::Known {
+                name: c.name.clone(),
+                role: c.role,
+            };
+        }
+    }
+    Caller::Unknown {
+        subject: parsed.subject().to_string(),
+    }
+}
+
+/// Builds the TLS config: client certificates are verified against the
+/// client CA when presented, and not required at the handshake, so that a
+/// caller without one gets a clear 401 instead of a TLS alert.
+pub fn tls_config(cfg: &AdminConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    crate::install_crypto_provider();
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read(&cfg.tls_cert_file)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", cfg.tls_cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&zeroize::Zeroizing::new(read(&cfg.tls_key_file)?))
+        .map_err(|e| format!("{}: {e}", cfg.tls_key_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(&cfg.client_ca_file)?) {
+        let ca = ca.map_err(|e| format!("{}: {e}", cfg.client_ca_file.display()))?;
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: {e}", cfg.client_ca_file.display()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("admin.client_ca_file: {e}"))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("admin TLS: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the admin API on `listener` until `shutdown` flips.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    clients: Arc<Vec<AdminClient>>,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let app = router(state);
+    info!(addr = ?listener.local_addr().ok(), "admin API listening (HTTPS, client certificates)");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = crate::until_true(&mut shutdown) => return,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(peer = %peer, error = %e, "admin TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let caller = identify(
+                stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first()),
+                &clients,
+            );
+            let service = TowerToHyperService::new(app.layer(Extension(caller)));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The OpenAPI 3.0 document of this API.
+pub fn openapi_document() -> Value {
+    let err = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let ok = |schema: &str| json!({ "description": "ok", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } });
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "secrets-broker admin API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "HTTPS with client certificates. Roles: viewer < revoker < admin. Every call is audited."
+        },
+        "paths": {
+            "/v1/revocations": {
+                "get": { "summary": "List revocation rules in force (viewer)", "responses": { "200": ok("RuleList"), "401": err, "403": err } },
+                "post": {
+                    "summary": "Create a revocation rule (revoker); affected sidecars remove the secrets within about a second",
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewRule" } } } },
+                    "responses": { "201": ok("Created"), "400": err, "401": err, "403": err, "404": err }
+                }
+            },
+            "/v1/revocations/{id}": {
+                "delete": {
+                    "summary": "Lift a revocation rule (revoker)",
+                    "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                    "responses": { "204": { "description": "deleted" }, "401": err, "403": err, "404": err }
+                }
+            },
+            "/v1/leases": {
+                "get": {
+                    "summary": "Leases still running (viewer)",
+                    "parameters": [
+                        { "name": "namespace", "in": "query", "schema": { "type": "string" } },
+                        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 10000 } }
+                    ],
+                    "responses": { "200": ok("LeaseList"), "401": err, "403": err }
+                }
+            },
+            "/v1/audit": {
+                "get": {
+                    "summary": "Audit records (viewer): after a sequence number, or the last N",
+                    "parameters": [
+                        { "name": "after", "in": "query", "schema": { "type": "integer" } },
+                        { "name": "limit", "in": "query", "schema": { "type": "integer" } },
+                        { "name": "tail", "in": "query", "schema": { "type": "integer" } }
+                    ],
+                    "responses": { "200": ok("AuditList"), "401": err, "403": err }
+                }
+            },
+            "/v1/audit/verify": {
+                "get": { "summary": "Check the hash chain of the audit log (viewer)", "responses": { "200": ok("VerifyReport"), "401": err, "403": err } }
+            },
+            "/v1/secrets": {
+                "get": { "summary": "Secret names and latest versions, never values (viewer)", "responses": { "200": ok("SecretList"), "401": err, "403": err } }
+            },
+            "/v1/secrets/{name}": {
+                "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" }, "description": "may contain '/'" }],
+                "get": { "summary": "Latest version and value (admin)", "responses": { "200": ok("SecretValue"), "401": err, "403": err, "404": err } },
+                "put": {
+                    "summary": "Store a new version (admin); running sidecars receive it as a rotation",
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["value_base64"], "properties": { "value_base64": { "type": "string", "format": "byte" } } } } } },
+                    "responses": { "200": ok("SecretVersion"), "400": err, "401": err, "403": err }
+                },
+                "delete": { "summary": "Delete every version (admin)", "responses": { "200": { "description": "deleted" }, "401": err, "403": err, "404": err } }
+            }
+        },
+        "components": {
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+                "NewRule": {
+                    "type": "object", "required": ["reason"], "additionalProperties": false,
+                    "properties": {
+                        "namespace": { "type": "string" }, "service_account": { "type": "string" },
+                        "pod_uid": { "type": "string" }, "lease_id": { "type": "string" }, "secret": { "type": "string" },
+                        "reason": { "type": "string" }, "for_seconds": { "type": "integer", "minimum": 1 }
+                    }
+                },
+                "Rule": {
+                    "type": "object",
+                    "properties": {
+                        "id": { "type": "string" }, "namespace": { "type": "string", "nullable": true },
+                        "service_account": { "type": "string", "nullable": true }, "pod_uid": { "type": "string", "nullable": true },
+                        "lease_id": { "type": "string", "nullable": true }, "secret": { "type": "string", "nullable": true },
+                        "reason": { "type": "string" }, "created_by": { "type": "string" },
+                        "created_at": { "type": "integer" }, "expires_at": { "type": "integer", "nullable": true }
+                    }
+                },
+                "Created": { "type": "object", "properties": { "rule": { "$ref": "#/components/schemas/Rule" }, "leases_ended": { "type": "integer" } } },
+                "RuleList": { "type": "object", "properties": { "revocations": { "type": "array", "items": { "$ref": "#/components/schemas/Rule" } } } },
+                "Lease": {
+                    "type": "object",
+                    "properties": {
+                        "lease_id": { "type": "string" }, "issuer": { "type": "string" }, "namespace": { "type": "string" },
+                        "service_account": { "type": "string" }, "pod_name": { "type": "string", "nullable": true },
+                        "pod_uid": { "type": "string", "nullable": true }, "role": { "type": "string" }, "secret": { "type": "string" },
+                        "version": { "type": "integer" }, "issued_at": { "type": "integer" }, "expires_at": { "type": "integer" }
+                    }
+                },
+                "LeaseList": { "type": "object", "properties": { "leases": { "type": "array", "items": { "$ref": "#/components/schemas/Lease" } } } },
+                "AuditRecord": {
+                    "type": "object",
+                    "properties": {
+                        "seq": { "type": "integer" }, "at_ms": { "type": "integer" }, "actor": { "type": "string" },
+                        "action": { "type": "string" }, "result": { "type": "string" }, "detail": { "type": "string" },
+                        "prev_hash": { "type": "string" }, "hash": { "type": "string" }
+                    }
+                },
+                "AuditList": { "type": "object", "properties": { "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } } } },
+                "VerifyReport": {
+                    "type": "object",
+                    "properties": { "ok": { "type": "boolean" }, "records": { "type": "integer" }, "last_seq": { "type": "integer" }, "problem": { "type": "string", "nullable": true } }
+                },
+                "SecretList": { "type": "object", "properties": { "secrets": { "type": "array", "items": { "$ref": "#/components/schemas/SecretVersion" } } } },
+                "SecretVersion": { "type": "object", "properties": { "name": { "type": "string" }, "version": { "type": "integer" } } },
+                "SecretValue": { "type": "object", "properties": { "name": { "type": "string" }, "version": { "type": "integer" }, "value_base64": { "type": "string", "format": "byte" } } }
+            }
+        }
+    })
+}

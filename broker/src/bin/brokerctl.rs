@@ -1,0 +1,572 @@
+//! `brokerctl`: the operators' CLI over the broker's admin API (HTTPS with a
+//! client certificate). Exit codes: 0 success, 1 the API refused or failed
+//! (or `audit verify` found a problem), 2 usage or local errors.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+/// Operate a secrets-broker: revoke access, inspect leases and the audit
+/// log, manage the embedded store.
+#[derive(Parser)]
+#[command(name = "brokerctl", version, about)]
+struct Cli {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "BROKERCTL_SERVER",
+        default_value = "https://127.0.0.1:8444"
+    )]
+    server: String,
+    /// Client certificate (PEM) mapped to a role in the broker's [[admin.clients]].
+    #[arg(long, global = true, env = "BROKERCTL_CERT")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "BROKERCTL_KEY")]
+    key: Option<PathBuf>,
+    /// CA bundle that signed the admin API's server certificate.
+    #[arg(long, global = true, env = "BROKERCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Revoke access now: affected sidecars remove the secrets within about a
+    /// second, and new logins and fetches are refused until the rule is lifted.
+    Revoke {
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Needs --namespace.
+        #[arg(long)]
+        service_account: Option<String>,
+        #[arg(long)]
+        pod_uid: Option<String>,
+        /// A lease ID: revokes it and keeps its pod from fetching that secret again.
+        #[arg(long)]
+        lease: Option<String>,
+        /// A secret name: withheld from everyone the other selectors match.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Why (recorded in the rule, the audit log and sidecar logs).
+        #[arg(long)]
+        reason: String,
+        /// Lift the rule by itself after this long (e.g. 30m, 2h); default: never.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        for_duration: Option<Duration>,
+    },
+    /// Manage revocation rules.
+    Revocations {
+        #[command(subcommand)]
+        command: RevocationsCommand,
+    },
+    /// Inspect leases.
+    Leases {
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
+    /// Read and check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Manage secrets in the embedded store.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RevocationsCommand {
+    /// Rules in force.
+    List,
+    /// Lift a rule.
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum LeasesCommand {
+    /// Who holds what, until when.
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The last N records.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: i64,
+    },
+    /// Check the hash chain; exit 1 when a record was altered or removed.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Store a new version (read from --value-file, or standard input).
+    Put {
+        name: String,
+        #[arg(long, default_value = "-")]
+        value_file: PathBuf,
+    },
+    /// Print the latest value (raw bytes to standard output; JSON with --output json).
+    Get { name: String },
+    /// Names and latest versions.
+    List,
+    /// Delete every version.
+    Delete { name: String },
+}
+
+struct Api {
+    client: reqwest::Client,
+    base: String,
+}
+
+enum Failure {
+    /// Local problem (files, usage): exit 2.
+    Local(String),
+    /// The API answered with an error or could not be reached: exit 1.
+    Remote(String),
+}
+
+impl Api {
+    fn new(cli: &Cli) -> Result<Api, Failure> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .https_only(true);
+        if let Some(ca) = &cli.ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+                .map_err(|e| Failure::Local(format!("--ca {}: {e}", ca.display())))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        match (&cli.cert, &cli.key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read(cert)?;
+                pem.push(b'\n');
+                pem.extend_from_slice(&zeroize::Zeroizing::new(read(key)?));
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| Failure::Local(format!("--cert/--key: {e}")))?;
+                zeroize::Zeroize::zeroize(&mut pem);
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err(Failure::Local("give both --cert and --key".into())),
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Failure::Local(format!("HTTPS client: {e}")))?;
+        Ok(Api {
+            client,
+            base: cli.server.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .query(query);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Remote(format!("cannot reach {}: {}", self.base, chain(&e))))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            return Err(Failure::Remote(format!("{status}: {message}")));
+        }
+        Ok(value)
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Prints rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn when(v: &Value, key: &str) -> String {
+    match v.get(key).and_then(Value::as_i64) {
+        None => "never".into(),
+        Some(t) => time::OffsetDateTime::from_unix_timestamp(t)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| t.to_string()),
+    }
+}
+
+fn rule_rows(rules: &[Value]) -> Vec<Vec<String>> {
+    rules
+        .iter()
+        .map(|r| {
+            vec![
+                s(r, "id"),
+                s(r, "namespace"),
+                s(r, "service_account"),
+                s(r, "pod_uid"),
+                s(r, "secret"),
+                s(r, "reason"),
+                s(r, "created_by"),
+                when(r, "expires_at"),
+            ]
+        })
+        .collect()
+}
+
+const RULE_HEADERS: [&str; 8] = [
+    "id",
+    "namespace",
+    "service account",
+    "pod uid",
+    "secret",
+    "reason",
+    "by",
+    "lapses",
+];
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let api = Api::new(&cli)?;
+    let json_out = cli.output == Output::Json;
+    let print_json =
+        |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    use reqwest::Method;
+    match cli.command {
+        Command::Revoke {
+            namespace,
+            service_account,
+            pod_uid,
+            lease,
+            secret,
+            reason,
+            for_duration,
+        } => {
+            let body = json!({
+                "namespace": namespace, "service_account": service_account, "pod_uid": pod_uid,
+                "lease_id": lease, "secret": secret, "reason": reason,
+                "for_seconds": for_duration.map(|d| d.as_secs().max(1)),
+            });
+            let v = api
+                .call(Method::POST, "/v1/revocations", &[], Some(body))
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                table(&RULE_HEADERS, rule_rows(std::slice::from_ref(&v["rule"])));
+                println!("leases ended: {}", s(&v, "leases_ended"));
+            }
+        }
+        Command::Revocations { command } => match command {
+            RevocationsCommand::List => {
+                let v = api.call(Method::GET, "/v1/revocations", &[], None).await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    table(
+                        &RULE_HEADERS,
+                        rule_rows(
+                            v["revocations"]
+                                .as_array()
+                                .map(Vec::as_slice)
+                                .unwrap_or_default(),
+                        ),
+                    );
+                }
+            }
+            RevocationsCommand::Delete { id } => {
+                api.call(Method::DELETE, &format!("/v1/revocations/{id}"), &[], None)
+                    .await?;
+                if json_out {
+                    print_json(&json!({ "deleted": id }));
+                } else {
+                    println!("deleted rule {id}");
+                }
+            }
+        },
+        Command::Leases {
+            command: LeasesCommand::List { namespace, limit },
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(ns) = namespace {
+                query.push(("namespace", ns));
+            }
+            let v = api.call(Method::GET, "/v1/leases", &query, None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows = v["leases"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            s(l, "lease_id"),
+                            s(l, "namespace"),
+                            s(l, "service_account"),
+                            s(l, "pod_name"),
+                            s(l, "secret"),
+                            s(l, "version"),
+                            when(l, "expires_at"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "lease",
+                        "namespace",
+                        "service account",
+                        "pod",
+                        "secret",
+                        "version",
+                        "expires",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Command::Audit { command } => match command {
+            AuditCommand::Tail { lines } => {
+                let v = api
+                    .call(
+                        Method::GET,
+                        "/v1/audit",
+                        &[("tail", lines.to_string())],
+                        None,
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    let rows = v["records"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|r| {
+                            let at = r["at_ms"].as_i64().unwrap_or_default();
+                            let at = time::OffsetDateTime::from_unix_timestamp_nanos(
+                                i128::from(at) * 1_000_000,
+                            )
+                            .ok()
+                            .and_then(|t| {
+                                t.format(&time::format_description::well_known::Rfc3339)
+                                    .ok()
+                            })
+                            .unwrap_or_default();
+                            vec![
+                                s(r, "seq"),
+                                at,
+                                s(r, "actor"),
+                                s(r, "action"),
+                                s(r, "result"),
+                                s(r, "detail"),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["seq", "time", "actor", "action", "result", "detail"],
+                        rows,
+                    );
+                }
+            }
+            AuditCommand::Verify => {
+                let v = api.call(Method::GET, "/v1/audit/verify", &[], None).await?;
+                if json_out {
+                    print_json(&v);
+                } else if v["ok"] == true {
+                    println!(
+                        "audit log intact: {} records, last seq {}",
+                        s(&v, "records"),
+                        s(&v, "last_seq")
+                    );
+                }
+                if v["ok"] != true {
+                    return Err(Failure::Remote(format!(
+                        "audit log check failed: {}",
+                        s(&v, "problem")
+                    )));
+                }
+            }
+        },
+        Command::Secrets { command } => match command {
+            SecretsCommand::Put { name, value_file } => {
+                let value = zeroize::Zeroizing::new(if value_file.as_os_str() == "-" {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .map_err(|e| Failure::Local(format!("cannot read standard input: {e}")))?;
+                    buf
+                } else {
+                    std::fs::read(&value_file).map_err(|e| {
+                        Failure::Local(format!("cannot read {}: {e}", value_file.display()))
+                    })?
+                });
+                let body = json!({ "value_base64": STANDARD.encode(&*value) });
+                let v = api
+                    .call(Method::PUT, &format!("/v1/secrets/{name}"), &[], Some(body))
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("{name} version {}", s(&v, "version"));
+                }
+            }
+            SecretsCommand::Get { name } => {
+                let v = api
+                    .call(Method::GET, &format!("/v1/secrets/{name}"), &[], None)
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    let bytes = zeroize::Zeroizing::new(
+                        STANDARD
+                            .decode(v["value_base64"].as_str().unwrap_or_default())
+                            .map_err(|_| {
+                                Failure::Remote("the API returned an invalid value".into())
+                            })?,
+                    );
+                    use std::io::Write;
+                    std::io::stdout()
+                        .write_all(&bytes)
+                        .map_err(|e| Failure::Local(e.to_string()))?;
+                }
+            }
+            SecretsCommand::List => {
+                let v = api.call(Method::GET, "/v1/secrets", &[], None).await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    let rows = v["secrets"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|x| vec![s(x, "name"), s(x, "version")])
+                        .collect();
+                    table(&["name", "version"], rows);
+                }
+            }
+            SecretsCommand::Delete { name } => {
+                let v = api
+                    .call(Method::DELETE, &format!("/v1/secrets/{name}"), &[], None)
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("deleted {name} ({} versions)", s(&v, "versions_deleted"));
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    secrets_broker::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Local(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Remote(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
