@@ -78,6 +78,8 @@ struct Keeper {
     /// Secrets an operator revoked: not on disk, not renewed, retried with
     /// backoff in case the rule is lifted. Name → rule ID.
     revoked: HashMap<String, String>,
+    /// Whether a login has succeeded (done once, to report who we are).
+    logged_in: bool,
 }
 
 /// What the watch stream tells the main loop.
@@ -100,6 +102,7 @@ impl Keeper {
             writer,
             held: HashMap::new(),
             revoked: HashMap::new(),
+            logged_in: false,
         })
     }
 
@@ -121,6 +124,19 @@ impl Keeper {
     async fn fetch_and_write(&mut self, names: Vec<String>) -> Result<(), SidecarError> {
         if names.is_empty() {
             return Ok(());
+        }
+        if !self.logged_in {
+            let login = self.client.login().await?;
+            let id = login.identity.unwrap_or_default();
+            info!(
+                namespace = %id.namespace,
+                service_account = %id.service_account,
+                pod = %id.pod_name,
+                role = %login.role,
+                lease_ttl_s = login.lease_ttl_seconds,
+                "logged in"
+            );
+            self.logged_in = true;
         }
         let secrets = self.client.fetch(names.clone()).await?;
         let mut changed = false;

@@ -15,7 +15,17 @@ use anyhow::{Context, Result, bail};
 use secrets_broker::dev::issuer::{Issuer, Workload};
 use secrets_broker::dev::tls::{DevTls, TlsFiles};
 
+pub mod pg;
+
 pub const AUDIENCE: &str = "secrets-broker";
+
+/// Admin clients every test world's brokers know, by certificate CN and role.
+/// `stranger` has a valid certificate that maps to no role.
+pub const ADMIN_CLIENTS: [(&str, &str); 3] = [
+    ("viewer", "viewer"),
+    ("revoker", "revoker"),
+    ("admin", "admin"),
+];
 
 /// Path of one of the workspace's binaries, next to the test executable's
 /// `deps/` directory.
@@ -169,6 +179,7 @@ pub struct World {
     pub issuer: Issuer,
     pub tls: TlsFiles,
     pub broker_port: u16,
+    pub admin_port: u16,
     /// `database.url` of the brokers.
     pub database: String,
     /// Runs the issuer's HTTPS server.
@@ -185,7 +196,7 @@ impl World {
     pub fn with_database(roles_toml: &str, database: &str) -> Result<World> {
         secrets_broker::install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        let tls = DevTls::generate()?;
+        let tls = DevTls::generate_with_clients(&["viewer", "revoker", "admin", "stranger"])?;
         let tls_files = tls.write(&dir.path().join("tls"))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -210,13 +221,19 @@ impl World {
         );
         let world = World {
             broker_port: free_port(),
+            admin_port: free_port(),
             database: database.to_owned(),
             dir,
             issuer,
             tls: tls_files,
             runtime,
         };
-        world.write_broker_config(&world.broker_config(), world.broker_port, roles_toml)?;
+        world.write_broker_config(
+            &world.broker_config(),
+            world.broker_port,
+            world.admin_port,
+            roles_toml,
+        )?;
         Ok(world)
     }
 
@@ -228,8 +245,22 @@ impl World {
         self.path("broker.toml")
     }
 
-    /// Writes a broker config listening on `port` to `path`.
-    pub fn write_broker_config(&self, path: &Path, port: u16, roles: &str) -> Result<()> {
+    /// Writes a broker config listening on `port` (gRPC) and `admin_port` to `path`.
+    pub fn write_broker_config(
+        &self,
+        path: &Path,
+        port: u16,
+        admin_port: u16,
+        roles: &str,
+    ) -> Result<()> {
+        let mut admin = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nclient_ca_file = \"tls/ca.crt\"\n"
+        );
+        for (cn, role) in ADMIN_CLIENTS {
+            admin.push_str(&format!(
+                "[[admin.clients]]\nname = \"{cn}\"\nsubject_cn = \"{cn}\"\nrole = \"{role}\"\n"
+            ));
+        }
         std::fs::write(
             path,
             format!(
@@ -254,6 +285,11 @@ url = "{database}"
 key_file = "store.key"
 poll_interval = "200ms"
 
+[revocation]
+refresh_interval = "500ms"
+max_staleness = "3s"
+
+{admin}
 {roles}
 "#,
                 issuer = self.issuer.url(),
@@ -287,10 +323,15 @@ poll_interval = "200ms"
 
     /// Starts `secrets-broker serve` and waits until it has loaded the keys.
     pub fn start_broker(&self, log_name: &str) -> Result<Proc> {
+        self.start_broker_with(&self.broker_config(), log_name)
+    }
+
+    /// Starts a broker with another config file (a second replica).
+    pub fn start_broker_with(&self, config: &Path, log_name: &str) -> Result<Proc> {
         let proc = Proc::spawn(
             Command::new(bin("secrets-broker"))
                 .args(["serve", "--config"])
-                .arg(self.broker_config()),
+                .arg(config),
             self.path(log_name),
         )?;
         wait_for("broker ready", Duration::from_secs(30), || {
@@ -354,4 +395,67 @@ request_timeout = "5s"
             .env("NO_COLOR", "1")
             .output()?)
     }
+
+    /// Runs `brokerctl` against the admin API on `admin_port`, as the client
+    /// certificate `client` (none for `None`).
+    pub fn brokerctl_at(
+        &self,
+        admin_port: u16,
+        client: Option<&str>,
+        args: &[&str],
+    ) -> Result<Output> {
+        let tls = self.path("tls");
+        let mut cmd = Command::new(bin("brokerctl"));
+        cmd.arg("--server")
+            .arg(format!("https://localhost:{admin_port}"))
+            .arg("--ca")
+            .arg(tls.join("ca.crt"));
+        if let Some(c) = client {
+            cmd.arg("--cert")
+                .arg(tls.join(format!("{c}.crt")))
+                .arg("--key")
+                .arg(tls.join(format!("{c}.key")));
+        }
+        Ok(cmd.args(args).output()?)
+    }
+
+    /// `brokerctl` against this world's first broker.
+    pub fn brokerctl(&self, client: Option<&str>, args: &[&str]) -> Result<Output> {
+        self.brokerctl_at(self.admin_port, client, args)
+    }
+
+    /// Starts `secrets-sidecar run` for `workload` into a fresh tmpfs, asking for `secrets`.
+    pub fn start_sidecar(
+        &self,
+        name: &str,
+        workload: &Workload,
+        port: u16,
+        secrets: &[(&str, &str)],
+    ) -> Result<(Proc, Tmpfs)> {
+        let tmpfs = Tmpfs::new()?;
+        let token = self.token_file(&format!("{name}.token"), workload)?;
+        let cfg = self.sidecar_config(&format!("{name}.toml"), &token, &tmpfs.path, "", secrets)?;
+        let text = std::fs::read_to_string(&cfg)?.replace(
+            &format!("https://localhost:{}", self.broker_port),
+            &format!("https://localhost:{port}"),
+        );
+        std::fs::write(&cfg, text)?;
+        let proc = Proc::spawn(
+            Command::new(bin("secrets-sidecar"))
+                .args(["run", "--config"])
+                .arg(&cfg),
+            self.path(&format!("{name}.log")),
+        )?;
+        Ok((proc, tmpfs))
+    }
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn out_text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
