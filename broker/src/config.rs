@@ -52,6 +52,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: String,
+    ops_listen: Option<String>,
     tls_cert_file: PathBuf,
     tls_key_file: PathBuf,
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
@@ -244,6 +245,8 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: std::net::SocketAddr,
+    /// Plain-HTTP port for `/metrics`, `/healthz`, `/readyz`; off when unset.
+    pub ops_listen: Option<std::net::SocketAddr>,
     pub tls_cert_file: PathBuf,
     pub tls_key_file: PathBuf,
     /// How long in-flight calls may take to finish after a shutdown signal;
@@ -336,8 +339,18 @@ impl Config {
                 format!("not an address like 0.0.0.0:8443: {e}"),
             )
         })?;
+        let ops_listen = match raw.server.ops_listen {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|e| {
+                v.err(
+                    "server.ops_listen",
+                    format!("not an address like 0.0.0.0:9090: {e}"),
+                )
+            })?),
+        };
         let server = ServerConfig {
             listen,
+            ops_listen,
             tls_cert_file: resolve(raw.server.tls_cert_file),
             tls_key_file: resolve(raw.server.tls_key_file),
             shutdown_grace: raw.server.shutdown_grace,

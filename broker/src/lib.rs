@@ -63,7 +63,8 @@ pub enum RunError {
     /// The database could not be reached or migrated.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// The admin API could not start (TLS files, client CA, listener).
+    /// The admin API or the operations port could not start (TLS files,
+    /// client CA, listener).
     #[error("admin API: {0}")]
     Admin(String),
     /// The gRPC server failed (TLS setup, listener).
@@ -99,6 +100,13 @@ pub async fn run(
     let leases = Leases::new(db.clone());
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
+    let metrics = Arc::new(api::http::Metrics::default());
+    let ops = match config.server.ops_listen {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            RunError::Admin(format!("cannot listen on server.ops_listen {addr}: {e}"))
+        })?),
+    };
     let audit = Audit::new(db.clone());
     let (auditor, audit_writer) = Auditor::start(audit.clone());
     let poke = Arc::new(tokio::sync::Notify::new());
@@ -170,6 +178,15 @@ pub async fn run(
         down_rx.clone(),
     ));
 
+    if let Some(listener) = ops {
+        let state = api::http::OpsState {
+            metrics: metrics.clone(),
+            view: view.clone(),
+            verifier: verifier.clone(),
+            db: db.clone(),
+        };
+        tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
+    }
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
@@ -177,6 +194,7 @@ pub async fn run(
         leases,
         view,
         auditor,
+        metrics,
         rotations: rot_tx,
         heartbeat: config.server.watch_heartbeat,
         shutdown: down_rx.clone(),

@@ -49,6 +49,7 @@ struct RawConfig {
     retry_max: Duration,
     #[serde(default = "default_timeout", with = "humantime_serde")]
     request_timeout: Duration,
+    health_listen: Option<String>,
     secrets: Vec<RawSecret>,
 }
 
@@ -96,6 +97,8 @@ pub struct Config {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub request_timeout: Duration,
+    /// Local HTTP port for `/healthz` and `/readyz` (probes); off when unset.
+    pub health_listen: Option<std::net::SocketAddr>,
     pub secrets: Vec<SecretSpec>,
 }
 
@@ -172,7 +175,17 @@ impl Config {
             }
             secrets.push(SecretSpec { name: s.name, file });
         }
+        let health_listen = match raw.health_listen {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|e| {
+                err(
+                    "health_listen",
+                    format!("not an address like 127.0.0.1:8099: {e}"),
+                )
+            })?),
+        };
         Ok(Config {
+            health_listen,
             broker_url: raw.broker_url,
             ca_file: resolve(raw.ca_file),
             tls_server_name: raw.tls_server_name,

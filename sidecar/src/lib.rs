@@ -7,6 +7,7 @@
 //! - [`writer`]: the kubelet-style `..data` generation swap, tmpfs check, name checks.
 //! - [`schedule`]: renew at about 2/3 of the lease with jitter; capped backoff.
 //! - [`hardening`]: no core dumps, not dumpable (shared with the broker).
+//! - [`health`]: `/healthz` and `/readyz` on a local port for probes.
 //!
 //! [`run`] keeps secrets fresh until a shutdown signal; [`once`] fetches and
 //! writes one generation and returns (init containers, CI jobs).
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod hardening;
+pub mod health;
 pub mod schedule;
 pub mod writer;
 
@@ -39,6 +41,9 @@ pub enum SidecarError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The health port could not be opened.
+    #[error("{0}")]
+    Health(String),
     /// `once` mode gave up.
     #[error("gave up after {0:?}: {1}")]
     Timeout(Duration, String),
@@ -80,6 +85,8 @@ struct Keeper {
     revoked: HashMap<String, String>,
     /// Whether a login has succeeded (done once, to report who we are).
     logged_in: bool,
+    /// What the readiness probe reports.
+    readiness: health::Shared,
 }
 
 /// What the watch stream tells the main loop.
@@ -103,6 +110,7 @@ impl Keeper {
             held: HashMap::new(),
             revoked: HashMap::new(),
             logged_in: false,
+            readiness: health::Shared::default(),
         })
     }
 
@@ -180,6 +188,7 @@ impl Keeper {
     /// Writes what is held as one generation (or removes everything when
     /// nothing is held).
     fn write(&mut self) -> Result<(), SidecarError> {
+        self.update_readiness();
         if self.held.is_empty() {
             self.writer.remove_all()?;
             return Ok(());
@@ -207,6 +216,25 @@ impl Keeper {
             .collect();
         info!(generation = %generation.display(), secrets = ?versions, "wrote new generation");
         Ok(())
+    }
+
+    /// Recomputes what the readiness probe says.
+    fn update_readiness(&self) {
+        let problems = self
+            .cfg
+            .secrets
+            .iter()
+            .filter_map(
+                |s| match (self.held.contains_key(&s.name), self.revoked.get(&s.name)) {
+                    (_, Some(rule)) => Some(format!("{}: revoked (rule id {rule})", s.name)),
+                    (false, None) => Some(format!("{}: not fetched yet", s.name)),
+                    (true, None) => None,
+                },
+            )
+            .collect();
+        if let Ok(mut r) = self.readiness.lock() {
+            r.problems = problems;
+        }
     }
 
     /// An operator revoked `names`: take them off the disk now, in one swap.
@@ -267,6 +295,7 @@ impl Keeper {
 
     fn remove(&mut self, why: &str) {
         self.held.clear();
+        self.update_readiness();
         match self.writer.remove_all() {
             Ok(()) => info!(dir = %self.cfg.dir.display(), reason = why, "removed secrets"),
             Err(e) => warn!(error = %e, "failed to remove secrets"),
@@ -306,6 +335,19 @@ fn retryable(e: &SidecarError) -> bool {
 /// Keeps secrets fresh until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
+    keeper.update_readiness();
+    let health = match keeper.cfg.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                SidecarError::Health(format!("cannot listen on health_listen {addr}: {e}"))
+            })?;
+            Some(tokio::spawn(health::serve(
+                listener,
+                keeper.readiness.clone(),
+            )))
+        }
+        None => None,
+    };
     tokio::pin!(shutdown);
     let (events_tx, mut events) = mpsc::channel::<BrokerEvent>(64);
     let watcher = tokio::spawn(watch_loop(
@@ -408,6 +450,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
     };
     watcher.abort();
+    if let Some(h) = health {
+        h.abort();
+    }
     if keeper.cfg.remove_on_exit {
         keeper.remove("sidecar stopping");
     }

@@ -180,6 +180,8 @@ pub struct World {
     pub tls: TlsFiles,
     pub broker_port: u16,
     pub admin_port: u16,
+    /// The first broker's operations port (metrics, health).
+    pub ops_port: u16,
     /// `database.url` of the brokers.
     pub database: String,
     /// Runs the issuer's HTTPS server.
@@ -222,13 +224,15 @@ impl World {
         let world = World {
             broker_port: free_port(),
             admin_port: free_port(),
+            ops_port: 0,
             database: database.to_owned(),
             dir,
             issuer,
             tls: tls_files,
             runtime,
         };
-        world.write_broker_config(
+        let mut world = world;
+        world.ops_port = world.write_broker_config(
             &world.broker_config(),
             world.broker_port,
             world.admin_port,
@@ -245,14 +249,16 @@ impl World {
         self.path("broker.toml")
     }
 
-    /// Writes a broker config listening on `port` (gRPC) and `admin_port` to `path`.
+    /// Writes a broker config listening on `port` (gRPC) and `admin_port` to
+    /// `path`; returns the operations port it chose.
     pub fn write_broker_config(
         &self,
         path: &Path,
         port: u16,
         admin_port: u16,
         roles: &str,
-    ) -> Result<()> {
+    ) -> Result<u16> {
+        let ops_port = free_port();
         let mut admin = format!(
             "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nclient_ca_file = \"tls/ca.crt\"\n"
         );
@@ -266,6 +272,7 @@ impl World {
             format!(
                 r#"[server]
 listen = "127.0.0.1:{port}"
+ops_listen = "127.0.0.1:{ops_port}"
 tls_cert_file = "tls/tls.crt"
 tls_key_file = "tls/tls.key"
 shutdown_grace = "2s"
@@ -296,7 +303,7 @@ max_staleness = "3s"
                 database = self.database,
             ),
         )?;
-        Ok(())
+        Ok(ops_port)
     }
 
     /// Stores a secret version with `secrets-broker store put` (value on stdin).
@@ -424,17 +431,27 @@ request_timeout = "5s"
         self.brokerctl_at(self.admin_port, client, args)
     }
 
-    /// Starts `secrets-sidecar run` for `workload` into a fresh tmpfs, asking for `secrets`.
+    /// Starts `secrets-sidecar run` for `workload` into a fresh tmpfs, asking
+    /// for `secrets` from the broker on `port`; returns the process, its
+    /// directory and its health port.
     pub fn start_sidecar(
         &self,
         name: &str,
         workload: &Workload,
         port: u16,
         secrets: &[(&str, &str)],
-    ) -> Result<(Proc, Tmpfs)> {
+    ) -> Result<(Proc, Tmpfs, u16)> {
         let tmpfs = Tmpfs::new()?;
+        let health = free_port();
         let token = self.token_file(&format!("{name}.token"), workload)?;
-        let cfg = self.sidecar_config(&format!("{name}.toml"), &token, &tmpfs.path, "", secrets)?;
+        let extra = format!("health_listen = \"127.0.0.1:{health}\"");
+        let cfg = self.sidecar_config(
+            &format!("{name}.toml"),
+            &token,
+            &tmpfs.path,
+            &extra,
+            secrets,
+        )?;
         let text = std::fs::read_to_string(&cfg)?.replace(
             &format!("https://localhost:{}", self.broker_port),
             &format!("https://localhost:{port}"),
@@ -446,7 +463,7 @@ request_timeout = "5s"
                 .arg(&cfg),
             self.path(&format!("{name}.log")),
         )?;
-        Ok((proc, tmpfs))
+        Ok((proc, tmpfs, health))
     }
 }
 
@@ -458,4 +475,24 @@ pub fn out_text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::pg::{Cluster, Database};
-use secrets_broker_e2e::{AUDIENCE, Tmpfs, World, free_port, out_text, wait_for};
+use secrets_broker_e2e::{AUDIENCE, Tmpfs, World, free_port, http_get, out_text, wait_for};
 
 const ROLES: &str = r#"
 [[roles]]
@@ -67,10 +67,10 @@ fn kill_switch_on_a_single_replica() {
     let mut broker = world.start_broker("broker.log").unwrap();
     let api = Workload::new("payments", "api", AUDIENCE);
     let worker = Workload::new("payments", "worker-1", AUDIENCE);
-    let (sc_api, fs_api) = world
+    let (sc_api, fs_api, health_api) = world
         .start_sidecar("api", &api, world.broker_port, &BOTH)
         .unwrap();
-    let (sc_worker, fs_worker) = world
+    let (sc_worker, fs_worker, _) = world
         .start_sidecar("worker", &worker, world.broker_port, &BOTH)
         .unwrap();
     for fs in [&fs_api, &fs_worker] {
@@ -159,6 +159,12 @@ fn kill_switch_on_a_single_replica() {
             .log_text()
             .contains("access revoked; secrets removed")
     );
+    let (status, body) = http_get(health_api, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("payments/db-password: revoked (rule id rv-"),
+        "{body}"
+    );
 
     // A fresh token does not undo it, and neither does a broker restart.
     let err = try_once(&world, &api, world.broker_port, "fresh").unwrap_err();
@@ -169,6 +175,21 @@ fn kill_switch_on_a_single_replica() {
         "{err}"
     );
     assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    let (status, metrics) = http_get(world.ops_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("secrets_broker_revocation_rules 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("secrets_broker_revocation_view_age_seconds "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"secrets_broker_calls_total{action="fetch",result="revoked"}"#),
+        "{metrics}"
+    );
+    assert_eq!(http_get(world.ops_port, "/readyz").unwrap().0, 200);
     broker.signal("KILL");
     broker.wait_exit(LONG).unwrap();
     let _broker2 = world.start_broker("broker2.log").unwrap();
@@ -259,6 +280,10 @@ fn kill_switch_on_a_single_replica() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", log.log_text()));
     }
+    assert_eq!(
+        http_get(health_api, "/readyz").unwrap(),
+        (200, "ready\n".to_owned())
+    );
 
     // A rule with --for lapses by itself.
     let pod_uid = world.issuer.claims(&worker)["kubernetes.io"]["pod"]["uid"]
@@ -417,7 +442,7 @@ fn revocation_reaches_a_sidecar_on_another_replica() {
     let _a = world.start_broker("broker-a.log").unwrap();
     let mut b = world.start_broker_with(&cfg_b, "broker-b.log").unwrap();
     let api = Workload::new("payments", "api", AUDIENCE);
-    let (sc, fs) = world
+    let (sc, fs, _) = world
         .start_sidecar("api", &api, port_b, &BOTH[..1])
         .unwrap();
     wait_for("secret via replica B", LONG, || {
@@ -490,6 +515,12 @@ fn replicas_fail_closed_while_the_database_is_down() {
     })
     .unwrap_or_else(|e| panic!("{e}: last error {last}\nbroker:\n{}", broker.log_text()));
     assert!(last.contains("UNAVAILABLE"), "{last}");
+    let (status, body) = http_get(world.ops_port, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("revocation: revocation view is stale") && body.contains("database:"),
+        "{body}"
+    );
 
     cluster.resume().unwrap();
     wait_for("serving again", LONG, || {

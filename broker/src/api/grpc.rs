@@ -109,6 +109,7 @@ pub struct BrokerService {
     pub leases: Leases,
     pub view: Arc<View>,
     pub auditor: Auditor,
+    pub metrics: Arc<crate::api::http::Metrics>,
     pub rotations: broadcast::Sender<Rotation>,
     pub heartbeat: Duration,
     /// Flips to true on shutdown, ending watch streams so the server can drain.
@@ -163,7 +164,7 @@ impl BrokerService {
     async fn authenticate<T>(
         &self,
         req: &Request<T>,
-        action: &str,
+        action: &'static str,
         role: &str,
         names: &[String],
     ) -> Result<(Identity, &RoleConfig), ApiError> {
@@ -211,6 +212,14 @@ impl BrokerService {
         Ok(role)
     }
 
+    /// Counts a finished call by action and result class.
+    fn observe<T>(&self, action: &'static str, result: &Result<T, ApiError>) {
+        self.metrics.call(
+            action,
+            result.as_ref().map_or_else(ApiError::class, |_| "ok"),
+        );
+    }
+
     fn audit(&self, id: &Identity, action: &str, result: &str, mut detail: serde_json::Value) {
         detail["issuer"] = json!(id.issuer);
         detail["pod"] = json!(id.pod_name);
@@ -252,7 +261,7 @@ impl Broker for BrokerService {
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let span = info_span!("login");
-        async {
+        let result: Result<_, ApiError> = async {
             let (id, role) = self
                 .authenticate(&req, "login", &req.get_ref().role, &[])
                 .await?;
@@ -266,8 +275,9 @@ impl Broker for BrokerService {
             }))
         }
         .instrument(span)
-        .await
-        .map_err(|e: ApiError| e.into())
+        .await;
+        self.observe("login", &result);
+        result.map_err(Into::into)
     }
 
     async fn fetch(
@@ -275,7 +285,7 @@ impl Broker for BrokerService {
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let span = info_span!("fetch");
-        async {
+        let result: Result<_, ApiError> = async {
             let r = req.get_ref();
             let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
             Self::authorize_all(role, &r.names)?;
@@ -295,6 +305,7 @@ impl Broker for BrokerService {
             }
             // A lease that cannot be recorded cannot be revoked: fail instead.
             self.leases.record(&records).await?;
+            self.metrics.leases_issued.inc_by(records.len() as u64);
             info!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
             self.audit(&id, "fetch", "ok", json!({
                 "role": role.name,
@@ -304,8 +315,9 @@ impl Broker for BrokerService {
             Ok(Response::new(pb::FetchResponse { secrets }))
         }
         .instrument(span)
-        .await
-        .map_err(|e: ApiError| e.into())
+        .await;
+        self.observe("fetch", &result);
+        result.map_err(Into::into)
     }
 
     async fn renew(
@@ -313,7 +325,7 @@ impl Broker for BrokerService {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let span = info_span!("renew");
-        async {
+        let result: Result<_, ApiError> = async {
             let r = req.get_ref();
             let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
             let (id, role) = self.authenticate(&req, "renew", &r.role, &names).await?;
@@ -354,18 +366,23 @@ impl Broker for BrokerService {
             Ok(Response::new(pb::RenewResponse { leases }))
         }
         .instrument(span)
-        .await
-        .map_err(|e: ApiError| e.into())
+        .await;
+        self.observe("renew", &result);
+        result.map_err(Into::into)
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let (id, role) = self
+        let opened = self
             .authenticate(&req, "watch", &req.get_ref().role, &req.get_ref().names)
-            .await?;
+            .await
+            .and_then(|(id, role)| {
+                Self::authorize_all(role, &req.get_ref().names).map(|()| (id, role))
+            });
+        self.observe("watch", &opened);
+        let (id, role) = opened?;
         let names = req.into_inner().names;
-        Self::authorize_all(role, &names)?;
         info!(identity = %id, role = %role.name, secrets = names.len(), "watch opened");
         self.audit(
             &id,

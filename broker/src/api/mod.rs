@@ -1,5 +1,6 @@
-//! What the broker serves: the `Broker` gRPC service (and gRPC health), and
-//! the HTTPS admin API.
+//! What the broker serves: the `Broker` gRPC service (and gRPC health), the
+//! HTTPS admin API, and the plain-HTTP operations port (metrics, health).
 
 pub mod admin;
 pub mod grpc;
+pub mod http;
