@@ -146,6 +146,24 @@ pub async fn run(
             }
         }
     });
+    // Ended leases are kept a day for `leases list` and audits, then pruned.
+    tokio::spawn({
+        let leases = leases.clone();
+        let mut down = down_rx.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => match leases.prune(db::unix_now(), 24 * 3600).await {
+                        Ok(0) => {}
+                        Ok(n) => info!(leases = n, "pruned ended leases"),
+                        Err(e) => warn!(error = %e, "cannot prune ended leases"),
+                    },
+                    _ = until_true(&mut down) => return,
+                }
+            }
+        }
+    });
     tokio::spawn(state::revocation::keep_fresh(
         view.clone(),
         revocations.clone(),

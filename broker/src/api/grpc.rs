@@ -393,6 +393,7 @@ impl Broker for BrokerService {
         let mut watched: HashSet<String> = names.iter().cloned().collect();
         let mut rotations = self.rotations.subscribe();
         let mut revocations = self.view.subscribe();
+        let view = self.view.clone();
         let mut shutdown = self.shutdown.clone();
         let heartbeat = self.heartbeat;
         // The stream ends when the token that opened it expires: a client must
@@ -438,8 +439,23 @@ impl Broker for BrokerService {
                             }
                             continue;
                         }
-                        // Missed rules: the next call is checked against the view anyway.
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        // Missed rules: check the whole view for this stream instead.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let names: Vec<String> = watched.iter().cloned().collect();
+                            match view.check(&id, &names) {
+                                Ok(()) => continue,
+                                Err(denied) => {
+                                    let ev = pb::watch_event::Event::Revoked(pb::Revoked {
+                                        rule_id: denied.rule_id.clone(),
+                                        reason: denied.reason.clone(),
+                                        names,
+                                    });
+                                    let _ = tx.send(Ok(pb::WatchEvent { event: Some(ev) })).await;
+                                    let _ = tx.send(Err(Status::permission_denied(denied.to_string()))).await;
+                                    return;
+                                }
+                            }
+                        }
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     r = rotations.recv() => match r {
