@@ -134,6 +134,8 @@ impl Default for RawRevocation {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     key_file: PathBuf,
+    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
+    cache_ttl: Duration,
     #[serde(default = "default_poll", with = "humantime_serde")]
     poll_interval: Duration,
 }
@@ -175,6 +177,9 @@ fn default_max_token_bytes() -> usize {
 }
 fn default_http_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_poll() -> Duration {
     Duration::from_secs(2)
@@ -296,6 +301,9 @@ pub struct RevocationConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub key_file: PathBuf,
+    /// How long a read may be served from memory (zero: no cache). A new
+    /// version drops the entry at the next poll, whichever replica wrote it.
+    pub cache_ttl: Duration,
     /// How often the broker looks for new secret versions to push to watchers.
     pub poll_interval: Duration,
 }
@@ -568,6 +576,12 @@ impl Config {
 
         let store = StoreConfig {
             key_file: resolve(raw.store.key_file),
+            cache_ttl: v.bounded(
+                "store.cache_ttl",
+                raw.store.cache_ttl,
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            )?,
             poll_interval: v.bounded(
                 "store.poll_interval",
                 raw.store.poll_interval,

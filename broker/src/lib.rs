@@ -6,6 +6,7 @@
 //! - [`identity`]: JWKS (discovery or static file) and token verification.
 //! - [`policy`]: identity → role → decision, deny by default.
 //! - [`backend`]: sources of secrets; [`backend::embedded`] is the default store.
+//! - [`cache`]: the read cache with coalesced loads (one backend read, many pods).
 //! - [`db`]: SQLite (one replica) or PostgreSQL (several), one schema.
 //! - [`state`]: revocation rules and their in-memory view, leases, the audit log.
 //! - [`api::grpc`]: the `Broker` service, where a call reads top to bottom.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod dev;
@@ -100,7 +102,10 @@ pub async fn run(
     let leases = Leases::new(db.clone());
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
-    let metrics = Arc::new(api::http::Metrics::default());
+    let verifier = Arc::new(Verifier::new(config.identity.clone())?);
+    let metrics = Arc::new(api::http::Metrics::new(verifier.jwks().refreshes.clone()));
+    let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
+    let versions = api::grpc::Versions::default();
     let ops = match config.server.ops_listen {
         None => None,
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
@@ -121,7 +126,6 @@ pub async fn run(
             Some((listener, tls, Arc::new(admin.clients.clone())))
         }
     };
-    let verifier = Arc::new(Verifier::new(config.identity.clone())?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<BrokerServer<BrokerService>>()
@@ -192,6 +196,8 @@ pub async fn run(
     tokio::spawn(poll_rotations(
         store.clone(),
         config.store.poll_interval,
+        versions.clone(),
+        cache.clone(),
         rot_tx.clone(),
         down_rx.clone(),
     ));
@@ -209,6 +215,8 @@ pub async fn run(
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
         store: store.clone(),
+        cache,
+        versions,
         leases,
         view,
         auditor,

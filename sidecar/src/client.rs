@@ -25,9 +25,13 @@ pub enum ClientError {
     /// The CA file or broker URL is unusable.
     #[error("broker connection setup: {0}")]
     Setup(String),
-    /// The broker answered with an error status.
-    #[error("broker: {} ({})", .0.message(), code_name(.0.code()))]
-    Status(#[from] tonic::Status),
+    /// The broker answered with an error status. The request ID is in the
+    /// broker's log line for the same call.
+    #[error("broker: {} ({}, request id {request_id})", .status.message(), code_name(.status.code()))]
+    Status {
+        status: tonic::Status,
+        request_id: String,
+    },
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -104,7 +108,7 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, msg: T) -> Result<Request<T>, ClientError> {
+    fn request<T>(&self, msg: T) -> Result<(Request<T>, String), ClientError> {
         let token = read_token(&self.token_file)?;
         let mut value: MetadataValue<_> = format!("Bearer {}", token.expose_secret())
             .parse()
@@ -115,46 +119,72 @@ impl Client {
         value.set_sensitive(true);
         let mut req = Request::new(msg);
         req.metadata_mut().insert("authorization", value);
-        Ok(req)
+        let mut id = [0u8; 8];
+        for b in &mut id {
+            *b = fastrand::u8(..);
+        }
+        let request_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        if let Ok(v) = request_id.parse() {
+            req.metadata_mut().insert("x-request-id", v);
+        }
+        Ok((req, request_id))
     }
 
     pub async fn login(&self) -> Result<pb::LoginResponse, ClientError> {
-        let req = self.request(pb::LoginRequest {
+        let (req, request_id) = self.request(pb::LoginRequest {
             role: self.role.clone(),
         })?;
-        Ok(self.inner.clone().login(req).await?.into_inner())
+        let r = self.inner.clone().login(req).await;
+        Ok(
+            r.map_err(|status| ClientError::Status { status, request_id })?
+                .into_inner(),
+        )
     }
 
     pub async fn fetch(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
-        let req = self.request(pb::FetchRequest {
+        let (req, request_id) = self.request(pb::FetchRequest {
             role: self.role.clone(),
             names,
             ttl_seconds: self.ttl_seconds,
         })?;
-        Ok(self.inner.clone().fetch(req).await?.into_inner().secrets)
+        let r = self.inner.clone().fetch(req).await;
+        Ok(
+            r.map_err(|status| ClientError::Status { status, request_id })?
+                .into_inner()
+                .secrets,
+        )
     }
 
     pub async fn renew(
         &self,
         leases: Vec<pb::LeaseRef>,
     ) -> Result<Vec<pb::RenewedLease>, ClientError> {
-        let req = self.request(pb::RenewRequest {
+        let (req, request_id) = self.request(pb::RenewRequest {
             role: self.role.clone(),
             leases,
             ttl_seconds: self.ttl_seconds,
         })?;
-        Ok(self.inner.clone().renew(req).await?.into_inner().leases)
+        let r = self.inner.clone().renew(req).await;
+        Ok(
+            r.map_err(|status| ClientError::Status { status, request_id })?
+                .into_inner()
+                .leases,
+        )
     }
 
+    /// Opens a watch stream; it outlives the per-request timeout.
     pub async fn watch(
         &self,
         names: Vec<String>,
     ) -> Result<tonic::Streaming<pb::WatchEvent>, ClientError> {
-        let req = self.request(pb::WatchRequest {
+        let (req, request_id) = self.request(pb::WatchRequest {
             role: self.role.clone(),
             names,
         })?;
-        // A watch outlives the per-request timeout: no deadline on the stream itself.
-        Ok(self.inner.clone().watch(req).await?.into_inner())
+        let r = self.inner.clone().watch(req).await;
+        Ok(
+            r.map_err(|status| ClientError::Status { status, request_id })?
+                .into_inner(),
+        )
     }
 }

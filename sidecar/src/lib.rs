@@ -41,6 +41,9 @@ pub enum SidecarError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The broker's answer lacked a secret that was asked for.
+    #[error("broker answered without secret {0:?}")]
+    Incomplete(String),
     /// The health port could not be opened.
     #[error("{0}")]
     Health(String),
@@ -58,6 +61,17 @@ struct Held {
     expires: Instant,
     /// When to renew: about 2/3 into the lease, jittered.
     renew_at: Instant,
+    /// Unix times, for the metrics: version received, last refresh, lease end.
+    received_at: i64,
+    refreshed_at: i64,
+    expires_unix: i64,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
 }
 
 /// (lease end, renewal time) of a lease, as monotonic instants.
@@ -85,8 +99,10 @@ struct Keeper {
     revoked: HashMap<String, String>,
     /// Whether a login has succeeded (done once, to report who we are).
     logged_in: bool,
-    /// What the readiness probe reports.
+    /// What the probes and metrics report.
     readiness: health::Shared,
+    refresh_failures: u64,
+    generation_swaps: u64,
 }
 
 /// What the watch stream tells the main loop.
@@ -111,6 +127,8 @@ impl Keeper {
             revoked: HashMap::new(),
             logged_in: false,
             readiness: health::Shared::default(),
+            refresh_failures: 0,
+            generation_swaps: 0,
         })
     }
 
@@ -156,6 +174,10 @@ impl Keeper {
                 .get(&s.name)
                 .is_none_or(|h| h.version != s.version);
             let (expires, renew_at) = lease_times(&lease);
+            let received_at = match self.held.get(&s.name) {
+                Some(h) if h.version == s.version => h.received_at,
+                _ => unix_now(),
+            };
             fresh.insert(
                 s.name,
                 Held {
@@ -164,14 +186,14 @@ impl Keeper {
                     lease_id: lease.lease_id,
                     expires,
                     renew_at,
+                    received_at,
+                    refreshed_at: unix_now(),
+                    expires_unix: lease.expires_at_unix,
                 },
             );
         }
         if let Some(missing) = names.iter().find(|n| !fresh.contains_key(*n)) {
-            return Err(ClientError::Status(tonic::Status::internal(format!(
-                "broker answered without secret {missing:?}"
-            )))
-            .into());
+            return Err(SidecarError::Incomplete(missing.clone()));
         }
         for name in fresh.keys() {
             self.revoked.remove(name);
@@ -181,6 +203,7 @@ impl Keeper {
             self.write()?;
         } else {
             debug!("secrets unchanged; leases extended");
+            self.publish_status();
         }
         Ok(())
     }
@@ -188,7 +211,7 @@ impl Keeper {
     /// Writes what is held as one generation (or removes everything when
     /// nothing is held).
     fn write(&mut self) -> Result<(), SidecarError> {
-        self.update_readiness();
+        self.publish_status();
         if self.held.is_empty() {
             self.writer.remove_all()?;
             return Ok(());
@@ -204,6 +227,8 @@ impl Keeper {
             })
             .collect();
         let generation = self.writer.write(&files)?;
+        self.generation_swaps += 1;
+        self.publish_status();
         let versions: Vec<String> = self
             .cfg
             .secrets
@@ -219,7 +244,7 @@ impl Keeper {
     }
 
     /// Recomputes what the readiness probe says.
-    fn update_readiness(&self) {
+    fn publish_status(&self) {
         let problems = self
             .cfg
             .secrets
@@ -232,8 +257,26 @@ impl Keeper {
                 },
             )
             .collect();
+        let secrets = self
+            .cfg
+            .secrets
+            .iter()
+            .filter_map(|s| {
+                self.held.get(&s.name).map(|h| health::SecretStatus {
+                    name: s.name.clone(),
+                    version: h.version,
+                    received_at: h.received_at,
+                    refreshed_at: h.refreshed_at,
+                    expires_at: h.expires_unix,
+                })
+            })
+            .collect();
         if let Ok(mut r) = self.readiness.lock() {
             r.problems = problems;
+            r.secrets = secrets;
+            r.revoked = self.revoked.len();
+            r.refresh_failures = self.refresh_failures;
+            r.generation_swaps = self.generation_swaps;
         }
     }
 
@@ -278,8 +321,11 @@ impl Keeper {
             }
             if let Some(lease) = r.lease {
                 (h.expires, h.renew_at) = lease_times(&lease);
+                h.refreshed_at = unix_now();
+                h.expires_unix = lease.expires_at_unix;
             }
         }
+        self.publish_status();
         Ok(rotated)
     }
 
@@ -295,7 +341,7 @@ impl Keeper {
 
     fn remove(&mut self, why: &str) {
         self.held.clear();
-        self.update_readiness();
+        self.publish_status();
         match self.writer.remove_all() {
             Ok(()) => info!(dir = %self.cfg.dir.display(), reason = why, "removed secrets"),
             Err(e) => warn!(error = %e, "failed to remove secrets"),
@@ -335,7 +381,7 @@ fn retryable(e: &SidecarError) -> bool {
 /// Keeps secrets fresh until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
-    keeper.update_readiness();
+    keeper.publish_status();
     let health = match keeper.cfg.health_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -388,6 +434,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 Err(e) => {
                     let delay = backoff.next_delay(fastrand::f64());
                     warn!(error = %e, retry_in = ?delay, "fetch failed; keeping the last good secrets until their lease ends");
+                    keeper.refresh_failures += 1;
+                    keeper.publish_status();
                     retry_at = Some(Instant::now() + delay);
                     continue;
                 }
@@ -421,6 +469,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                     Err(e) => {
                         let delay = backoff.next_delay(fastrand::f64());
                         warn!(error = %e, retry_in = ?delay, "renewal failed; keeping the last good secrets until their lease ends");
+                        keeper.refresh_failures += 1;
+                        keeper.publish_status();
                         need_fetch = true;
                         retry_at = Some(Instant::now() + delay);
                     }

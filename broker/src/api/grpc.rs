@@ -4,7 +4,7 @@
 //! audit → respond. Errors become `tonic::Status` in exactly one place
 //! ([`ApiError`] → `Status`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::backend::validate_secret_name;
+use crate::cache::{ReadError, SecretCache};
 use crate::config::RoleConfig;
 use crate::db::unix_now;
 use crate::identity::verify::{TokenError, Verifier};
@@ -30,6 +31,45 @@ use serde_json::json;
 
 /// Most secrets one request may name.
 const MAX_NAMES_PER_REQUEST: usize = 256;
+
+/// Latest version per secret name, as the rotation poller last saw it.
+pub type Versions = Arc<std::sync::RwLock<HashMap<String, u64>>>;
+
+/// The caller's request ID (`x-request-id`, as the sidecar sends it) or a new
+/// one, so a sidecar's failure can be found in the broker's logs.
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let mut b = [0u8; 8];
+            let _ = aws_lc_rs::rand::fill(&mut b);
+            b.iter().map(|x| format!("{x:02x}")).collect()
+        })
+}
+
+/// Counts an open watch stream for as long as it lives.
+struct StreamGuard(Arc<crate::api::http::Metrics>);
+
+impl StreamGuard {
+    fn new(m: Arc<crate::api::http::Metrics>) -> StreamGuard {
+        m.watch_streams.inc();
+        StreamGuard(m)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.watch_streams.dec();
+    }
+}
 
 /// A new version of a secret, broadcast to watch streams.
 #[derive(Debug, Clone)]
@@ -59,6 +99,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A backend read failed (details in the broker's log).
+    #[error("the secrets store is unavailable; retry later")]
+    Backend,
 }
 
 impl ApiError {
@@ -74,7 +117,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Store(_) | ApiError::Database(_) => "backend_error",
+            ApiError::Store(_) | ApiError::Database(_) | ApiError::Backend => "backend_error",
         }
     }
 }
@@ -94,7 +137,7 @@ impl From<ApiError> for Status {
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
             // Store internals (paths, SQL) stay in the broker's log.
             ApiError::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
-            ApiError::Store(_) => {
+            ApiError::Store(_) | ApiError::Backend => {
                 Status::unavailable("the secrets store is unavailable; retry later")
             }
         }
@@ -106,6 +149,10 @@ pub struct BrokerService {
     pub verifier: Arc<Verifier>,
     pub policy: Arc<Policy>,
     pub store: EmbeddedStore,
+    /// Reads go through the cache: one backend read serves many pods.
+    pub cache: SecretCache,
+    /// Latest version of every secret, kept by the rotation poller.
+    pub versions: Versions,
     pub leases: Leases,
     pub view: Arc<View>,
     pub auditor: Auditor,
@@ -213,11 +260,14 @@ impl BrokerService {
     }
 
     /// Counts a finished call by action and result class.
-    fn observe<T>(&self, action: &'static str, result: &Result<T, ApiError>) {
-        self.metrics.call(
-            action,
-            result.as_ref().map_or_else(ApiError::class, |_| "ok"),
-        );
+    fn observe<T>(
+        &self,
+        action: &'static str,
+        start: std::time::Instant,
+        result: &Result<T, ApiError>,
+    ) {
+        let class = result.as_ref().map_or_else(ApiError::class, |_| "ok");
+        self.metrics.call(action, class, start.elapsed());
     }
 
     fn audit(&self, id: &Identity, action: &str, result: &str, mut detail: serde_json::Value) {
@@ -240,14 +290,29 @@ impl BrokerService {
         Ok(())
     }
 
-    async fn read(&self, name: &str) -> Result<crate::backend::SecretVersion, ApiError> {
-        match self.store.get(name).await {
-            Ok(Some(v)) => Ok(v),
-            Ok(None) => Err(ApiError::NotFound(name.to_owned())),
-            Err(e) => {
+    async fn read(&self, name: &str) -> Result<Arc<crate::backend::SecretVersion>, ApiError> {
+        match self.cache.get(name).await {
+            Ok(v) => Ok(v),
+            Err(ReadError::NotFound) => Err(ApiError::NotFound(name.to_owned())),
+            Err(ReadError::Backend(e)) => {
                 warn!(secret = name, error = %e, "store read failed");
-                Err(e.into())
+                Err(ApiError::Backend)
             }
+        }
+    }
+
+    /// The latest version of `name`, from the poller's map (or the store for
+    /// a secret created since the last poll).
+    async fn current_version(&self, name: &str) -> Result<u64, ApiError> {
+        let known = self
+            .versions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied();
+        match known {
+            Some(v) => Ok(v),
+            None => Ok(self.read(name).await?.version),
         }
     }
 }
@@ -260,7 +325,8 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let span = info_span!("login");
+        let start = std::time::Instant::now();
+        let span = info_span!("login", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
             let (id, role) = self
                 .authenticate(&req, "login", &req.get_ref().role, &[])
@@ -276,7 +342,7 @@ impl Broker for BrokerService {
         }
         .instrument(span)
         .await;
-        self.observe("login", &result);
+        self.observe("login", start, &result);
         result.map_err(Into::into)
     }
 
@@ -284,7 +350,8 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        let span = info_span!("fetch");
+        let start = std::time::Instant::now();
+        let span = info_span!("fetch", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
             let r = req.get_ref();
             let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
@@ -306,6 +373,7 @@ impl Broker for BrokerService {
             // A lease that cannot be recorded cannot be revoked: fail instead.
             self.leases.record(&records).await?;
             self.metrics.leases_issued.inc_by(records.len() as u64);
+            self.metrics.secrets_served.inc_by(secrets.len() as u64);
             info!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
             self.audit(&id, "fetch", "ok", json!({
                 "role": role.name,
@@ -316,7 +384,7 @@ impl Broker for BrokerService {
         }
         .instrument(span)
         .await;
-        self.observe("fetch", &result);
+        self.observe("fetch", start, &result);
         result.map_err(Into::into)
     }
 
@@ -324,19 +392,17 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let span = info_span!("renew");
+        let start = std::time::Instant::now();
+        let span = info_span!("renew", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
             let r = req.get_ref();
             let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
             let (id, role) = self.authenticate(&req, "renew", &r.role, &names).await?;
             Self::authorize_all(role, &names)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
-            let versions = self.store.latest_versions().await?;
             let mut leases = Vec::with_capacity(names.len());
             for held in &r.leases {
-                let current = *versions
-                    .get(&held.name)
-                    .ok_or_else(|| ApiError::NotFound(held.name.clone()))?;
+                let current = self.current_version(&held.name).await?;
                 // Only the workload that holds a lease may extend it.
                 let record = self.leases.get(&held.lease_id).await?;
                 let owned = record.is_some_and(|l| {
@@ -367,23 +433,25 @@ impl Broker for BrokerService {
         }
         .instrument(span)
         .await;
-        self.observe("renew", &result);
+        self.observe("renew", start, &result);
         result.map_err(Into::into)
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let start = std::time::Instant::now();
+        let rid = request_id(&req);
         let opened = self
             .authenticate(&req, "watch", &req.get_ref().role, &req.get_ref().names)
             .await
             .and_then(|(id, role)| {
                 Self::authorize_all(role, &req.get_ref().names).map(|()| (id, role))
             });
-        self.observe("watch", &opened);
+        self.observe("watch", start, &opened);
         let (id, role) = opened?;
         let names = req.into_inner().names;
-        info!(identity = %id, role = %role.name, secrets = names.len(), "watch opened");
+        info!(identity = %id, role = %role.name, secrets = names.len(), request_id = %rid, "watch opened");
         self.audit(
             &id,
             "watch",
@@ -394,12 +462,14 @@ impl Broker for BrokerService {
         let mut rotations = self.rotations.subscribe();
         let mut revocations = self.view.subscribe();
         let view = self.view.clone();
+        let guard = StreamGuard::new(self.metrics.clone());
         let mut shutdown = self.shutdown.clone();
         let heartbeat = self.heartbeat;
         // The stream ends when the token that opened it expires: a client must
         // come back with a fresh token to keep watching.
         let token_left = Duration::from_secs((id.expires_at - unix_now()).max(0) as u64);
         let stream = async_stream(move |tx| async move {
+            let _guard = guard;
             let deadline = tokio::time::sleep(token_left);
             tokio::pin!(deadline);
             let mut tick = tokio::time::interval(heartbeat);
@@ -535,21 +605,18 @@ pub fn to_pb(id: &Identity) -> pb::Identity {
     }
 }
 
-/// Polls the store for new versions and broadcasts them to watch streams.
+/// Polls the store for new versions: updates the shared version map, drops
+/// changed secrets from the cache and tells the watch streams.
 pub async fn poll_rotations(
     store: EmbeddedStore,
     interval: Duration,
+    versions: Versions,
+    cache: SecretCache,
     tx: broadcast::Sender<Rotation>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut known = match store.latest_versions().await {
-        Ok(v) => v,
-        Err(e) => {
-            warn!(error = %e, "cannot read secret versions");
-            Default::default()
-        }
-    };
     let mut tick = tokio::time::interval(interval);
+    let mut first = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -562,15 +629,21 @@ pub async fn poll_rotations(
                 continue;
             }
         };
+        let known = versions.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (name, version) in &current {
-            if known.get(name) != Some(version) {
+            if !first && known.get(name) != Some(version) {
                 info!(secret = %name, version, "new secret version");
+                cache.invalidate(name).await;
                 let _ = tx.send(Rotation {
                     name: name.clone(),
                     version: *version,
                 });
             }
         }
-        known = current;
+        for name in known.keys().filter(|n| !current.contains_key(*n)) {
+            cache.invalidate(name).await; // deleted
+        }
+        *versions.write().unwrap_or_else(|e| e.into_inner()) = current;
+        first = false;
     }
 }

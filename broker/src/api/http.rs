@@ -13,6 +13,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,25 +30,100 @@ pub struct CallLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Latency buckets from 0.5 ms to ~8 s.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
 /// The broker's metrics.
 pub struct Metrics {
     registry: Registry,
     /// Calls by action and result class.
     pub calls: Family<CallLabels, Counter>,
+    /// Call latency by action, from request to response.
+    pub call_duration: HistogramFamily<ActionLabels>,
+    /// Reads that reached a backend (cache misses), and their latency.
+    pub backend_reads: Family<BackendLabels, Counter>,
+    pub backend_read_duration: HistogramFamily<BackendLabels>,
+    /// Secrets returned to callers; with `backend_reads`, the coalescing ratio.
+    pub secrets_served: Counter,
+    /// Cache lookups by hit/miss.
+    pub cache_requests: Family<ResultLabels, Counter>,
+    /// Watch streams open now.
+    pub watch_streams: Gauge,
     /// Leases handed out.
     pub leases_issued: Counter,
     view_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     rules: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// Registers every metric; `jwks_refreshes` is owned by the key cache.
+    pub fn new(jwks_refreshes: Family<ResultLabels, Counter>) -> Metrics {
         let mut registry = Registry::with_prefix("secrets_broker");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
             "calls",
             "Broker gRPC calls by action and result class",
             calls.clone(),
+        );
+        let call_duration = HistogramFamily::<ActionLabels>::new_with_constructor(latency);
+        registry.register(
+            "call_duration_seconds",
+            "Broker gRPC call latency by action",
+            call_duration.clone(),
+        );
+        let backend_reads = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_reads",
+            "Secret reads that reached a backend",
+            backend_reads.clone(),
+        );
+        let backend_read_duration = HistogramFamily::<BackendLabels>::new_with_constructor(latency);
+        registry.register(
+            "backend_read_duration_seconds",
+            "Latency of secret reads from a backend",
+            backend_read_duration.clone(),
+        );
+        let secrets_served = Counter::default();
+        registry.register(
+            "secrets_served",
+            "Secrets returned to callers",
+            secrets_served.clone(),
+        );
+        let cache_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Secret cache lookups by result (hit, miss)",
+            cache_requests.clone(),
+        );
+        registry.register(
+            "jwks_refreshes",
+            "Fetches of the issuer's signing keys by result",
+            jwks_refreshes,
+        );
+        let watch_streams = Gauge::default();
+        registry.register(
+            "watch_streams",
+            "Watch streams open now",
+            watch_streams.clone(),
         );
         let leases_issued = Counter::default();
         registry.register("leases_issued", "Leases handed out", leases_issued.clone());
@@ -66,18 +142,26 @@ impl Default for Metrics {
         Metrics {
             registry,
             calls,
+            call_duration,
+            backend_reads,
+            backend_read_duration,
+            secrets_served,
+            cache_requests,
+            watch_streams,
             leases_issued,
             view_age,
             rules,
         }
     }
-}
 
-impl Metrics {
-    pub fn call(&self, action: &'static str, result: &'static str) {
+    /// Counts a finished call and its latency.
+    pub fn call(&self, action: &'static str, result: &'static str, elapsed: std::time::Duration) {
         self.calls
             .get_or_create(&CallLabels { action, result })
             .inc();
+        self.call_duration
+            .get_or_create(&ActionLabels { action })
+            .observe(elapsed.as_secs_f64());
     }
 }
 

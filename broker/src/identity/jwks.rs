@@ -15,7 +15,10 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
+use crate::api::http::ResultLabels;
 use crate::config::{IdentityConfig, KeySource};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Largest discovery document or JWKS accepted from an issuer.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -65,6 +68,8 @@ pub struct Jwks {
     keys: RwLock<Arc<KeySet>>,
     /// Held while refreshing; holds the time of the last attempt.
     refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Refreshes by result, for `secrets_broker_jwks_refreshes_total`.
+    pub refreshes: Family<ResultLabels, Counter>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +122,7 @@ impl Jwks {
             max_age: cfg.jwks_max_age,
             keys: RwLock::new(Arc::new(KeySet::default())),
             refresh: tokio::sync::Mutex::new(None),
+            refreshes: Family::default(),
         })
     }
 
@@ -190,8 +196,11 @@ impl Jwks {
             return Err(JwksError::RateLimited(self.min_refresh));
         }
         *last = Some(Instant::now());
-        let raw = self.fetch().await?;
-        let set = parse_jwks(&raw, &self.source_name())?;
+        let fetched = self.fetch().await;
+        let parsed = fetched.and_then(|raw| parse_jwks(&raw, &self.source_name()));
+        let result = if parsed.is_ok() { "ok" } else { "error" };
+        self.refreshes.get_or_create(&ResultLabels { result }).inc();
+        let set = parsed?;
         let count = set.by_kid.values().map(Vec::len).sum::<usize>() + set.unnamed.len();
         info!(issuer = %self.issuer, keys = count, "signing keys loaded");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
