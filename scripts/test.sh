@@ -65,6 +65,9 @@ cargo fmt --all -- --check
 log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "cargo clippy with the optional OTLP export"
+cargo clippy -p secrets-broker --features otlp --locked -- -D warnings
+
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 

@@ -92,10 +92,6 @@ enum StoreCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    secrets_broker::telemetry::init(cli.log_format == "json", "info");
-    if let Err(e) = secrets_sidecar::hardening::disable_core_dumps() {
-        tracing::warn!(error = %e, "cannot disable core dumps");
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -106,7 +102,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli.command))
+    // Inside the runtime: the OTLP exporter (when built in) needs it.
+    let telemetry = runtime.block_on(async {
+        secrets_broker::telemetry::init(cli.log_format == "json", "info", "secrets-broker")
+    });
+    if let Err(e) = secrets_sidecar::hardening::disable_core_dumps() {
+        tracing::warn!(error = %e, "cannot disable core dumps");
+    }
+    let code = runtime.block_on(run(cli.command));
+    drop(telemetry);
+    code
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
