@@ -172,6 +172,20 @@ impl Client {
         )
     }
 
+    /// Ends these leases now; returns how many the broker released.
+    pub async fn release(&self, leases: Vec<pb::LeaseRef>) -> Result<u32, ClientError> {
+        let (req, request_id) = self.request(pb::ReleaseRequest {
+            role: self.role.clone(),
+            leases,
+        })?;
+        let r = self.inner.clone().release(req).await;
+        Ok(
+            r.map_err(|status| ClientError::Status { status, request_id })?
+                .into_inner()
+                .released,
+        )
+    }
+
     /// Opens a watch stream; it outlives the per-request timeout.
     pub async fn watch(
         &self,

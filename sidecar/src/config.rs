@@ -43,6 +43,8 @@ struct RawConfig {
     ttl: Option<Duration>,
     #[serde(default = "yes")]
     remove_on_exit: bool,
+    #[serde(default)]
+    revoke_on_shutdown: bool,
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     retry_initial: Duration,
     #[serde(default = "default_retry_max", with = "humantime_serde")]
@@ -50,7 +52,51 @@ struct RawConfig {
     #[serde(default = "default_timeout", with = "humantime_serde")]
     request_timeout: Duration,
     health_listen: Option<String>,
+    local_api: Option<RawLocalApi>,
+    notify: Option<RawNotify>,
     secrets: Vec<RawSecret>,
+    #[serde(default)]
+    templates: Vec<RawTemplate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    #[serde(default = "default_debounce", with = "humantime_serde")]
+    debounce: Duration,
+    signal: Option<String>,
+    pid_file: Option<PathBuf>,
+    process_name: Option<String>,
+    command: Option<Vec<String>>,
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    command_timeout: Duration,
+    http_post: Option<String>,
+}
+
+fn default_debounce() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalApi {
+    socket: PathBuf,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    file: String,
+    source: Option<String>,
+    template_file: Option<PathBuf>,
+    mode: Option<String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +104,9 @@ struct RawConfig {
 struct RawSecret {
     name: String,
     file: Option<String>,
+    /// Fetch the secret for templates only, without a file of its own.
+    #[serde(default)]
+    template_only: bool,
 }
 
 fn yes() -> bool {
@@ -94,19 +143,47 @@ pub struct Config {
     pub ttl: Option<Duration>,
     /// Remove the files when the sidecar stops (not in `once` mode).
     pub remove_on_exit: bool,
+    /// On SIGTERM, end this pod's leases at the broker before removing the files.
+    pub revoke_on_shutdown: bool,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub request_timeout: Duration,
     /// Local HTTP port for `/healthz` and `/readyz` (probes); off when unset.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// The local `Secrets` gRPC API on a Unix socket; off when unset.
+    pub local_api: Option<LocalApiConfig>,
+    /// What to tell the application after each new generation.
+    pub notify: crate::notify::NotifyConfig,
     pub secrets: Vec<SecretSpec>,
+    pub templates: Vec<TemplateSpec>,
 }
 
 /// One secret to keep fresh and the file it lands in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretSpec {
     pub name: String,
+    /// `None` for a secret used by templates only.
+    pub file: Option<String>,
+}
+
+/// The local API's socket and who may use it.
+#[derive(Debug, Clone)]
+pub struct LocalApiConfig {
+    pub socket: PathBuf,
+    /// UIDs allowed to call (checked with SO_PEERCRED); empty means the
+    /// sidecar's own UID only.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// One file rendered from secrets (see [`crate::render`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSpec {
     pub file: String,
+    /// The template text (from `source`, or read from `template_file` at start).
+    pub source: String,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 impl Config {
@@ -149,22 +226,12 @@ impl Config {
             return Err(err("ttl", "must be at least 1s".into()));
         }
         let mut secrets: Vec<SecretSpec> = Vec::new();
+        let mut files: Vec<String> = Vec::new();
         for (i, s) in raw.secrets.into_iter().enumerate() {
             if s.name.is_empty() || s.name.len() > 253 {
                 return Err(err(
                     &format!("secrets[{i}].name"),
                     "must be 1-253 bytes".into(),
-                ));
-            }
-            let file = s
-                .file
-                .unwrap_or_else(|| s.name.rsplit('/').next().unwrap_or_default().to_owned());
-            validate_file_name(&file)
-                .map_err(|e| err(&format!("secrets[{i}].file"), e.to_string()))?;
-            if secrets.iter().any(|o| o.file == file) {
-                return Err(err(
-                    &format!("secrets[{i}].file"),
-                    format!("file {file:?} is used by two secrets"),
                 ));
             }
             if secrets.iter().any(|o| o.name == s.name) {
@@ -173,7 +240,88 @@ impl Config {
                     format!("{:?} is listed twice", s.name),
                 ));
             }
+            let file = if s.template_only {
+                if s.file.is_some() {
+                    return Err(err(
+                        &format!("secrets[{i}].file"),
+                        "a template_only secret has no file".into(),
+                    ));
+                }
+                None
+            } else {
+                let file = s
+                    .file
+                    .unwrap_or_else(|| s.name.rsplit('/').next().unwrap_or_default().to_owned());
+                validate_file_name(&file)
+                    .map_err(|e| err(&format!("secrets[{i}].file"), e.to_string()))?;
+                if files.contains(&file) {
+                    return Err(err(
+                        &format!("secrets[{i}].file"),
+                        format!("file {file:?} is used twice"),
+                    ));
+                }
+                files.push(file.clone());
+                Some(file)
+            };
             secrets.push(SecretSpec { name: s.name, file });
+        }
+        let mut templates = Vec::new();
+        for (i, t) in raw.templates.into_iter().enumerate() {
+            let key = |f: &str| format!("templates[{i}].{f}");
+            validate_file_name(&t.file).map_err(|e| err(&key("file"), e.to_string()))?;
+            if files.contains(&t.file) {
+                return Err(err(
+                    &key("file"),
+                    format!("file {:?} is used twice", t.file),
+                ));
+            }
+            files.push(t.file.clone());
+            let source = match (t.source, t.template_file) {
+                (Some(s), None) => s,
+                (None, Some(p)) => {
+                    let p = resolve(p);
+                    std::fs::read_to_string(&p).map_err(|e| {
+                        err(
+                            &key("template_file"),
+                            format!("cannot read {}: {e}", p.display()),
+                        )
+                    })?
+                }
+                _ => {
+                    return Err(err(
+                        &key("source"),
+                        "set exactly one of source and template_file".into(),
+                    ));
+                }
+            };
+            let mode = match t.mode {
+                None => None,
+                Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                    Ok(v) if v <= 0o777 && v & 0o022 == 0 => Some(v),
+                    _ => {
+                        return Err(err(
+                            &key("mode"),
+                            format!(
+                                "{m:?}: an octal mode like \"0440\", never group- or world-writable"
+                            ),
+                        ));
+                    }
+                },
+            };
+            templates.push(TemplateSpec {
+                file: t.file,
+                source,
+                mode,
+                uid: t.uid,
+                gid: t.gid,
+            });
+        }
+        if let Err(e) = crate::render::Templates::new(&templates) {
+            let i = templates
+                .iter()
+                .position(|t| t.file == e.file)
+                .unwrap_or_default();
+            return Err(err(&format!("templates[{i}]"), e.to_string()));
         }
         let health_listen = match raw.health_listen {
             None => None,
@@ -184,8 +332,65 @@ impl Config {
                 )
             })?),
         };
+        let local_api = raw.local_api.map(|l| LocalApiConfig {
+            socket: resolve(l.socket),
+            allowed_uids: l.allowed_uids,
+        });
+        let notify = match raw.notify {
+            None => crate::notify::NotifyConfig::default(),
+            Some(n) => {
+                use crate::notify::{NotifyConfig, Target, check_url, parse_signal};
+                let signal = match (n.signal, n.pid_file, n.process_name) {
+                    (None, None, None) => None,
+                    (Some(sig), pid, name) => {
+                        parse_signal(&sig).map_err(|m| err("notify.signal", m))?;
+                        let target = match (pid, name) {
+                            (Some(p), None) => Target::PidFile(resolve(p)),
+                            (None, Some(n)) => Target::ProcessName(n),
+                            _ => {
+                                return Err(err(
+                                    "notify.signal",
+                                    "set exactly one of pid_file and process_name".into(),
+                                ));
+                            }
+                        };
+                        Some((sig, target))
+                    }
+                    (None, _, _) => {
+                        return Err(err(
+                            "notify.signal",
+                            "pid_file/process_name need a signal".into(),
+                        ));
+                    }
+                };
+                let command = match n.command {
+                    None => None,
+                    Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                        return Err(err(
+                            "notify.command",
+                            "give the program and its arguments as a list".into(),
+                        ));
+                    }
+                    Some(argv) => Some((argv, n.command_timeout)),
+                };
+                if let Some(url) = &n.http_post {
+                    check_url(url).map_err(|m| err("notify.http_post", m))?;
+                }
+                if n.debounce > Duration::from_secs(300) {
+                    return Err(err("notify.debounce", "at most 5m".into()));
+                }
+                NotifyConfig {
+                    debounce: n.debounce,
+                    signal,
+                    command,
+                    http_post: n.http_post,
+                }
+            }
+        };
         Ok(Config {
+            notify,
             health_listen,
+            local_api,
             broker_url: raw.broker_url,
             ca_file: resolve(raw.ca_file),
             tls_server_name: raw.tls_server_name,
@@ -196,10 +401,12 @@ impl Config {
             group: raw.group,
             ttl: raw.ttl,
             remove_on_exit: raw.remove_on_exit,
+            revoke_on_shutdown: raw.revoke_on_shutdown,
             retry_initial: raw.retry_initial,
             retry_max: raw.retry_max,
             request_timeout: raw.request_timeout,
             secrets,
+            templates,
         })
     }
 }
@@ -230,7 +437,7 @@ name = "payments/db-password"
     #[test]
     fn defaults_and_errors() {
         let cfg = Config::parse(GOOD, Path::new("/etc/sc/s.toml")).unwrap();
-        assert_eq!(cfg.secrets[0].file, "db-password");
+        assert_eq!(cfg.secrets[0].file.as_deref(), Some("db-password"));
         assert_eq!(cfg.ca_file, Path::new("/etc/sc/ca.crt"));
         let bad = |from: &str, to: &str| {
             Config::parse(&GOOD.replace(from, to), Path::new("s.toml"))
@@ -246,5 +453,21 @@ name = "payments/db-password"
             .contains("`secrets[0].file`")
         );
         assert!(bad("dir =", "dri =").contains("dri"));
+        let broken = format!(
+            "{GOOD}[[templates]]\nfile = \"db.env\"\nsource = \"A={{{{ secrets[\"\nmode = \"0440\"\n"
+        );
+        let e = Config::parse(&broken, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`templates[0]`") && e.contains("template \"db.env\" line 1"),
+            "{e}"
+        );
+        let writable =
+            format!("{GOOD}[[templates]]\nfile = \"x\"\nsource = \"a\"\nmode = \"0666\"\n");
+        let e = Config::parse(&writable, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("templates[0].mode"), "{e}");
     }
 }

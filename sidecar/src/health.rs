@@ -44,12 +44,44 @@ pub struct Status {
 
 pub type Shared = Arc<Mutex<Status>>;
 
+/// Local API requests by method and result.
+#[derive(Debug, Default)]
+pub struct LocalApiCounters(Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>);
+
+impl LocalApiCounters {
+    pub fn count(&self, method: &'static str, result: &'static str) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry((method, result)).or_default() += 1;
+        }
+    }
+
+    fn snapshot(&self) -> Vec<((&'static str, &'static str), u64)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    result: &'static str,
+}
+
+/// What the HTTP handlers read.
+#[derive(Clone)]
+pub struct HttpState {
+    pub status: Shared,
+    pub local_api: Arc<LocalApiCounters>,
+}
+
 fn snapshot(state: &Shared) -> Status {
     state.lock().map(|r| r.clone()).unwrap_or_default()
 }
 
-async fn readyz(State(state): State<Shared>) -> (StatusCode, String) {
-    let r = snapshot(&state);
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
+    let r = snapshot(&state.status);
     if r.problems.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
@@ -65,8 +97,8 @@ struct SecretLabel {
     secret: String,
 }
 
-/// Renders the metrics from a status snapshot.
-pub fn render(status: &Status, now: i64) -> String {
+/// Renders the metrics from a status snapshot and the local API counters.
+pub fn render(status: &Status, local_api: &LocalApiCounters, now: i64) -> String {
     let mut registry = Registry::with_prefix("secrets_sidecar");
     let gauge =
         |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&SecretStatus) -> i64| {
@@ -121,12 +153,23 @@ pub fn render(status: &Status, now: i64) -> String {
         "Configured secrets currently revoked",
         revoked,
     );
+    let requests = Family::<RequestLabels, Counter>::default();
+    for ((method, result), n) in local_api.snapshot() {
+        requests
+            .get_or_create(&RequestLabels { method, result })
+            .inc_by(n);
+    }
+    registry.register(
+        "local_api_requests",
+        "Local Secrets API calls by method and result",
+        requests,
+    );
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
 
-async fn metrics(State(state): State<Shared>) -> ([(&'static str, &'static str); 1], String) {
+async fn metrics(State(state): State<HttpState>) -> ([(&'static str, &'static str); 1], String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -136,12 +179,12 @@ async fn metrics(State(state): State<Shared>) -> ([(&'static str, &'static str);
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        render(&snapshot(&state), now),
+        render(&snapshot(&state.status), &state.local_api, now),
     )
 }
 
 /// Serves the probes and metrics until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Shared) {
+pub async fn serve(listener: TcpListener, state: HttpState) {
     info!(addr = ?listener.local_addr().ok(), "health port listening");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -169,7 +212,15 @@ mod tests {
             generation_swaps: 5,
             ..Status::default()
         };
-        let text = render(&status, 200);
+        let counters = LocalApiCounters::default();
+        counters.count("get", "ok");
+        let text = render(&status, &counters, 200);
+        assert!(
+            text.contains(
+                r#"secrets_sidecar_local_api_requests_total{method="get",result="ok"} 1"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(r#"secrets_sidecar_secret_version{secret="payments/db"} 3"#),
             "{text}"

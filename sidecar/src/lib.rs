@@ -7,7 +7,10 @@
 //! - [`writer`]: the kubelet-style `..data` generation swap, tmpfs check, name checks.
 //! - [`schedule`]: renew at about 2/3 of the lease with jitter; capped backoff.
 //! - [`hardening`]: no core dumps, not dumpable (shared with the broker).
-//! - [`health`]: `/healthz` and `/readyz` on a local port for probes.
+//! - [`health`]: `/healthz`, `/readyz` and `/metrics` on a local port.
+//! - [`render`]: templates → files, in the same generation as the secrets.
+//! - [`local_api`]: the `Secrets` gRPC service on a Unix socket (peer-UID check).
+//! - [`notify`]: signal / command / HTTP POST after a new generation, debounced.
 //!
 //! [`run`] keeps secrets fresh until a shutdown signal; [`once`] fetches and
 //! writes one generation and returns (init containers, CI jobs).
@@ -16,11 +19,15 @@ pub mod client;
 pub mod config;
 pub mod hardening;
 pub mod health;
+pub mod local_api;
+pub mod notify;
+pub mod render;
 pub mod schedule;
 pub mod writer;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrets_broker_proto::v1 as pb;
@@ -32,7 +39,7 @@ use zeroize::Zeroizing;
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::schedule::{Backoff, renew_after};
-use crate::writer::{AtomicWriter, WriteError};
+use crate::writer::{AtomicWriter, OutFile, WriteError};
 
 /// Why the sidecar stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,9 @@ pub enum SidecarError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// A template does not compile.
+    #[error(transparent)]
+    Template(render::RenderError),
     /// The broker's answer lacked a secret that was asked for.
     #[error("broker answered without secret {0:?}")]
     Incomplete(String),
@@ -53,6 +63,7 @@ pub enum SidecarError {
 }
 
 /// One secret as the sidecar holds it. The value zeroizes on drop.
+#[derive(Clone)]
 struct Held {
     version: u64,
     value: Zeroizing<Vec<u8>>,
@@ -101,6 +112,11 @@ struct Keeper {
     logged_in: bool,
     /// What the probes and metrics report.
     readiness: health::Shared,
+    templates: render::Templates,
+    /// What the local API serves.
+    published: Arc<local_api::Published>,
+    /// Set in `run` mode when the config asks for notifications.
+    notifier: Option<notify::Notifier>,
     refresh_failures: u64,
     generation_swaps: u64,
 }
@@ -119,6 +135,10 @@ impl Keeper {
             warn!(dir = %cfg.dir.display(), "writing secrets to a directory that is not tmpfs (allow_non_tmpfs)");
         }
         let client = Client::new(&cfg)?;
+        let templates = render::Templates::new(&cfg.templates).map_err(SidecarError::Template)?;
+        let published = Arc::new(local_api::Published::new(
+            cfg.secrets.iter().map(|s| s.name.clone()),
+        ));
         Ok(Keeper {
             cfg,
             client,
@@ -127,6 +147,9 @@ impl Keeper {
             revoked: HashMap::new(),
             logged_in: false,
             readiness: health::Shared::default(),
+            templates,
+            published,
+            notifier: None,
             refresh_failures: 0,
             generation_swaps: 0,
         })
@@ -198,10 +221,15 @@ impl Keeper {
         for name in fresh.keys() {
             self.revoked.remove(name);
         }
-        self.held.extend(fresh);
         if changed {
-            self.write()?;
+            // Commit only what reached the disk.
+            let mut next = self.held.clone();
+            next.extend(fresh);
+            self.write_set(&next)?;
+            self.held = next;
+            self.publish_status();
         } else {
+            self.held.extend(fresh);
             debug!("secrets unchanged; leases extended");
             self.publish_status();
         }
@@ -211,35 +239,66 @@ impl Keeper {
     /// Writes what is held as one generation (or removes everything when
     /// nothing is held).
     fn write(&mut self) -> Result<(), SidecarError> {
+        let held = std::mem::take(&mut self.held);
+        let result = self.write_set(&held);
+        self.held = held;
         self.publish_status();
-        if self.held.is_empty() {
+        result
+    }
+
+    /// Writes `held` as one generation: each secret's file, then the
+    /// templates rendered from the same values.
+    fn write_set(&mut self, held: &HashMap<String, Held>) -> Result<(), SidecarError> {
+        if held.is_empty() {
             self.writer.remove_all()?;
+            if let Some(n) = &self.notifier {
+                n.generation_written();
+            }
             return Ok(());
         }
-        let files: Vec<(&str, &[u8])> = self
+        let mut files: Vec<OutFile<'_>> = self
             .cfg
             .secrets
             .iter()
             .filter_map(|s| {
-                self.held
-                    .get(&s.name)
-                    .map(|h| (s.file.as_str(), h.value.as_slice()))
+                Some(OutFile::new(
+                    s.file.as_deref()?,
+                    held.get(&s.name)?.value.as_slice(),
+                ))
             })
             .collect();
-        let generation = self.writer.write(&files)?;
+        let values: HashMap<&str, &[u8]> = held
+            .iter()
+            .map(|(k, h)| (k.as_str(), h.value.as_slice()))
+            .collect();
+        let rendered = self.templates.render(&values);
+        for (spec, result) in &rendered {
+            match result {
+                Ok(content) => files.push(OutFile {
+                    name: &spec.file,
+                    content,
+                    mode: spec.mode,
+                    uid: spec.uid,
+                    gid: spec.gid,
+                }),
+                Err(e) => warn!(error = %e, "template left out of this generation"),
+            }
+        }
+        let generation = self.writer.write_files(&files)?;
         self.generation_swaps += 1;
-        self.publish_status();
+        if let Some(n) = &self.notifier {
+            n.generation_written();
+        }
         let versions: Vec<String> = self
             .cfg
             .secrets
             .iter()
             .filter_map(|s| {
-                self.held
-                    .get(&s.name)
+                held.get(&s.name)
                     .map(|h| format!("{}@{}", s.name, h.version))
             })
             .collect();
-        info!(generation = %generation.display(), secrets = ?versions, "wrote new generation");
+        info!(generation = %generation.display(), secrets = ?versions, files = files.len(), "wrote new generation");
         Ok(())
     }
 
@@ -271,6 +330,21 @@ impl Keeper {
                 })
             })
             .collect();
+        self.published.publish(
+            self.held
+                .iter()
+                .map(|(name, h)| {
+                    let entry = local_api::Entry {
+                        version: h.version,
+                        value: h.value.clone(),
+                        expires_at: h.expires_unix,
+                        received_at: h.received_at,
+                        refreshed_at: h.refreshed_at,
+                    };
+                    (name.clone(), entry)
+                })
+                .collect(),
+        );
         if let Ok(mut r) = self.readiness.lock() {
             r.problems = problems;
             r.secrets = secrets;
@@ -381,6 +455,9 @@ fn retryable(e: &SidecarError) -> bool {
 /// Keeps secrets fresh until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
+    if !keeper.cfg.notify.is_empty() {
+        keeper.notifier = Some(notify::Notifier::start(keeper.cfg.notify.clone()));
+    }
     keeper.publish_status();
     let health = match keeper.cfg.health_listen {
         Some(addr) => {
@@ -389,8 +466,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             })?;
             Some(tokio::spawn(health::serve(
                 listener,
-                keeper.readiness.clone(),
+                health::HttpState {
+                    status: keeper.readiness.clone(),
+                    local_api: keeper.published.requests.clone(),
+                },
             )))
+        }
+        None => None,
+    };
+    let local = match keeper.cfg.local_api.clone() {
+        Some(api) => {
+            let mut allowed: std::collections::HashSet<u32> =
+                api.allowed_uids.iter().copied().collect();
+            if allowed.is_empty() {
+                allowed.insert(rustix::process::getuid().as_raw());
+            }
+            let task = local_api::serve(api.socket.clone(), allowed, keeper.published.clone())
+                .await
+                .map_err(|e| {
+                    SidecarError::Health(format!(
+                        "cannot listen on local_api.socket {}: {e}",
+                        api.socket.display()
+                    ))
+                })?;
+            Some((task, api.socket))
         }
         None => None,
     };
@@ -502,6 +601,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     watcher.abort();
     if let Some(h) = health {
         h.abort();
+    }
+    if let Some((task, socket)) = local {
+        task.abort();
+        let _ = std::fs::remove_file(socket);
+    }
+    if keeper.cfg.revoke_on_shutdown && !keeper.held.is_empty() {
+        let refs: Vec<pb::LeaseRef> = keeper
+            .held
+            .iter()
+            .map(|(name, h)| pb::LeaseRef {
+                name: name.clone(),
+                version: h.version,
+                lease_id: h.lease_id.clone(),
+            })
+            .collect();
+        match tokio::time::timeout(Duration::from_secs(3), keeper.client.release(refs)).await {
+            Ok(Ok(n)) => info!(released = n, "leases released at the broker"),
+            Ok(Err(e)) => warn!(error = %e, "cannot release leases; they run out by themselves"),
+            Err(_) => warn!("releasing leases timed out; they run out by themselves"),
+        }
     }
     if keeper.cfg.remove_on_exit {
         keeper.remove("sidecar stopping");

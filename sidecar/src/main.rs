@@ -26,6 +26,26 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print one secret's value from a running sidecar's local API (the
+    /// example client; apps can do the same with any gRPC library).
+    Get {
+        /// The sidecar's `local_api.socket`.
+        #[arg(long)]
+        socket: PathBuf,
+        name: String,
+    },
+    /// List the secrets a running sidecar serves (names, versions, lease ends).
+    List {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Follow a running sidecar's secrets: one line per new version or removal.
+    Watch {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Names to watch; all configured ones when none is given.
+        names: Vec<String>,
+    },
     /// Fetch and write once, then exit (init containers, CI jobs).
     Once {
         #[arg(long)]
@@ -53,6 +73,9 @@ fn main() -> ExitCode {
     }
     let config_path = match &cli.command {
         Command::Run { config } | Command::Once { config, .. } => config.clone(),
+        Command::Get { socket, name } => return client(socket, Call::Get(name.clone())),
+        Command::List { socket } => return client(socket, Call::List),
+        Command::Watch { socket, names } => return client(socket, Call::Watch(names.clone())),
     };
     let config = match secrets_sidecar::config::Config::load(&config_path) {
         Ok(c) => c,
@@ -75,6 +98,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { .. } => secrets_sidecar::run(config, shutdown_signal()).await,
             Command::Once { timeout, .. } => secrets_sidecar::once(config, timeout).await,
+            _ => Ok(()),
         }
     });
     match result {
@@ -92,5 +116,89 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+enum Call {
+    Get(String),
+    List,
+    Watch(Vec<String>),
+}
+
+/// A client of the local API over the Unix socket.
+fn client(socket: &std::path::Path, call: Call) -> ExitCode {
+    use secrets_broker_proto::v1 as pb;
+    use std::io::Write;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = socket.to_owned();
+    let result: Result<(), String> = runtime.block_on(async move {
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = tonic::transport::Endpoint::from_static("http://local.sidecar")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut api = pb::secrets_client::SecretsClient::new(channel);
+        let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+        match call {
+            Call::Get(name) => {
+                let r = api.get(pb::GetRequest { name }).await.map_err(status)?;
+                let value =
+                    zeroize::Zeroizing::new(r.into_inner().secret.unwrap_or_default().value);
+                std::io::stdout()
+                    .write_all(&value)
+                    .map_err(|e| e.to_string())?;
+            }
+            Call::List => {
+                for s in api
+                    .list(pb::ListRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .secrets
+                {
+                    println!("{}\t{}\t{}", s.name, s.version, s.expires_at_unix);
+                }
+            }
+            Call::Watch(names) => {
+                let mut stream = api
+                    .watch(pb::SecretsWatchRequest { names })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                while let Some(ev) = stream.message().await.map_err(status)? {
+                    match ev.event {
+                        Some(pb::secrets_watch_event::Event::Updated(s)) => {
+                            println!("updated {} {}", s.name, s.version)
+                        }
+                        Some(pb::secrets_watch_event::Event::Removed(n)) => println!("removed {n}"),
+                        None => {}
+                    }
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

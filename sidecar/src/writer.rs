@@ -83,6 +83,30 @@ pub fn is_memory_fs(dir: &Path) -> io::Result<bool> {
     Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }
 
+/// One file of a generation: its name, content, and optionally its own
+/// mode and owner (templates may ask for them).
+#[derive(Clone, Copy)]
+pub struct OutFile<'a> {
+    pub name: &'a str,
+    pub content: &'a [u8],
+    /// Default: 0400, or 0440 when the writer has a group.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl<'a> OutFile<'a> {
+    pub fn new(name: &'a str, content: &'a [u8]) -> OutFile<'a> {
+        OutFile {
+            name,
+            content,
+            mode: None,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
 /// Writes generations into one directory.
 #[derive(Debug, Clone)]
 pub struct AtomicWriter {
@@ -120,8 +144,14 @@ impl AtomicWriter {
     /// Writes `files` (name, content) as a new generation and makes it current
     /// with one rename; files absent from the set disappear from the directory.
     pub fn write(&self, files: &[(&str, &[u8])]) -> Result<PathBuf, WriteError> {
-        for (name, _) in files {
-            validate_file_name(name)?;
+        let files: Vec<OutFile<'_>> = files.iter().map(|(n, c)| OutFile::new(n, c)).collect();
+        self.write_files(&files)
+    }
+
+    /// Like [`AtomicWriter::write`], with per-file modes and owners.
+    pub fn write_files(&self, files: &[OutFile<'_>]) -> Result<PathBuf, WriteError> {
+        for f in files {
+            validate_file_name(f.name)?;
         }
         let generation = self.new_generation_dir()?;
         let (file_mode, dir_mode) = if self.group.is_some() {
@@ -129,17 +159,22 @@ impl AtomicWriter {
         } else {
             (0o400, 0o700)
         };
-        for (name, content) in files {
-            let path = generation.join(name);
+        for spec in files {
+            let path = generation.join(spec.name);
+            let mode = spec.mode.unwrap_or(file_mode);
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(file_mode)
+                .mode(mode)
                 .open(&path)
                 .map_err(io_err("create", &path))?;
-            f.write_all(content).map_err(io_err("write", &path))?;
-            if let Some(gid) = self.group {
-                std::os::unix::fs::chown(&path, None, Some(gid)).map_err(io_err("chown", &path))?;
+            f.write_all(spec.content).map_err(io_err("write", &path))?;
+            // The umask may have narrowed the mode at creation.
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(io_err("chmod", &path))?;
+            let gid = spec.gid.or(self.group);
+            if spec.uid.is_some() || gid.is_some() {
+                std::os::unix::fs::chown(&path, spec.uid, gid).map_err(io_err("chown", &path))?;
             }
         }
         // Only now may the directory become readable by the group.
@@ -161,7 +196,8 @@ impl AtomicWriter {
         fs::rename(&tmp, self.dir.join(DATA)).map_err(io_err("rename", &tmp))?;
 
         // User-visible links: DIR/<name> -> ..data/<name>.
-        for (name, _) in files {
+        for spec in files {
+            let name = spec.name;
             let link = self.dir.join(name);
             let target = Path::new(DATA).join(name);
             if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
@@ -201,11 +237,7 @@ impl AtomicWriter {
 
     /// Removes generations other than `keep`, and links to names not in `files`
     /// that point into `..data`.
-    fn remove_stale(
-        &self,
-        keep: Option<&OsStr>,
-        files: &[(&str, &[u8])],
-    ) -> Result<(), WriteError> {
+    fn remove_stale(&self, keep: Option<&OsStr>, files: &[OutFile<'_>]) -> Result<(), WriteError> {
         let entries = fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -221,7 +253,7 @@ impl AtomicWriter {
                 continue;
             }
             let ours = fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA));
-            if ours && !files.iter().any(|(n, _)| *n == text) {
+            if ours && !files.iter().any(|f| f.name == text) {
                 fs::remove_file(&path).map_err(io_err("remove", &path))?;
             }
         }
@@ -269,6 +301,59 @@ mod tests {
         w.remove_all().unwrap();
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// 1,000 generation swaps while a reader hammers the directory: it
+    /// always finds both files, whole, and from the same generation.
+    #[test]
+    fn readers_never_see_a_partial_generation() {
+        let (dir, w) = writer();
+        let payload = |i: usize, part: &str| format!("{i:05}{part}{}", "x".repeat(2000));
+        w.write(&[
+            ("a", payload(0, "a").as_bytes()),
+            ("b", payload(0, "b").as_bytes()),
+        ])
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (stop, dir) = (stop.clone(), dir.path().to_owned());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Resolve ..data once, as kubelet-aware readers do, then read both.
+                    let data = dir.join(fs::read_link(dir.join("..data")).unwrap());
+                    let (Ok(a), Ok(b)) = (
+                        fs::read_to_string(data.join("a")),
+                        fs::read_to_string(data.join("b")),
+                    ) else {
+                        continue; // that generation was just cleaned up: resolve again
+                    };
+                    assert_eq!(a.len(), 2006, "partial file");
+                    assert_eq!(a[..5], b[..5], "files from two generations");
+                    // And through the user-visible links, each file is always whole.
+                    if let Ok(a) = fs::read_to_string(dir.join("a")) {
+                        assert_eq!(a.len(), 2006);
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for i in 1..=1000 {
+            w.write(&[
+                ("a", payload(i, "a").as_bytes()),
+                ("b", payload(i, "b").as_bytes()),
+            ])
+            .unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = reader.join().expect("reader saw a partial generation");
+        assert!(reads > 0);
+        assert!(
+            fs::read_to_string(dir.path().join("a"))
+                .unwrap()
+                .starts_with("01000")
+        );
     }
 
     #[test]

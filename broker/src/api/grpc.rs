@@ -282,6 +282,19 @@ impl BrokerService {
         ));
     }
 
+    /// Whether `held` is a running lease of this workload: only the holder
+    /// may extend or release it.
+    async fn owns(&self, id: &Identity, held: &pb::LeaseRef) -> Result<bool, ApiError> {
+        let record = self.leases.get(&held.lease_id).await?;
+        Ok(record.is_some_and(|l| {
+            l.secret == held.name
+                && l.namespace == id.namespace
+                && l.service_account == id.service_account
+                && l.pod_uid == id.pod_uid
+                && l.expires_at > unix_now()
+        }))
+    }
+
     fn authorize_all(role: &RoleConfig, names: &[String]) -> Result<(), ApiError> {
         check_names(names)?;
         for n in names {
@@ -403,16 +416,7 @@ impl Broker for BrokerService {
             let mut leases = Vec::with_capacity(names.len());
             for held in &r.leases {
                 let current = self.current_version(&held.name).await?;
-                // Only the workload that holds a lease may extend it.
-                let record = self.leases.get(&held.lease_id).await?;
-                let owned = record.is_some_and(|l| {
-                    l.secret == held.name
-                        && l.namespace == id.namespace
-                        && l.service_account == id.service_account
-                        && l.pod_uid == id.pod_uid
-                        && l.expires_at > unix_now()
-                });
-                if !owned {
+                if !self.owns(&id, held).await? {
                     return Err(ApiError::UnknownLease(held.lease_id.clone()));
                 }
                 let mut lease = new_lease(ttl)?;
@@ -434,6 +438,43 @@ impl Broker for BrokerService {
         .instrument(span)
         .await;
         self.observe("renew", start, &result);
+        result.map_err(Into::into)
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let start = std::time::Instant::now();
+        let span = info_span!("release", request_id = %request_id(&req));
+        let result: Result<_, ApiError> = async {
+            let r = req.get_ref();
+            // Releasing is allowed even when revoked or stale: it only gives up access.
+            let token = bearer(&req)?;
+            let id = self.verifier.verify(token).await?;
+            let mut released = 0u32;
+            for held in &r.leases {
+                if self.owns(&id, held).await?
+                    && self.leases.extend(&held.lease_id, unix_now()).await?
+                {
+                    released += 1;
+                }
+            }
+            info!(identity = %id, released, "leases released");
+            self.audit(
+                &id,
+                "release",
+                "ok",
+                json!({
+                    "leases": r.leases.iter().map(|l| l.lease_id.clone()).collect::<Vec<_>>(),
+                    "released": released,
+                }),
+            );
+            Ok(Response::new(pb::ReleaseResponse { released }))
+        }
+        .instrument(span)
+        .await;
+        self.observe("release", start, &result);
         result.map_err(Into::into)
     }
 
