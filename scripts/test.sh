@@ -71,5 +71,17 @@ cargo clippy -p secrets-broker --features otlp --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
+log "deploy/: render, schemas, hardening, policy, image lint, alerts, dashboards"
+bash scripts/check-deploy.sh
+
 log "cargo test (unit, integration and end-to-end)"
-cargo test --workspace --locked -- --test-threads=2
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+set +e
+cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$results"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite: the sum of every test binary's result.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1); if ($(i) ~ /^ignored/) g += $(i-1) } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, g }' "$results"
+exit "$status"
