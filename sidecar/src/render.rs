@@ -78,10 +78,7 @@ impl Templates {
 
     /// Renders every template from `secrets` (name → value): each one's
     /// output, or why it could not be rendered.
-    pub fn render(
-        &self,
-        secrets: &HashMap<&str, &[u8]>,
-    ) -> Vec<(&TemplateSpec, Rendered)> {
+    pub fn render(&self, secrets: &HashMap<&str, &[u8]>) -> Vec<(&TemplateSpec, Rendered)> {
         let map: BTreeMap<&str, Zeroizing<String>> = secrets
             .iter()
             .map(|(k, v)| (*k, Zeroizing::new(String::from_utf8_lossy(v).into_owned())))
