@@ -23,8 +23,8 @@ COPY examples ./examples
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p secrets-sidecar --bin secrets-sidecar \
- && install -D -m 0755 target/release/secrets-sidecar /out/secrets-sidecar
+    cargo build --profile release-small --locked -p secrets-sidecar --bin secrets-sidecar \
+ && install -D -m 0755 target/release-small/secrets-sidecar /out/secrets-sidecar
 
 # --- runtime ----------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime

@@ -3,7 +3,8 @@
 
     check_dockerfiles.py deploy/images/*.Dockerfile
 
-- multi-stage, and the build stage runs `cargo build --release --locked`;
+- multi-stage, and the build stage runs an optimised `cargo build --locked`
+  (`--release`, or `--profile release-small` for the sidecar);
 - the final stage starts FROM a distroless base without a shell
   (gcr.io/distroless/..., never a :debug tag), runs nothing (no RUN),
   switches to a fixed non-root numeric USER uid:gid, has an exec-form
@@ -39,8 +40,9 @@ def check(path):
         problems.append("not a multi-stage build")
         return problems
     build_runs = " ".join(a for s in stages[:-1] for i, a in s["ins"] if i == "RUN")
-    if not re.search(r"cargo build [^&]*--release[^&]*--locked|cargo build [^&]*--locked[^&]*--release", build_runs):
-        problems.append("no `cargo build --release --locked` in the build stage")
+    release = r"(--release|--profile release-small)"
+    if not re.search(rf"cargo build [^&]*{release}[^&]*--locked|cargo build [^&]*--locked[^&]*{release}", build_runs):
+        problems.append("no `cargo build --release --locked` (or --profile release-small) in the build stage")
     final = stages[-1]
     base = final["from"].split()[0]
     if not base.startswith("gcr.io/distroless/") or ":debug" in base:

@@ -445,10 +445,26 @@ fn revocation_reaches_a_sidecar_on_another_replica() {
     let (sc, fs, _) = world
         .start_sidecar("api", &api, port_b, &BOTH[..1])
         .unwrap();
-    wait_for("secret via replica B", LONG, || {
-        exists(&fs.path.join("db-password")).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", sc.log_text()));
+    // More sidecars, on both replicas, that the rule does not cover.
+    let others: Vec<_> = (0..3)
+        .map(|i| {
+            let w = Workload::new("payments", &format!("worker-{i}"), AUDIENCE);
+            let port = if i % 2 == 0 {
+                world.broker_port
+            } else {
+                port_b
+            };
+            world
+                .start_sidecar(&format!("worker{i}"), &w, port, &BOTH[..1])
+                .unwrap()
+        })
+        .collect();
+    for fs in std::iter::once(&fs).chain(others.iter().map(|(_, f, _)| f)) {
+        wait_for("secret on every sidecar", LONG, || {
+            exists(&fs.path.join("db-password")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", sc.log_text()));
+    }
 
     // Revoke through replica A; the sidecar is connected to B.
     let v = json(
@@ -461,6 +477,8 @@ fn revocation_reaches_a_sidecar_on_another_replica() {
                     "revoke",
                     "--namespace",
                     "payments",
+                    "--service-account",
+                    "api",
                     "--reason",
                     "incident-42",
                 ],
@@ -472,6 +490,12 @@ fn revocation_reaches_a_sidecar_on_another_replica() {
         (!exists(&fs.path.join("db-password"))).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\nsidecar:\n{}\nB:\n{}", sc.log_text(), b.log_text()));
+    for (_, f, _) in &others {
+        assert!(
+            exists(&f.path.join("db-password")),
+            "workloads the rule does not name keep their secrets"
+        );
+    }
 
     // Replica B restarted: the rule still holds there.
     b.signal("KILL");

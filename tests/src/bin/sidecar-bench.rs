@@ -1,0 +1,308 @@
+//! Sidecar footprint and local-API benchmark, against the real binaries on
+//! loopback (SQLite broker, sidecar writing into a real tmpfs):
+//!
+//! - time from sidecar start to all files written (broker already up);
+//! - RSS idle, and after 1,000 rotations, with 10 and 100 secrets;
+//! - CPU seconds per hour idle (measured over `--idle-seconds`);
+//! - local `Get` over the Unix socket: p50/p99 latency and the sidecar's CPU
+//!   per call; an application's open+read+close of a secret file.
+//!
+//!   cargo build --release --workspace --bins
+//!   target/release/sidecar-bench [--idle-seconds 30] [--gets 20000]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::{AUDIENCE, Proc, World, wait_for};
+use secrets_broker_proto::v1 as pb;
+
+const ROLES: &str = r#"
+[[roles]]
+name = "bench"
+namespaces = ["bench"]
+service_accounts = ["*"]
+secrets = ["bench/*"]
+ttl = "1h"
+max_ttl = "1h"
+"#;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A field of /proc/PID/status in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (RSS in KiB, CPU seconds) of a process, from /proc.
+fn usage(pid: u32) -> (u64, f64) {
+    let rss = status_kib(pid, "VmRSS:");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (rss, ticks as f64 / 100.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+struct Run {
+    secrets: usize,
+    start_ms: f64,
+    rss_idle_kib: u64,
+    rss_after_kib: u64,
+    /// Private (anonymous) memory after the rotations; the rest of RSS is the
+    /// binary's own file pages, shared through the page cache.
+    anon_after_kib: u64,
+    swaps: usize,
+}
+
+fn scenario(
+    world: &World,
+    n: usize,
+    client: &reqwest::Client,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Run, Proc, secrets_broker_e2e::Tmpfs, std::path::PathBuf)> {
+    let names: Vec<String> = (0..n).map(|i| format!("bench/s{n}-{i}")).collect();
+    for name in &names {
+        world.put(name, &format!("{name}-v1-{}", "x".repeat(64)))?;
+    }
+    let sock_dir = world.path(&format!("sock{n}"));
+    std::fs::create_dir_all(&sock_dir)?;
+    let socket = sock_dir.join("sidecar.sock");
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (n.clone(), n.replace('/', "_")))
+        .collect();
+    let specs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, f)| (n.as_str(), f.as_str()))
+        .collect();
+    let tmpfs = secrets_broker_e2e::Tmpfs::new()?;
+    let token = world.token_file(
+        &format!("t{n}"),
+        &Workload::new("bench", &format!("sa{n}"), AUDIENCE),
+    )?;
+    let extra = format!("[local_api]\nsocket = \"{}\"\n", socket.display());
+    let cfg = world.sidecar_config(&format!("s{n}.toml"), &token, &tmpfs.path, "", &specs)?;
+    let text =
+        std::fs::read_to_string(&cfg)?.replacen("[[secrets]]", &format!("{extra}\n[[secrets]]"), 1);
+    std::fs::write(&cfg, text)?;
+
+    let started = Instant::now();
+    let sidecar = Proc::spawn(
+        std::process::Command::new(secrets_broker_e2e::bin("secrets-sidecar"))
+            .args(["run", "--config"])
+            .arg(&cfg),
+        world.path(&format!("sidecar{n}.log")),
+    )?;
+    wait_for("all files", Duration::from_secs(60), || {
+        files
+            .iter()
+            .all(|(_, f)| tmpfs.path.join(f).exists())
+            .then_some(())
+    })
+    .with_context(|| sidecar.log_text())?;
+    let start_ms = started.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_idle_kib, _) = usage(sidecar.child.id());
+
+    // 1,000 rotations through the admin API, spread over the secrets.
+    eprintln!("  {n} secrets: 1,000 rotations…");
+    for i in 0..1000 {
+        let name = &names[i % n];
+        let body = serde_json::json!({ "value_base64": base64_encode(format!("{name}-v{}-{}", i + 2, "y".repeat(64)).as_bytes()) });
+        rt.block_on(
+            client
+                .put(format!(
+                    "https://localhost:{}/v1/secrets/{name}",
+                    world.admin_port
+                ))
+                .json(&body)
+                .send(),
+        )?
+        .error_for_status()?;
+    }
+    let final_prefix = format!("{}-v{}", names[999 % n], 1001);
+    let last_rotated = tmpfs.path.join(&files[999 % n].1);
+    wait_for("last rotation on disk", Duration::from_secs(120), || {
+        std::fs::read_to_string(&last_rotated)
+            .ok()
+            .filter(|v| v.starts_with(&final_prefix))
+            .map(|_| ())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_after_kib, _) = usage(sidecar.child.id());
+    let anon_after_kib = status_kib(sidecar.child.id(), "RssAnon:");
+    let swaps = sidecar.log_text().matches("wrote new generation").count();
+    Ok((
+        Run {
+            secrets: n,
+            start_ms,
+            rss_idle_kib,
+            rss_after_kib,
+            anon_after_kib,
+            swaps,
+        },
+        sidecar,
+        tmpfs,
+        socket,
+    ))
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn main() -> Result<()> {
+    let idle_secs = arg("--idle-seconds", 30);
+    let gets = arg("--gets", 20_000) as usize;
+    let world = World::new(ROLES)?;
+    world.put("bench/warmup", "w")?;
+    let _broker = world.start_broker("broker.log")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let tls = world.path("tls");
+    let mut pem = std::fs::read(tls.join("admin.crt"))?;
+    pem.extend(std::fs::read(tls.join("admin.key"))?);
+    let client = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&std::fs::read(
+            tls.join("ca.crt"),
+        )?)?)
+        .identity(reqwest::Identity::from_pem(&pem)?)
+        .build()?;
+
+    let mut runs = Vec::new();
+    let mut keep = Vec::new();
+    for n in [10usize, 100] {
+        let (run, proc, tmpfs, socket) = scenario(&world, n, &client, &rt)?;
+        runs.push(run);
+        keep.push((proc, tmpfs, socket, n));
+    }
+
+    // Idle CPU of the 10-secret sidecar.
+    let (sidecar10, fs10, socket10, _) = &keep[0];
+    let pid = sidecar10.child.id();
+    eprintln!("  idle for {idle_secs}s…");
+    let (_, cpu0) = usage(pid);
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let (_, cpu1) = usage(pid);
+    let idle_cpu_per_hour = (cpu1 - cpu0) * 3600.0 / idle_secs as f64;
+
+    // Local Get over the socket: latency and the sidecar's CPU per call.
+    let name = "bench/s10-0".to_owned();
+    let socket = socket10.clone();
+    let (lat, cpu_per_get_us) = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_static("http://local.sidecar")
+            .connect_with_connector(tower_fn(socket))
+            .await?;
+        let mut api = pb::secrets_client::SecretsClient::new(channel);
+        for _ in 0..200 {
+            api.get(pb::GetRequest { name: name.clone() }).await?;
+        }
+        let (_, c0) = usage(pid);
+        let mut lat = Vec::with_capacity(gets);
+        for _ in 0..gets {
+            let t = Instant::now();
+            api.get(pb::GetRequest { name: name.clone() }).await?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let (_, c1) = usage(pid);
+        anyhow::Ok((lat, (c1 - c0) * 1e6 / gets as f64))
+    })?;
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+
+    // An application's read of a secret file.
+    let file = fs10.path.join("bench_s10-0");
+    let reads = 100_000;
+    let t = Instant::now();
+    for _ in 0..reads {
+        let v = std::fs::read(&file)?;
+        std::hint::black_box(v);
+    }
+    let read_us = t.elapsed().as_secs_f64() * 1e6 / reads as f64;
+
+    println!("sidecar footprint (release build, real tmpfs, broker on loopback)");
+    println!(
+        "{:>8} {:>16} {:>14} {:>22} {:>20} {:>8}",
+        "secrets", "start→files", "RSS idle", "RSS after 1,000 rot.", "of which private", "swaps"
+    );
+    for r in &runs {
+        println!(
+            "{:>8} {:>13.1} ms {:>10.1} MiB {:>18.1} MiB {:>16.1} MiB {:>8}",
+            r.secrets,
+            r.start_ms,
+            r.rss_idle_kib as f64 / 1024.0,
+            r.rss_after_kib as f64 / 1024.0,
+            r.anon_after_kib as f64 / 1024.0,
+            r.swaps
+        );
+    }
+    println!(
+        "idle CPU (10 secrets): {idle_cpu_per_hour:.2} CPU-seconds per hour (measured over {idle_secs}s)"
+    );
+    println!(
+        "local Get over the Unix socket ({gets} calls): p50 {:.1} µs, p99 {:.1} µs, sidecar CPU {cpu_per_get_us:.1} µs per call",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    println!("application file read (open+read+close, {reads} reads): {read_us:.2} µs");
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "sidecar_footprint",
+            "runs": runs.iter().map(|r| serde_json::json!({
+                "secrets": r.secrets, "start_to_files_ms": r.start_ms,
+                "rss_idle_mib": r.rss_idle_kib as f64 / 1024.0, "rss_after_1000_rotations_mib": r.rss_after_kib as f64 / 1024.0,
+                "private_after_1000_rotations_mib": r.anon_after_kib as f64 / 1024.0,
+                "generation_swaps": r.swaps,
+            })).collect::<Vec<_>>(),
+            "idle_cpu_seconds_per_hour": idle_cpu_per_hour,
+            "local_get_us": { "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "sidecar_cpu_per_call": cpu_per_get_us },
+            "file_read_us": read_us,
+        })
+    );
+    Ok(())
+}
+
+fn tower_fn(
+    socket: std::path::PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_| {
+        let socket = socket.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(socket).await?,
+            ))
+        }
+    })
+}
