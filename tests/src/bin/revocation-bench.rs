@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::pg::Database;
-use secrets_broker_e2e::{AUDIENCE, World, free_port, wait_for};
+use secrets_broker_e2e::{AUDIENCE, World, flag, free_port, percentile, wait_for};
 
 const ROLES: &str = r#"
 [[roles]]
@@ -28,23 +28,9 @@ ttl = "10m"
 max_ttl = "1h"
 "#;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 fn main() -> Result<()> {
-    let sidecars = arg("--sidecars", 50);
-    let rounds = arg("--rounds", 100);
+    let sidecars = flag("--sidecars", 50) as usize;
+    let rounds = flag("--rounds", 100) as usize;
     let db = Database::create().context("PostgreSQL")?;
     let world = World::with_database(ROLES, &db.url)?;
     world.put("bench/secret", "bench-value")?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::{AUDIENCE, Proc, World, wait_for};
+use secrets_broker_e2e::{AUDIENCE, Proc, World, flag, percentile, wait_for};
 use secrets_broker_proto::v1 as pb;
 
 const ROLES: &str = r#"
@@ -26,15 +26,6 @@ secrets = ["bench/*"]
 ttl = "1h"
 max_ttl = "1h"
 "#;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A field of /proc/PID/status in KiB.
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -60,10 +51,6 @@ fn usage(pid: u32) -> (u64, f64) {
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     (rss, ticks as f64 / 100.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 struct Run {
@@ -176,8 +163,8 @@ fn base64_encode(b: &[u8]) -> String {
 }
 
 fn main() -> Result<()> {
-    let idle_secs = arg("--idle-seconds", 30);
-    let gets = arg("--gets", 20_000) as usize;
+    let idle_secs = flag("--idle-seconds", 30);
+    let gets = flag("--gets", 20_000) as usize;
     let world = World::new(ROLES)?;
     world.put("bench/warmup", "w")?;
     let _broker = world.start_broker("broker.log")?;
