@@ -214,7 +214,6 @@ pub async fn run(
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
-        store: store.clone(),
         cache,
         versions,
         leases,

@@ -271,9 +271,15 @@ mode = "0440"
         out_text(&out)
     );
     if is_root() {
+        // The build directory may be private (CI builds under /root): run a
+        // copy from the world-readable socket directory.
+        let client = sockdir.path().join("secrets-sidecar");
+        std::fs::copy(bin("secrets-sidecar"), &client).unwrap();
+        std::fs::set_permissions(&client, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let out = Command::new("runuser")
             .args(["-u", "nobody", "--"])
-            .arg(bin("secrets-sidecar"))
+            .arg(&client)
             .args(["get", "--socket"])
             .arg(&socket)
             .arg("payments/a")

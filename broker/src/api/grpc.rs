@@ -16,7 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::backend::embedded::{EmbeddedStore, StoreError};
+use crate::backend::embedded::EmbeddedStore;
 use crate::backend::validate_secret_name;
 use crate::cache::{ReadError, SecretCache};
 use crate::config::RoleConfig;
@@ -97,8 +97,6 @@ pub enum ApiError {
     Database(#[from] sqlx::Error),
     #[error("invalid request: {0}")]
     BadRequest(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
     /// A backend read failed (details in the broker's log).
     #[error("the secrets store is unavailable; retry later")]
     Backend,
@@ -117,7 +115,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Store(_) | ApiError::Database(_) | ApiError::Backend => "backend_error",
+            ApiError::Database(_) | ApiError::Backend => "backend_error",
         }
     }
 }
@@ -136,8 +134,7 @@ impl From<ApiError> for Status {
             }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
             // Store internals (paths, SQL) stay in the broker's log.
-            ApiError::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
-            ApiError::Store(_) | ApiError::Backend => {
+            ApiError::Backend => {
                 Status::unavailable("the secrets store is unavailable; retry later")
             }
         }
@@ -148,7 +145,6 @@ impl From<ApiError> for Status {
 pub struct BrokerService {
     pub verifier: Arc<Verifier>,
     pub policy: Arc<Policy>,
-    pub store: EmbeddedStore,
     /// Reads go through the cache: one backend read serves many pods.
     pub cache: SecretCache,
     /// Latest version of every secret, kept by the rotation poller.
