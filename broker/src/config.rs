@@ -38,7 +38,11 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: RawServer,
-    identity: RawIdentity,
+    /// One issuer (one cluster)…
+    identity: Option<RawIdentity>,
+    /// …or several, each its own cluster.
+    #[serde(default)]
+    issuers: Vec<RawIdentity>,
     database: RawDatabase,
     store: RawStore,
     #[serde(default)]
@@ -64,6 +68,8 @@ struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIdentity {
+    /// Names the cluster in identities, roles and logs; default "default".
+    cluster: Option<String>,
     issuer: String,
     audiences: Vec<String>,
     discovery_url: Option<String>,
@@ -144,6 +150,8 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawRole {
     name: String,
+    #[serde(default)]
+    clusters: Vec<String>,
     namespaces: Vec<String>,
     service_accounts: Vec<String>,
     audience: Option<String>,
@@ -204,7 +212,8 @@ fn default_max_ttl() -> Duration {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    pub identity: IdentityConfig,
+    /// The trusted token issuers, one per cluster.
+    pub issuers: Vec<IdentityConfig>,
     pub database: DatabaseConfig,
     pub store: StoreConfig,
     pub revocation: RevocationConfig,
@@ -274,6 +283,8 @@ pub enum KeySource {
 
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
+    /// The cluster this issuer stands for: identities are qualified by it.
+    pub cluster: String,
     pub issuer: String,
     pub audiences: Vec<String>,
     pub keys: KeySource,
@@ -311,6 +322,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct RoleConfig {
     pub name: String,
+    /// Clusters whose identities the role binds; empty: any cluster.
+    pub clusters: Vec<String>,
     pub namespaces: Vec<Pattern>,
     pub service_accounts: Vec<Pattern>,
     /// When set, the token's `aud` must contain it (on top of the broker's audiences).
@@ -370,87 +383,40 @@ impl Config {
             )?,
         };
 
-        let id = raw.identity;
-        if !id.issuer.starts_with("https://") {
-            return Err(v.err("identity.issuer", "must be an https:// URL"));
-        }
-        if id.audiences.is_empty() || id.audiences.iter().any(|a| a.trim().is_empty()) {
-            return Err(v.err(
-                "identity.audiences",
-                "list at least one non-empty audience (e.g. \"secrets-broker\")",
-            ));
-        }
-        let keys = match (id.jwks_file, id.discovery_url) {
-            (Some(_), Some(_)) => {
+        let mut issuers: Vec<IdentityConfig> = Vec::new();
+        let raw_issuers: Vec<(String, RawIdentity)> = match (raw.identity, raw.issuers) {
+            (Some(id), list) if list.is_empty() => vec![("identity".to_owned(), id)],
+            (None, list) if !list.is_empty() => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| (format!("issuers[{i}]"), id))
+                .collect(),
+            (None, _) => {
                 return Err(v.err(
-                    "identity.jwks_file",
-                    "set either jwks_file or discovery_url, not both",
+                    "identity",
+                    "configure the token issuer: an [identity] table, or [[issuers]] for several clusters",
                 ));
             }
-            (Some(file), None) => KeySource::StaticFile(resolve(file)),
-            (None, url) => {
-                let url = url.unwrap_or_else(|| {
-                    format!(
-                        "{}/.well-known/openid-configuration",
-                        id.issuer.trim_end_matches('/')
-                    )
-                });
-                if !url.starts_with("https://") {
-                    return Err(v.err("identity.discovery_url", "must be an https:// URL"));
-                }
-                KeySource::Discovery {
-                    url,
-                    ca_file: id.ca_file.map(resolve),
-                }
+            (Some(_), _) => {
+                return Err(v.err("issuers", "use either [identity] or [[issuers]], not both"));
             }
         };
-        let mut algorithms = Vec::new();
-        for name in &id.algorithms {
-            let alg = Algorithm::from_name(name)
-                .map_err(|m| v.err("identity.algorithms", format!("{name:?}: {m}")))?;
-            algorithms.push(alg);
-        }
-        if algorithms.is_empty() {
-            return Err(v.err("identity.algorithms", "list at least one algorithm"));
-        }
-        let identity = IdentityConfig {
-            issuer: id.issuer,
-            audiences: id.audiences,
-            keys,
-            algorithms,
-            leeway: v.bounded(
-                "identity.leeway",
-                id.leeway,
-                Duration::ZERO,
-                Duration::from_secs(300),
-            )?,
-            jwks_refresh_min_interval: v.bounded(
-                "identity.jwks_refresh_min_interval",
-                id.jwks_refresh_min_interval,
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
-            )?,
-            jwks_max_age: v.bounded(
-                "identity.jwks_max_age",
-                id.jwks_max_age,
-                Duration::from_secs(10),
-                Duration::from_secs(7 * 24 * 3600),
-            )?,
-            max_token_bytes: if (256..=1 << 20).contains(&id.max_token_bytes) {
-                id.max_token_bytes
-            } else {
+        for (prefix, id) in raw_issuers {
+            let config = identity_config(&v, &prefix, id, &resolve)?;
+            if issuers.iter().any(|o| o.cluster == config.cluster) {
                 return Err(v.err(
-                    "identity.max_token_bytes",
-                    "must be between 256 and 1048576",
+                    &format!("{prefix}.cluster"),
+                    format!("cluster {:?} is named twice", config.cluster),
                 ));
-            },
-            http_timeout: v.bounded(
-                "identity.http_timeout",
-                id.http_timeout,
-                Duration::from_millis(100),
-                Duration::from_secs(120),
-            )?,
-        };
+            }
+            if issuers.iter().any(|o| o.issuer == config.issuer) {
+                return Err(v.err(
+                    &format!("{prefix}.issuer"),
+                    format!("issuer {:?} is listed twice", config.issuer),
+                ));
+            }
+            issuers.push(config);
+        }
 
         let database = match raw.database.url.split_once(':') {
             Some(("sqlite", rest)) => {
@@ -632,6 +598,7 @@ impl Config {
                 audience: r.audience,
                 ttl: r.ttl.max(Duration::from_secs(1)),
                 max_ttl,
+                clusters: r.clusters,
                 name: r.name,
             });
         }
@@ -641,9 +608,21 @@ impl Config {
                 "no [[roles]] defined: every login would be refused (deny by default)",
             ));
         }
+        for (i, r) in roles.iter().enumerate() {
+            if let Some(c) = r
+                .clusters
+                .iter()
+                .find(|c| !issuers.iter().any(|x| x.cluster == **c))
+            {
+                return Err(v.err(
+                    &format!("roles[{i}].clusters"),
+                    format!("no issuer has cluster {c:?}"),
+                ));
+            }
+        }
         Ok(Config {
             server,
-            identity,
+            issuers,
             database,
             store,
             revocation,
@@ -651,6 +630,102 @@ impl Config {
             roles,
         })
     }
+}
+
+/// Validates one issuer's table; `prefix` is its key in the file
+/// (`identity` or `issuers[i]`).
+fn identity_config(
+    v: &Validator<'_>,
+    prefix: &str,
+    id: RawIdentity,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<IdentityConfig, ConfigError> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if !id.issuer.starts_with("https://") {
+        return Err(v.err(&key("issuer"), "must be an https:// URL"));
+    }
+    if id.audiences.is_empty() || id.audiences.iter().any(|a| a.trim().is_empty()) {
+        return Err(v.err(
+            &key("audiences"),
+            "list at least one non-empty audience (e.g. \"secrets-broker\")",
+        ));
+    }
+    let cluster = id.cluster.unwrap_or_else(|| "default".to_owned());
+    if !crate::policy::valid_role_name(&cluster) {
+        return Err(v.err(
+            &key("cluster"),
+            "use 1-63 characters from a-z, 0-9, '-', '_' and '.'",
+        ));
+    }
+    let keys = match (id.jwks_file, id.discovery_url) {
+        (Some(_), Some(_)) => {
+            return Err(v.err(
+                &key("jwks_file"),
+                "set either jwks_file or discovery_url, not both",
+            ));
+        }
+        (Some(file), None) => KeySource::StaticFile(resolve(file)),
+        (None, url) => {
+            let url = url.unwrap_or_else(|| {
+                format!(
+                    "{}/.well-known/openid-configuration",
+                    id.issuer.trim_end_matches('/')
+                )
+            });
+            if !url.starts_with("https://") {
+                return Err(v.err(&key("discovery_url"), "must be an https:// URL"));
+            }
+            KeySource::Discovery {
+                url,
+                ca_file: id.ca_file.map(resolve),
+            }
+        }
+    };
+    let mut algorithms = Vec::new();
+    for name in &id.algorithms {
+        let alg = Algorithm::from_name(name)
+            .map_err(|m| v.err(&key("algorithms"), format!("{name:?}: {m}")))?;
+        algorithms.push(alg);
+    }
+    if algorithms.is_empty() {
+        return Err(v.err(&key("algorithms"), "list at least one algorithm"));
+    }
+    Ok(IdentityConfig {
+        cluster,
+        issuer: id.issuer,
+        audiences: id.audiences,
+        keys,
+        algorithms,
+        leeway: v.bounded(
+            &key("leeway"),
+            id.leeway,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        )?,
+        jwks_refresh_min_interval: v.bounded(
+            &key("jwks_refresh_min_interval"),
+            id.jwks_refresh_min_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?,
+        jwks_max_age: v.bounded(
+            &key("jwks_max_age"),
+            id.jwks_max_age,
+            Duration::from_secs(10),
+            Duration::from_secs(7 * 24 * 3600),
+        )?,
+        max_token_bytes: if (256..=1 << 20).contains(&id.max_token_bytes) {
+            id.max_token_bytes
+        } else {
+            return Err(v.err(&key("max_token_bytes"), "must be between 256 and 1048576"));
+        },
+        http_timeout: v.bounded(
+            &key("http_timeout"),
+            id.http_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(120),
+        )?,
+    })
 }
 
 struct Validator<'a> {
@@ -735,7 +810,7 @@ ttl = "5m"
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(cfg.roles[0].ttl, Duration::from_secs(300));
-        match &cfg.identity.keys {
+        match &cfg.issuers[0].keys {
             KeySource::Discovery { url, .. } => {
                 assert_eq!(
                     url,
@@ -792,6 +867,45 @@ ttl = "5m"
         assert!(
             err.contains("identity.algorithms") && err.contains("HMAC"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn several_issuers_are_clusters() {
+        let two = GOOD.replace(
+            "[identity]\nissuer = \"https://issuer.example\"\naudiences = [\"secrets-broker\"]\n",
+            "[[issuers]]\ncluster = \"a\"\nissuer = \"https://a.example\"\naudiences = [\"sb\"]\n\n[[issuers]]\ncluster = \"b\"\nissuer = \"https://b.example\"\naudiences = [\"sb\"]\n",
+        );
+        let cfg = parse(&two).unwrap();
+        assert_eq!(cfg.issuers.len(), 2);
+        assert_eq!(cfg.issuers[1].cluster, "b");
+        let dup = two.replace("cluster = \"b\"", "cluster = \"a\"");
+        assert!(
+            parse(&dup)
+                .unwrap_err()
+                .to_string()
+                .contains("`issuers[1].cluster`")
+        );
+        let both = format!("{two}\n").replace(
+            "[database]",
+            "[identity]\nissuer = \"https://c.example\"\naudiences = [\"x\"]\n[database]",
+        );
+        assert!(parse(&both).unwrap_err().to_string().contains("not both"));
+        let unknown = two.replace("name = \"api\"", "name = \"api\"\nclusters = [\"zzz\"]");
+        let err = parse(&unknown).unwrap_err().to_string();
+        assert!(
+            err.contains("`roles[0].clusters`") && err.contains("zzz"),
+            "{err}"
+        );
+        let none = GOOD.replace(
+            "[identity]\nissuer = \"https://issuer.example\"\naudiences = [\"secrets-broker\"]\n",
+            "",
+        );
+        assert!(
+            parse(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("configure the token issuer")
         );
     }
 

@@ -55,7 +55,14 @@ macro_rules! on_db {
 pub(crate) use on_db;
 
 /// Schema version this build migrates to.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Changes after version 1, applied in order to a database at an older version.
+const MIGRATIONS: &[(i64, &str)] = &[
+    // Several clusters: a revocation rule may name one.
+    (2, "ALTER TABLE revocations ADD COLUMN cluster TEXT"),
+    (2, "ALTER TABLE leases ADD COLUMN cluster TEXT"),
+];
 
 fn schema(postgres: bool) -> Vec<String> {
     let blob = if postgres { "BYTEA" } else { "BLOB" };
@@ -172,6 +179,20 @@ impl Db {
         }
         let current: Option<i64> = on_db!(self, pool => sqlx::query_scalar("SELECT MAX(version) FROM schema_version").fetch_one(pool).await)?;
         if current.is_none_or(|v| v < SCHEMA_VERSION) {
+            let from = current.unwrap_or(1);
+            for (version, stmt) in MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+                if let Err(e) =
+                    on_db!(self, pool => sqlx::query(*stmt).execute(pool).await.map(|_| ()))
+                {
+                    // Another replica may have applied it a moment ago.
+                    let again = on_db!(self, pool => sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(version) FROM schema_version")
+                        .fetch_one(pool)
+                        .await)?;
+                    if again.is_none_or(|v| v < *version) {
+                        return Err(e);
+                    }
+                }
+            }
             on_db!(self, pool => sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
                 .bind(SCHEMA_VERSION)
                 .execute(pool)

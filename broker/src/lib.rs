@@ -41,7 +41,7 @@ use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::config::Config;
 use crate::db::Db;
 use crate::identity::jwks::JwksError;
-use crate::identity::verify::Verifier;
+use crate::identity::verify::Verifiers;
 use crate::policy::Policy;
 use crate::state::Leases;
 use crate::state::audit::{Audit, Auditor};
@@ -102,8 +102,9 @@ pub async fn run(
     let leases = Leases::new(db.clone());
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
-    let verifier = Arc::new(Verifier::new(config.identity.clone())?);
-    let metrics = Arc::new(api::http::Metrics::new(verifier.jwks().refreshes.clone()));
+    let refreshes = prometheus_client::metrics::family::Family::default();
+    let verifier = Arc::new(Verifiers::new(&config.issuers, &refreshes)?);
+    let metrics = Arc::new(api::http::Metrics::new(refreshes));
     let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
     let versions = api::grpc::Versions::default();
     let ops = match config.server.ops_listen {
@@ -134,22 +135,25 @@ pub async fn run(
     let (down_tx, down_rx) = watch::channel(false);
     let (rot_tx, _) = broadcast::channel(1024);
 
-    // Load the issuer's keys in the background and keep them fresh; until
+    // Load every issuer's keys in the background and keep them fresh; until
     // they load, calls answer UNAVAILABLE and health says NOT_SERVING.
-    tokio::spawn({
-        let verifier = verifier.clone();
+    for one in verifier.all() {
+        let one = one.clone();
+        let all = verifier.clone();
         let health = health.clone();
         let mut down = down_rx.clone();
-        async move {
-            let fresh = verifier.jwks().keep_fresh(async || {
-                health.set_serving::<BrokerServer<BrokerService>>().await;
+        tokio::spawn(async move {
+            let fresh = one.jwks().keep_fresh(async || {
+                if all.is_loaded() {
+                    health.set_serving::<BrokerServer<BrokerService>>().await;
+                }
             });
             tokio::select! {
                 _ = fresh => {}
                 _ = until_true(&mut down) => {}
             }
-        }
-    });
+        });
+    }
     // Ended leases are kept a day for `leases list` and audits, then pruned.
     tokio::spawn({
         let leases = leases.clone();
@@ -263,7 +267,8 @@ pub async fn run(
 /// JSON line with the identity and role; on refusal, the reason.
 pub async fn check_token(config: &Config, token: &str, role: &str) -> Result<String, String> {
     install_crypto_provider();
-    let verifier = Verifier::new(config.identity.clone()).map_err(|e| e.to_string())?;
+    let verifier =
+        Verifiers::new(&config.issuers, &Default::default()).map_err(|e| e.to_string())?;
     let identity = verifier.verify(token).await.map_err(|e| e.to_string())?;
     let policy = Policy::new(config.roles.clone());
     let role = policy.resolve(&identity, role).map_err(|e| e.to_string())?;

@@ -97,7 +97,8 @@ impl Policy {
     }
 
     fn binds(role: &RoleConfig, id: &Identity) -> bool {
-        role.namespaces.iter().any(|p| p.matches(&id.namespace))
+        (role.clusters.is_empty() || role.clusters.contains(&id.cluster))
+            && role.namespaces.iter().any(|p| p.matches(&id.namespace))
             && role
                 .service_accounts
                 .iter()
@@ -200,6 +201,7 @@ mod tests {
     fn role(name: &str, ns: &str, sa: &str, aud: Option<&str>) -> RoleConfig {
         RoleConfig {
             name: name.into(),
+            clusters: Vec::new(),
             namespaces: vec![p(ns)],
             service_accounts: vec![p(sa)],
             audience: aud.map(Into::into),

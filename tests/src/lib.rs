@@ -186,6 +186,8 @@ pub struct World {
     pub database: String,
     /// Runs the issuer's HTTPS server.
     pub runtime: tokio::runtime::Runtime,
+    /// The TLS identity issuers serve with (signed by `tls/ca.crt`).
+    issuer_tls: std::sync::Arc<rustls::ServerConfig>,
 }
 
 impl World {
@@ -204,14 +206,8 @@ impl World {
             .worker_threads(1)
             .enable_all()
             .build()?;
-        let issuer = Issuer::new()?;
-        runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            issuer
-                .serve(listener, "127.0.0.1", tls.server_config()?)
-                .await?;
-            anyhow::Ok(())
-        })?;
+        let issuer_tls = tls.server_config()?;
+        let issuer = start_issuer(&runtime, issuer_tls.clone())?;
         let out = Command::new(bin("secrets-broker"))
             .args(["store", "keygen", "--out"])
             .arg(dir.path().join("store.key"))
@@ -230,6 +226,7 @@ impl World {
             issuer,
             tls: tls_files,
             runtime,
+            issuer_tls,
         };
         let mut world = world;
         world.ops_port = world.write_broker_config(
@@ -239,6 +236,12 @@ impl World {
             roles_toml,
         )?;
         Ok(world)
+    }
+
+    /// Another token issuer (another cluster), served over HTTPS with the
+    /// same CA as the first.
+    pub fn add_issuer(&self) -> Result<Issuer> {
+        start_issuer(&self.runtime, self.issuer_tls.clone())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -510,4 +513,17 @@ pub fn flag(name: &str, default: u64) -> u64 {
 /// The `p`-quantile (0..=1) of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn start_issuer(
+    runtime: &tokio::runtime::Runtime,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> Result<Issuer> {
+    let issuer = Issuer::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        issuer.serve(listener, "127.0.0.1", tls).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(issuer)
 }

@@ -625,7 +625,7 @@ pub fn openapi_document() -> Value {
                 "NewRule": {
                     "type": "object", "required": ["reason"], "additionalProperties": false,
                     "properties": {
-                        "namespace": { "type": "string" }, "service_account": { "type": "string" },
+                        "cluster": { "type": "string" }, "namespace": { "type": "string" }, "service_account": { "type": "string" },
                         "pod_uid": { "type": "string" }, "lease_id": { "type": "string" }, "secret": { "type": "string" },
                         "reason": { "type": "string" }, "for_seconds": { "type": "integer", "minimum": 1 }
                     }
@@ -633,7 +633,7 @@ pub fn openapi_document() -> Value {
                 "Rule": {
                     "type": "object",
                     "properties": {
-                        "id": { "type": "string" }, "namespace": { "type": "string", "nullable": true },
+                        "id": { "type": "string" }, "cluster": { "type": "string", "nullable": true }, "namespace": { "type": "string", "nullable": true },
                         "service_account": { "type": "string", "nullable": true }, "pod_uid": { "type": "string", "nullable": true },
                         "lease_id": { "type": "string", "nullable": true }, "secret": { "type": "string", "nullable": true },
                         "reason": { "type": "string" }, "created_by": { "type": "string" },

@@ -21,7 +21,7 @@ use crate::backend::validate_secret_name;
 use crate::cache::{ReadError, SecretCache};
 use crate::config::RoleConfig;
 use crate::db::unix_now;
-use crate::identity::verify::{TokenError, Verifier};
+use crate::identity::verify::{TokenError, Verifiers};
 use crate::identity::{Identity, fingerprint};
 use crate::policy::{self, Denied, Policy};
 use crate::state::audit::{Auditor, Entry};
@@ -143,7 +143,7 @@ impl From<ApiError> for Status {
 
 /// The state a `Broker` service works with.
 pub struct BrokerService {
-    pub verifier: Arc<Verifier>,
+    pub verifier: Arc<Verifiers>,
     pub policy: Arc<Policy>,
     /// Reads go through the cache: one backend read serves many pods.
     pub cache: SecretCache,
@@ -617,6 +617,7 @@ fn lease_record(
 ) -> LeaseRecord {
     LeaseRecord {
         lease_id: lease.lease_id.clone(),
+        cluster: Some(id.cluster.clone()),
         issuer: id.issuer.clone(),
         namespace: id.namespace.clone(),
         service_account: id.service_account.clone(),

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::db::Db;
-use crate::identity::verify::Verifier;
+use crate::identity::verify::Verifiers;
 use crate::state::revocation::View;
 
 /// Labels of the call counter: the gRPC method and a bounded result class.
@@ -170,7 +170,7 @@ impl Metrics {
 pub struct OpsState {
     pub metrics: Arc<Metrics>,
     pub view: Arc<View>,
-    pub verifier: Arc<Verifier>,
+    pub verifier: Arc<Verifiers>,
     pub db: Db,
 }
 
@@ -201,7 +201,7 @@ async fn metrics(
 
 async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let mut failing = Vec::new();
-    if !s.verifier.jwks().is_loaded() {
+    if !s.verifier.is_loaded() {
         failing.push("identity: the issuer's signing keys have not loaded".to_owned());
     }
     if let Err(e) = s.view.ensure_fresh() {

@@ -52,6 +52,9 @@ enum Command {
     /// Revoke access now: affected sidecars remove the secrets within about a
     /// second, and new logins and fetches are refused until the rule is lifted.
     Revoke {
+        /// Only identities of this cluster (an issuer's `cluster` in the broker config).
+        #[arg(long)]
+        cluster: Option<String>,
         #[arg(long)]
         namespace: Option<String>,
         /// Needs --namespace.
@@ -316,6 +319,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     use reqwest::Method;
     match cli.command {
         Command::Revoke {
+            cluster,
             namespace,
             service_account,
             pod_uid,
@@ -325,7 +329,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for_duration,
         } => {
             let body = json!({
-                "namespace": namespace, "service_account": service_account, "pod_uid": pod_uid,
+                "cluster": cluster, "namespace": namespace, "service_account": service_account, "pod_uid": pod_uid,
                 "lease_id": lease, "secret": secret, "reason": reason,
                 "for_seconds": for_duration.map(|d| d.as_secs().max(1)),
             });

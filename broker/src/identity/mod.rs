@@ -18,6 +18,8 @@ use serde::Serialize;
 /// `ns/sa` of one cluster is never `ns/sa` of another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Identity {
+    /// The cluster of the issuer that signed the token (from the config).
+    pub cluster: String,
     pub issuer: String,
     pub subject: String,
     pub namespace: String,
@@ -36,6 +38,7 @@ impl Identity {
     #[cfg(test)]
     pub(crate) fn for_test(namespace: &str, service_account: &str) -> Identity {
         Identity {
+            cluster: "default".into(),
             issuer: "https://issuer.test".into(),
             subject: format!("system:serviceaccount:{namespace}:{service_account}"),
             namespace: namespace.into(),
@@ -55,7 +58,7 @@ impl fmt::Display for Identity {
         if let Some(pod) = &self.pod_name {
             write!(f, " (pod {pod})")?;
         }
-        write!(f, " from {}", self.issuer)
+        write!(f, " in cluster {} ({})", self.cluster, self.issuer)
     }
 }
 

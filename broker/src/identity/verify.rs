@@ -179,6 +179,18 @@ impl Verifier {
         &self.jwks
     }
 
+    /// Counts this verifier's key refreshes in a shared counter family.
+    pub fn with_refresh_counter(
+        mut self,
+        family: prometheus_client::metrics::family::Family<
+            crate::api::http::ResultLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> Verifier {
+        self.jwks.refreshes = family;
+        self
+    }
+
     /// Verifies a token now.
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         self.verify_at(token, SystemTime::now()).await
@@ -319,6 +331,7 @@ impl Verifier {
             return Err(TokenError::Claim("kubernetes.io.namespace"));
         }
         Ok(Identity {
+            cluster: self.cfg.cluster.clone(),
             issuer: iss,
             subject: sub,
             namespace: k8s.namespace,
@@ -330,6 +343,95 @@ impl Verifier {
             expires_at: exp,
         })
     }
+}
+
+/// The verifiers of every trusted issuer (one per cluster). A token goes to
+/// the verifier of its (not yet trusted) `iss`; that verifier then checks
+/// everything, `iss` included, so a token can only ever be verified with its
+/// own issuer's keys.
+pub struct Verifiers {
+    all: Vec<std::sync::Arc<Verifier>>,
+    max_token_bytes: usize,
+}
+
+impl Verifiers {
+    pub fn new(
+        cfgs: &[IdentityConfig],
+        refreshes: &prometheus_client::metrics::family::Family<
+            crate::api::http::ResultLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> Result<Verifiers, JwksError> {
+        let mut all = Vec::with_capacity(cfgs.len());
+        for cfg in cfgs {
+            all.push(std::sync::Arc::new(
+                Verifier::new(cfg.clone())?.with_refresh_counter(refreshes.clone()),
+            ));
+        }
+        Ok(Verifiers {
+            max_token_bytes: cfgs
+                .iter()
+                .map(|c| c.max_token_bytes)
+                .max()
+                .unwrap_or(16 * 1024),
+            all,
+        })
+    }
+
+    pub fn all(&self) -> &[std::sync::Arc<Verifier>] {
+        &self.all
+    }
+
+    /// Whether every issuer's keys have loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.all.iter().all(|v| v.jwks().is_loaded())
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        if let [only] = self.all.as_slice() {
+            return only.verify(token).await;
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        if token.len() > self.max_token_bytes {
+            return Err(TokenError::TooLarge {
+                len: token.len(),
+                max: self.max_token_bytes,
+            });
+        }
+        parse_header(token)?;
+        let iss = unverified_issuer(token)?;
+        match self.all.iter().find(|v| v.cfg.issuer == iss) {
+            Some(v) => v.verify(token).await,
+            None => Err(TokenError::Issuer {
+                got: iss,
+                want: self
+                    .all
+                    .iter()
+                    .map(|v| v.cfg.issuer.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            }),
+        }
+    }
+}
+
+/// The `iss` claim of a token whose signature is not checked yet: used only
+/// to choose which issuer's verifier checks it.
+fn unverified_issuer(token: &str) -> Result<String, TokenError> {
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let raw = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed("claims are not base64url".into()))?;
+    let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&raw)
+        .map_err(|_| TokenError::Malformed("claims are not a JSON object".into()))?;
+    claims
+        .get("iss")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .ok_or(TokenError::Claim("iss"))
 }
 
 /// A JOSE header as read before any verification: nothing in it is trusted.
@@ -437,6 +539,7 @@ mod tests {
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, json!({ "keys": [jwk] }).to_string()).unwrap();
         let cfg = IdentityConfig {
+            cluster: "default".into(),
             issuer: ISS.into(),
             audiences: vec!["secrets-broker".into()],
             keys: KeySource::StaticFile(path),

@@ -18,6 +18,8 @@ use crate::db::{Db, on_db};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseRecord {
     pub lease_id: String,
+    /// The cluster of the identity that holds it.
+    pub cluster: Option<String>,
     pub issuer: String,
     pub namespace: String,
     pub service_account: String,
@@ -30,7 +32,7 @@ pub struct LeaseRecord {
     pub expires_at: i64,
 }
 
-const LEASE_COLUMNS: &str = "lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at";
+const LEASE_COLUMNS: &str = "lease_id, cluster, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at";
 
 fn lease_from_row<R: Row>(r: &R) -> LeaseRecord
 where
@@ -41,6 +43,7 @@ where
 {
     LeaseRecord {
         lease_id: r.get("lease_id"),
+        cluster: r.get("cluster"),
         issuer: r.get("issuer"),
         namespace: r.get("namespace"),
         service_account: r.get("service_account"),
@@ -67,8 +70,8 @@ impl Leases {
 
     /// Records leases just handed out (one row each).
     pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), sqlx::Error> {
-        const INSERT: &str = "INSERT INTO leases (lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+        const INSERT: &str = "INSERT INTO leases (lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at, cluster)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
         on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             for l in leases {
@@ -84,6 +87,7 @@ impl Leases {
                     .bind(l.version as i64)
                     .bind(l.issued_at)
                     .bind(l.expires_at)
+                    .bind(&l.cluster)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -136,13 +140,15 @@ impl Leases {
     ) -> Result<u64, sqlx::Error> {
         const END: &str = "UPDATE leases SET expires_at = $1 WHERE expires_at > $1
              AND ($2 IS NULL OR namespace = $2) AND ($3 IS NULL OR service_account = $3)
-             AND ($4 IS NULL OR pod_uid = $4) AND ($5 IS NULL OR secret = $5)";
+             AND ($4 IS NULL OR pod_uid = $4) AND ($5 IS NULL OR secret = $5)
+             AND ($6 IS NULL OR cluster = $6)";
         let n = on_db!(&self.db, pool => sqlx::query(END)
             .bind(now)
             .bind(&rule.namespace)
             .bind(&rule.service_account)
             .bind(&rule.pod_uid)
             .bind(&rule.secret)
+            .bind(&rule.cluster)
             .execute(pool)
             .await
             .map(|r| r.rows_affected()))?;

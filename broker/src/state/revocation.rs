@@ -30,6 +30,9 @@ pub const NOTIFY_CHANNEL: &str = "secrets_broker_revocations";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Rule {
     pub id: String,
+    /// Limits the rule to identities of one cluster; `None`: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub pod_uid: Option<String>,
@@ -46,6 +49,7 @@ pub struct Rule {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewRule {
+    pub cluster: Option<String>,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub pod_uid: Option<String>,
@@ -69,7 +73,8 @@ pub enum RuleError {
 
 impl Rule {
     fn covers_identity(&self, id: &Identity) -> bool {
-        self.namespace.as_ref().is_none_or(|n| *n == id.namespace)
+        self.cluster.as_ref().is_none_or(|c| *c == id.cluster)
+            && self.namespace.as_ref().is_none_or(|n| *n == id.namespace)
             && self
                 .service_account
                 .as_ref()
@@ -128,7 +133,7 @@ pub struct Revocations {
     db: Db,
 }
 
-const RULE_COLUMNS: &str = "id, namespace, service_account, pod_uid, lease_id, secret, reason, created_by, created_at, expires_at";
+const RULE_COLUMNS: &str = "id, namespace, service_account, pod_uid, lease_id, secret, reason, created_by, created_at, expires_at, cluster";
 
 impl Revocations {
     pub fn new(db: Db) -> Revocations {
@@ -146,6 +151,7 @@ impl Revocations {
         let clean = |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
         let mut rule = Rule {
             id: random_id(),
+            cluster: clean(new.cluster),
             namespace: clean(new.namespace),
             service_account: clean(new.service_account),
             pod_uid: clean(new.pod_uid),
@@ -169,6 +175,7 @@ impl Revocations {
             ));
         }
         for v in [
+            &rule.cluster,
             &rule.namespace,
             &rule.service_account,
             &rule.pod_uid,
@@ -189,6 +196,7 @@ impl Revocations {
                 .get(lease_id)
                 .await?
                 .ok_or_else(|| RuleError::UnknownLease(lease_id.clone()))?;
+            rule.cluster = lease.cluster;
             rule.namespace = Some(lease.namespace);
             rule.service_account = Some(lease.service_account);
             rule.pod_uid = lease.pod_uid;
@@ -200,7 +208,7 @@ impl Revocations {
             ));
         }
         let sql = format!(
-            "INSERT INTO revocations ({RULE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            "INSERT INTO revocations ({RULE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
         on_db!(&self.db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(&rule.id)
@@ -213,6 +221,7 @@ impl Revocations {
             .bind(&rule.created_by)
             .bind(rule.created_at)
             .bind(rule.expires_at)
+            .bind(&rule.cluster)
             .execute(pool)
             .await
             .map(|_| ()))?;
@@ -236,6 +245,7 @@ impl Revocations {
             rows.iter()
                 .map(|r| Rule {
                     id: r.get("id"),
+                    cluster: r.get("cluster"),
                     namespace: r.get("namespace"),
                     service_account: r.get("service_account"),
                     pod_uid: r.get("pod_uid"),
@@ -419,6 +429,7 @@ mod tests {
     fn rule(ns: Option<&str>, sa: Option<&str>, pod: Option<&str>, secret: Option<&str>) -> Rule {
         Rule {
             id: "r1".into(),
+            cluster: None,
             namespace: ns.map(Into::into),
             service_account: sa.map(Into::into),
             pod_uid: pod.map(Into::into),
