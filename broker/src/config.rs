@@ -87,6 +87,18 @@ struct RawIdentity {
     max_token_bytes: usize,
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     http_timeout: Duration,
+    #[serde(default)]
+    mode: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_review_cache", with = "humantime_serde")]
+    tokenreview_cache: Duration,
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    tokenreview_timeout: Duration,
+    on_api_error: Option<String>,
+}
+
+fn default_review_cache() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +297,15 @@ pub enum KeySource {
 pub struct IdentityConfig {
     /// The cluster this issuer stands for: identities are qualified by it.
     pub cluster: String,
+    /// Offline keys, the API server's TokenReview, or both.
+    pub mode: crate::identity::tokenreview::Mode,
+    /// Where the broker's own credentials for TokenReview are; `None`: in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    pub tokenreview_cache: Duration,
+    pub tokenreview_timeout: Duration,
+    /// In `jwks+tokenreview` mode, accept offline-verified tokens while the
+    /// API server cannot be asked (default: refuse).
+    pub allow_on_api_error: bool,
     pub issuer: String,
     pub audiences: Vec<String>,
     pub keys: KeySource,
@@ -690,8 +711,45 @@ fn identity_config(
     if algorithms.is_empty() {
         return Err(v.err(&key("algorithms"), "list at least one algorithm"));
     }
+    let mode = match &id.mode {
+        None => crate::identity::tokenreview::Mode::Jwks,
+        Some(m) => {
+            crate::identity::tokenreview::Mode::parse(m).map_err(|e| v.err(&key("mode"), e))?
+        }
+    };
+    let allow_on_api_error = match id.on_api_error.as_deref() {
+        None | Some("deny") => false,
+        Some("allow") if mode == crate::identity::tokenreview::Mode::JwksAndTokenReview => true,
+        Some("allow") => {
+            return Err(v.err(
+                &key("on_api_error"),
+                "\"allow\" applies to mode \"jwks+tokenreview\" only",
+            ));
+        }
+        Some(other) => {
+            return Err(v.err(
+                &key("on_api_error"),
+                format!("{other:?}: use deny or allow"),
+            ));
+        }
+    };
     Ok(IdentityConfig {
         cluster,
+        mode,
+        kubeconfig: id.kubeconfig.map(resolve),
+        tokenreview_cache: v.bounded(
+            &key("tokenreview_cache"),
+            id.tokenreview_cache,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        )?,
+        tokenreview_timeout: v.bounded(
+            &key("tokenreview_timeout"),
+            id.tokenreview_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?,
+        allow_on_api_error,
         issuer: id.issuer,
         audiences: id.audiences,
         keys,

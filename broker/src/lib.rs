@@ -59,6 +59,9 @@ pub enum RunError {
     /// The identity configuration cannot be used (e.g. an unreadable CA file).
     #[error("identity: {0}")]
     Identity(#[from] JwksError),
+    /// A TokenReview client could not be set up (kubeconfig, in-cluster config).
+    #[error("identity: {0}")]
+    Kubernetes(String),
     /// The embedded store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -103,7 +106,11 @@ pub async fn run(
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
     let refreshes = prometheus_client::metrics::family::Family::default();
-    let verifier = Arc::new(Verifiers::new(&config.issuers, &refreshes)?);
+    let verifier = Arc::new(
+        Verifiers::new(&config.issuers, &refreshes)
+            .await
+            .map_err(RunError::Kubernetes)?,
+    );
     let metrics = Arc::new(api::http::Metrics::new(refreshes));
     let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
     let versions = api::grpc::Versions::default();
@@ -137,7 +144,7 @@ pub async fn run(
 
     // Load every issuer's keys in the background and keep them fresh; until
     // they load, calls answer UNAVAILABLE and health says NOT_SERVING.
-    for one in verifier.all() {
+    for one in verifier.all().iter().filter(|v| Verifiers::uses_keys(v)) {
         let one = one.clone();
         let all = verifier.clone();
         let health = health.clone();
@@ -267,8 +274,7 @@ pub async fn run(
 /// JSON line with the identity and role; on refusal, the reason.
 pub async fn check_token(config: &Config, token: &str, role: &str) -> Result<String, String> {
     install_crypto_provider();
-    let verifier =
-        Verifiers::new(&config.issuers, &Default::default()).map_err(|e| e.to_string())?;
+    let verifier = Verifiers::new(&config.issuers, &Default::default()).await?;
     let identity = verifier.verify(token).await.map_err(|e| e.to_string())?;
     let policy = Policy::new(config.roles.clone());
     let role = policy.resolve(&identity, role).map_err(|e| e.to_string())?;

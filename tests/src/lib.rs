@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use secrets_broker::dev::issuer::{Issuer, Workload};
 use secrets_broker::dev::tls::{DevTls, TlsFiles};
 
+pub mod kube_api;
 pub mod pg;
 
 pub const AUDIENCE: &str = "secrets-broker";
@@ -236,6 +237,11 @@ impl World {
             roles_toml,
         )?;
         Ok(world)
+    }
+
+    /// A fake Kubernetes API server (TokenReview) with this world's TLS.
+    pub fn start_api_server(&self) -> Result<kube_api::FakeApiServer> {
+        kube_api::FakeApiServer::start(&self.runtime, self.issuer_tls.clone())
     }
 
     /// Another token issuer (another cluster), served over HTTPS with the

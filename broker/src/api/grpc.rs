@@ -106,7 +106,9 @@ impl ApiError {
     /// A short, bounded class for audit records and (later) metric labels.
     pub fn class(&self) -> &'static str {
         match self {
-            ApiError::Token(TokenError::KeysUnavailable(_)) => "keys_unavailable",
+            ApiError::Token(TokenError::KeysUnavailable(_) | TokenError::ReviewUnavailable(_)) => {
+                "keys_unavailable"
+            }
             ApiError::Token(TokenError::Expired { .. }) => "token_expired",
             ApiError::Token(_) => "token_invalid",
             ApiError::Denied(_) => "denied",
@@ -124,7 +126,9 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let msg = e.to_string();
         match e {
-            ApiError::Token(TokenError::KeysUnavailable(_)) => Status::unavailable(msg),
+            ApiError::Token(TokenError::KeysUnavailable(_) | TokenError::ReviewUnavailable(_)) => {
+                Status::unavailable(msg)
+            }
             ApiError::Token(_) => Status::unauthenticated(msg),
             ApiError::Denied(_) | ApiError::Revoked(_) => Status::permission_denied(msg),
             ApiError::Stale(_) => Status::unavailable(msg),
@@ -214,6 +218,21 @@ impl BrokerService {
         let token = bearer(req)?;
         let identity = match self.verifier.verify(token).await {
             Ok(id) => id,
+            Err(TokenError::PodGone { identity, reason }) => {
+                // The API server says the pod is gone: end its leases now.
+                let ended = match &identity.pod_uid {
+                    Some(uid) => self.leases.end_for_pod(uid, unix_now()).await.unwrap_or(0),
+                    None => 0,
+                };
+                warn!(identity = %identity, reason = %reason, leases_ended = ended, "token no longer accepted by the API server; pod leases ended");
+                self.audit(
+                    &identity,
+                    action,
+                    "pod_gone",
+                    json!({ "reason": reason, "leases_ended": ended }),
+                );
+                return Err(TokenError::PodGone { identity, reason }.into());
+            }
             Err(e) => {
                 let fp = fingerprint(token);
                 warn!(token.fp = %fp, reason = %e, "token refused");

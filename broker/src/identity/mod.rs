@@ -8,6 +8,7 @@
 //!   `kubernetes.io` claims agreeing with `sub`.
 
 pub mod jwks;
+pub mod tokenreview;
 pub mod verify;
 
 use std::fmt;

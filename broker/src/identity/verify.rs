@@ -113,6 +113,19 @@ pub enum TokenError {
     /// A required claim is missing or has the wrong type.
     #[error("token claim `{0}` is missing or invalid")]
     Claim(&'static str),
+    /// The API server's TokenReview refused the token.
+    #[error("the Kubernetes API server refused the token: {0}")]
+    Rejected(String),
+    /// The token verifies offline, but the API server no longer accepts it:
+    /// usually its pod was deleted.
+    #[error("the Kubernetes API server no longer accepts this token (pod deleted?): {reason}")]
+    PodGone {
+        identity: Box<Identity>,
+        reason: String,
+    },
+    /// TokenReview could not be done (API server down, slow, or refusing the broker).
+    #[error("cannot confirm the token with the Kubernetes API server: {0}")]
+    ReviewUnavailable(String),
     /// `sub` does not agree with the `kubernetes.io` claims.
     #[error("token subject {sub:?} does not match its kubernetes.io claims ({expected:?})")]
     SubjectMismatch { sub: String, expected: String },
@@ -167,12 +180,18 @@ struct NamedObject {
 pub struct Verifier {
     cfg: IdentityConfig,
     jwks: Jwks,
+    /// Set in the TokenReview modes.
+    reviewer: Option<super::tokenreview::Reviewer>,
 }
 
 impl Verifier {
     pub fn new(cfg: IdentityConfig) -> Result<Verifier, JwksError> {
         let jwks = Jwks::new(&cfg)?;
-        Ok(Verifier { cfg, jwks })
+        Ok(Verifier {
+            cfg,
+            jwks,
+            reviewer: None,
+        })
     }
 
     pub fn jwks(&self) -> &Jwks {
@@ -191,9 +210,111 @@ impl Verifier {
         self
     }
 
-    /// Verifies a token now.
+    /// The TokenReview client, in the modes that use one.
+    pub fn reviewer(&self) -> Option<&super::tokenreview::Reviewer> {
+        self.reviewer.as_ref()
+    }
+
+    /// Verifies a token now, as the issuer's mode says.
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
-        self.verify_at(token, SystemTime::now()).await
+        use super::tokenreview::{Mode, Review};
+        let Some(reviewer) = &self.reviewer else {
+            return self.verify_at(token, SystemTime::now()).await;
+        };
+        match self.cfg.mode {
+            Mode::Jwks => self.verify_at(token, SystemTime::now()).await,
+            Mode::TokenReview => {
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(TokenError::Missing);
+                }
+                if token.len() > self.cfg.max_token_bytes {
+                    return Err(TokenError::TooLarge {
+                        len: token.len(),
+                        max: self.cfg.max_token_bytes,
+                    });
+                }
+                parse_header(token)?;
+                match reviewer
+                    .review(token)
+                    .await
+                    .map_err(TokenError::ReviewUnavailable)?
+                {
+                    Review::Rejected(reason) => Err(TokenError::Rejected(reason)),
+                    Review::Authenticated {
+                        username,
+                        uid,
+                        pod_name,
+                        pod_uid,
+                        audiences,
+                    } => self
+                        .identity_from_review(token, username, uid, pod_name, pod_uid, audiences),
+                }
+            }
+            Mode::JwksAndTokenReview => {
+                let identity = self.verify_at(token, SystemTime::now()).await?;
+                match reviewer.review(token.trim()).await {
+                    Ok(Review::Authenticated { .. }) => Ok(identity),
+                    Ok(Review::Rejected(reason)) => Err(TokenError::PodGone {
+                        identity: Box::new(identity),
+                        reason,
+                    }),
+                    Err(e) if self.cfg.allow_on_api_error => {
+                        tracing::warn!(error = %e, identity = %identity, "TokenReview unavailable; accepting the offline-verified token (on_api_error = allow)");
+                        Ok(identity)
+                    }
+                    Err(e) => Err(TokenError::ReviewUnavailable(e)),
+                }
+            }
+        }
+    }
+
+    /// The identity the API server vouched for (TokenReview mode): the
+    /// username must be a service account's, and an audience must be ours.
+    fn identity_from_review(
+        &self,
+        token: &str,
+        username: String,
+        uid: String,
+        pod_name: Option<String>,
+        pod_uid: Option<String>,
+        audiences: Vec<String>,
+    ) -> Result<Identity, TokenError> {
+        let mut parts = username
+            .strip_prefix("system:serviceaccount:")
+            .unwrap_or_default()
+            .splitn(2, ':');
+        let (Some(namespace), Some(service_account)) = (parts.next(), parts.next()) else {
+            return Err(TokenError::Rejected(format!(
+                "{username:?} is not a service account"
+            )));
+        };
+        if !audiences.iter().any(|a| self.cfg.audiences.contains(a)) {
+            return Err(TokenError::Audience {
+                got: audiences,
+                want: self.cfg.audiences.clone(),
+            });
+        }
+        // Expiry for stream deadlines only; the API server checked it.
+        let exp = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|c| c.get("exp").and_then(|e| e.as_f64()))
+            .map_or(i64::MAX, |e| e as i64);
+        Ok(Identity {
+            cluster: self.cfg.cluster.clone(),
+            issuer: self.cfg.issuer.clone(),
+            subject: username.clone(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            service_account_uid: uid,
+            pod_name,
+            pod_uid,
+            audiences,
+            expires_at: exp,
+        })
     }
 
     /// Verifies a token as of `now`.
@@ -355,18 +476,33 @@ pub struct Verifiers {
 }
 
 impl Verifiers {
-    pub fn new(
+    /// Builds a verifier per issuer (and its TokenReview client, in the modes
+    /// that use one).
+    pub async fn new(
         cfgs: &[IdentityConfig],
         refreshes: &prometheus_client::metrics::family::Family<
             crate::api::http::ResultLabels,
             prometheus_client::metrics::counter::Counter,
         >,
-    ) -> Result<Verifiers, JwksError> {
+    ) -> Result<Verifiers, String> {
         let mut all = Vec::with_capacity(cfgs.len());
         for cfg in cfgs {
-            all.push(std::sync::Arc::new(
-                Verifier::new(cfg.clone())?.with_refresh_counter(refreshes.clone()),
-            ));
+            let mut v = Verifier::new(cfg.clone())
+                .map_err(|e| e.to_string())?
+                .with_refresh_counter(refreshes.clone());
+            if cfg.mode.reviews() {
+                v.reviewer = Some(
+                    super::tokenreview::Reviewer::new(
+                        cfg.kubeconfig.as_deref(),
+                        cfg.audiences.clone(),
+                        cfg.tokenreview_cache,
+                        cfg.tokenreview_timeout,
+                    )
+                    .await
+                    .map_err(|e| format!("cluster {}: {e}", cfg.cluster))?,
+                );
+            }
+            all.push(std::sync::Arc::new(v));
         }
         Ok(Verifiers {
             max_token_bytes: cfgs
@@ -382,9 +518,16 @@ impl Verifiers {
         &self.all
     }
 
-    /// Whether every issuer's keys have loaded.
+    /// Whether every issuer's keys have loaded (TokenReview-only issuers need none).
     pub fn is_loaded(&self) -> bool {
-        self.all.iter().all(|v| v.jwks().is_loaded())
+        self.all
+            .iter()
+            .all(|v| !Self::uses_keys(v) || v.jwks().is_loaded())
+    }
+
+    /// Whether an issuer verifies offline (so its keys must be kept fresh).
+    pub fn uses_keys(v: &Verifier) -> bool {
+        v.cfg.mode != super::tokenreview::Mode::TokenReview
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
@@ -540,6 +683,11 @@ mod tests {
         std::fs::write(&path, json!({ "keys": [jwk] }).to_string()).unwrap();
         let cfg = IdentityConfig {
             cluster: "default".into(),
+            mode: crate::identity::tokenreview::Mode::Jwks,
+            kubeconfig: None,
+            tokenreview_cache: Duration::from_secs(5),
+            tokenreview_timeout: Duration::from_secs(5),
+            allow_on_api_error: false,
             issuer: ISS.into(),
             audiences: vec!["secrets-broker".into()],
             keys: KeySource::StaticFile(path),

@@ -155,6 +155,18 @@ impl Leases {
         Ok(n)
     }
 
+    /// Ends every running lease of one pod (it is gone). Returns how many.
+    pub async fn end_for_pod(&self, pod_uid: &str, now: i64) -> Result<u64, sqlx::Error> {
+        const END: &str =
+            "UPDATE leases SET expires_at = $1 WHERE expires_at > $1 AND pod_uid = $2";
+        on_db!(&self.db, pool => sqlx::query(END)
+            .bind(now)
+            .bind(pod_uid)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))
+    }
+
     /// Deletes leases that ended more than `keep` seconds ago.
     pub async fn prune(&self, now: i64, keep: i64) -> Result<u64, sqlx::Error> {
         const PRUNE: &str = "DELETE FROM leases WHERE expires_at < $1";
