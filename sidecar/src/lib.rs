@@ -369,20 +369,24 @@ impl Keeper {
         self.write()
     }
 
-    /// Extends leases; returns true when a secret has rotated and must be fetched.
-    async fn renew(&mut self) -> Result<bool, SidecarError> {
-        if self.held.is_empty() {
-            return Ok(false);
-        }
-        let refs = self
-            .held
+    /// The leases held now, as the broker knows them.
+    fn lease_refs(&self) -> Vec<pb::LeaseRef> {
+        self.held
             .iter()
             .map(|(name, h)| pb::LeaseRef {
                 name: name.clone(),
                 version: h.version,
                 lease_id: h.lease_id.clone(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Extends leases; returns true when a secret has rotated and must be fetched.
+    async fn renew(&mut self) -> Result<bool, SidecarError> {
+        if self.held.is_empty() {
+            return Ok(false);
+        }
+        let refs = self.lease_refs();
         let renewed = self.client.renew(refs).await?;
         debug!(leases = renewed.len(), "renewed leases");
         let mut rotated = false;
@@ -607,15 +611,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let _ = std::fs::remove_file(socket);
     }
     if keeper.cfg.revoke_on_shutdown && !keeper.held.is_empty() {
-        let refs: Vec<pb::LeaseRef> = keeper
-            .held
-            .iter()
-            .map(|(name, h)| pb::LeaseRef {
-                name: name.clone(),
-                version: h.version,
-                lease_id: h.lease_id.clone(),
-            })
-            .collect();
+        let refs = keeper.lease_refs();
         match tokio::time::timeout(Duration::from_secs(3), keeper.client.release(refs)).await {
             Ok(Ok(n)) => info!(released = n, "leases released at the broker"),
             Ok(Err(e)) => warn!(error = %e, "cannot release leases; they run out by themselves"),

@@ -205,10 +205,13 @@ impl Api {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Failure::Remote(format!("cannot reach {}: {}", self.base, chain(&e))))?;
+        let resp = req.send().await.map_err(|e| {
+            Failure::Remote(format!(
+                "cannot reach {}: {}",
+                self.base,
+                secrets_broker::identity::jwks::error_chain(&e)
+            ))
+        })?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = if text.is_empty() {
@@ -226,17 +229,6 @@ impl Api {
         }
         Ok(value)
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Prints rows as an aligned table.

@@ -285,7 +285,7 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, JwksError> 
 
 /// The full cause chain of an error, for messages that must say *why* (a TLS
 /// trust failure hides three levels down in reqwest).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

@@ -224,16 +224,7 @@ impl Verifier {
         match self.cfg.mode {
             Mode::Jwks => self.verify_at(token, SystemTime::now()).await,
             Mode::TokenReview => {
-                let token = token.trim();
-                if token.is_empty() {
-                    return Err(TokenError::Missing);
-                }
-                if token.len() > self.cfg.max_token_bytes {
-                    return Err(TokenError::TooLarge {
-                        len: token.len(),
-                        max: self.cfg.max_token_bytes,
-                    });
-                }
+                let token = bounded(token, self.cfg.max_token_bytes)?;
                 parse_header(token)?;
                 match reviewer
                     .review(token)
@@ -319,16 +310,7 @@ impl Verifier {
 
     /// Verifies a token as of `now`.
     pub async fn verify_at(&self, token: &str, now: SystemTime) -> Result<Identity, TokenError> {
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(TokenError::Missing);
-        }
-        if token.len() > self.cfg.max_token_bytes {
-            return Err(TokenError::TooLarge {
-                len: token.len(),
-                max: self.cfg.max_token_bytes,
-            });
-        }
+        let token = bounded(token, self.cfg.max_token_bytes)?;
         let header = parse_header(token)?;
         let alg = Algorithm::from_name(&header.alg).map_err(TokenError::Algorithm)?;
         if !self.cfg.algorithms.contains(&alg) {
@@ -534,16 +516,7 @@ impl Verifiers {
         if let [only] = self.all.as_slice() {
             return only.verify(token).await;
         }
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(TokenError::Missing);
-        }
-        if token.len() > self.max_token_bytes {
-            return Err(TokenError::TooLarge {
-                len: token.len(),
-                max: self.max_token_bytes,
-            });
-        }
+        let token = bounded(token, self.max_token_bytes)?;
         parse_header(token)?;
         let iss = unverified_issuer(token)?;
         match self.all.iter().find(|v| v.cfg.issuer == iss) {
@@ -575,6 +548,22 @@ fn unverified_issuer(token: &str) -> Result<String, TokenError> {
         .and_then(|v| v.as_str())
         .map(str::to_owned)
         .ok_or(TokenError::Claim("iss"))
+}
+
+/// The trimmed token, if it is present and within the size limit: the first
+/// check of every mode, before anything parses it.
+fn bounded(token: &str, max: usize) -> Result<&str, TokenError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    if token.len() > max {
+        return Err(TokenError::TooLarge {
+            len: token.len(),
+            max,
+        });
+    }
+    Ok(token)
 }
 
 /// A JOSE header as read before any verification: nothing in it is trusted.
