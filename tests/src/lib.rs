@@ -137,10 +137,13 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Proc> {
         let file = std::fs::File::create(&log)?;
+        // Tests log at debug level (the leak test needs it) unless told otherwise.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(file)
-            .env("RUST_LOG", "debug")
             .env("NO_COLOR", "1")
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
@@ -189,6 +192,8 @@ pub struct World {
     pub runtime: tokio::runtime::Runtime,
     /// The TLS identity issuers serve with (signed by `tls/ca.crt`).
     issuer_tls: std::sync::Arc<rustls::ServerConfig>,
+    /// `RUST_LOG` of the processes this world starts (benchmarks use "info").
+    pub log_level: &'static str,
 }
 
 impl World {
@@ -228,6 +233,7 @@ impl World {
             tls: tls_files,
             runtime,
             issuer_tls,
+            log_level: "debug",
         };
         let mut world = world;
         world.ops_port = world.write_broker_config(
@@ -347,7 +353,8 @@ max_staleness = "3s"
         let proc = Proc::spawn(
             Command::new(bin("secrets-broker"))
                 .args(["serve", "--config"])
-                .arg(config),
+                .arg(config)
+                .env("RUST_LOG", self.log_level),
             self.path(log_name),
         )?;
         wait_for("broker ready", Duration::from_secs(30), || {
@@ -469,7 +476,8 @@ request_timeout = "5s"
         let proc = Proc::spawn(
             Command::new(bin("secrets-sidecar"))
                 .args(["run", "--config"])
-                .arg(&cfg),
+                .arg(&cfg)
+                .env("RUST_LOG", self.log_level),
             self.path(&format!("{name}.log")),
         )?;
         Ok((proc, tmpfs, health))

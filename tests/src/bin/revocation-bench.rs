@@ -32,7 +32,8 @@ fn main() -> Result<()> {
     let sidecars = flag("--sidecars", 50) as usize;
     let rounds = flag("--rounds", 100) as usize;
     let db = Database::create().context("PostgreSQL")?;
-    let world = World::with_database(ROLES, &db.url)?;
+    let mut world = World::with_database(ROLES, &db.url)?;
+    world.log_level = "info";
     world.put("bench/secret", "bench-value")?;
     let port_b = free_port();
     let admin_b = free_port();

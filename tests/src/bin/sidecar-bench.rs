@@ -165,7 +165,8 @@ fn base64_encode(b: &[u8]) -> String {
 fn main() -> Result<()> {
     let idle_secs = flag("--idle-seconds", 30);
     let gets = flag("--gets", 20_000) as usize;
-    let world = World::new(ROLES)?;
+    let mut world = World::new(ROLES)?;
+    world.log_level = "info";
     world.put("bench/warmup", "w")?;
     let _broker = world.start_broker("broker.log")?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,222 @@
+//! Broker exchange benchmark: token → secret (one `Fetch`: verify, authorize,
+//! read through the cache, record the lease, audit) over TLS, against the real
+//! release broker on loopback (embedded SQLite store), at several
+//! concurrencies and with 1 or 1,000 distinct identities. Every call verifies
+//! the token's signature (the broker has no verification cache), so the
+//! signature check alone is measured in the same run for the ratio.
+//!
+//!   cargo build --release --workspace --bins
+//!   target/release/exchange-bench [--seconds 5]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::{AUDIENCE, World, flag, percentile};
+use secrets_broker_proto::v1 as pb;
+
+const ROLES: &str = r#"
+[[roles]]
+name = "bench"
+namespaces = ["bench"]
+service_accounts = ["*"]
+secrets = ["bench/*"]
+ttl = "10m"
+max_ttl = "1h"
+"#;
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+struct Row {
+    concurrency: usize,
+    identities: usize,
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_exchange: f64,
+}
+
+fn main() -> Result<()> {
+    let seconds = flag("--seconds", 5);
+    let mut world = World::new(ROLES)?;
+    world.log_level = "info";
+    world.put("bench/s", &"v".repeat(64))?;
+    let broker = world.start_broker("broker.log")?;
+    let pid = broker.child.id();
+    let tokens: Vec<String> = (0..1000)
+        .map(|i| {
+            let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
+            w.ttl_seconds = 3600;
+            world.issuer.mint(&w)
+        })
+        .collect::<Result<_, _>>()?;
+    let ca = std::fs::read(&world.tls.ca)?;
+    let port = world.broker_port;
+
+    // The floor: one ES256 signature verification, in this process.
+    let floor_us = {
+        let jwks = world.issuer.jwks();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone())?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)?;
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.validate_aud = false;
+        v.validate_exp = false;
+        v.required_spec_claims.clear();
+        let n = 5000;
+        let t = Instant::now();
+        for i in 0..n {
+            jsonwebtoken::decode::<serde_json::Value>(&tokens[i % tokens.len()], &key, &v)?;
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    for identities in [1usize, 1000] {
+        for concurrency in [1usize, 16, 64, 256] {
+            eprintln!("  concurrency {concurrency}, {identities} identities…");
+            let row = rt.block_on(run(
+                port,
+                &ca,
+                &tokens[..identities],
+                concurrency,
+                Duration::from_secs(seconds),
+                pid,
+            ))?;
+            rows.push(Row {
+                concurrency,
+                identities,
+                ..row
+            });
+        }
+    }
+
+    println!(
+        "broker exchange (Fetch over TLS, every call verifies ES256; release build, 2 vCPU incl. load generator, {seconds}s per row)"
+    );
+    println!(
+        "{:>11} {:>10} {:>12} {:>10} {:>10} {:>20}",
+        "concurrency", "identities", "exchanges/s", "p50", "p99", "broker CPU/exchange"
+    );
+    for r in &rows {
+        println!(
+            "{:>11} {:>10} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
+            r.concurrency, r.identities, r.per_second, r.p50_us, r.p99_us, r.cpu_us_per_exchange
+        );
+    }
+    println!("ES256 verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs");
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "broker_exchange",
+            "es256_verify_us": floor_us,
+            "rows": rows.iter().map(|r| serde_json::json!({
+                "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
+                "p50_us": r.p50_us, "p99_us": r.p99_us, "broker_cpu_us_per_exchange": r.cpu_us_per_exchange,
+                "cpu_per_10000_exchanges_s": r.cpu_us_per_exchange * 10_000.0 / 1e6,
+                "ratio_to_verify_floor": r.cpu_us_per_exchange / floor_us,
+            })).collect::<Vec<_>>(),
+        })
+    );
+    Ok(())
+}
+
+async fn run(
+    port: u16,
+    ca: &[u8],
+    tokens: &[String],
+    concurrency: usize,
+    dur: Duration,
+    pid: u32,
+) -> Result<Row> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let mut channels = Vec::new();
+    for _ in 0..concurrency.clamp(1, 4) {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+                .tls_config(tls.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
+    // Warm up: TLS, keys, cache.
+    for (i, t) in tokens.iter().take(50).enumerate() {
+        fetch(&channels[i % channels.len()], t).await?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu(pid);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (ch, tokens, stop) = (
+            channels[c % channels.len()].clone(),
+            tokens.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if fetch(&ch, &tokens[i % tokens.len()]).await.is_ok() {
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                i += concurrency;
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(dur).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu_used = cpu(pid) - cpu0;
+    lat.sort_by(f64::total_cmp);
+    let n = lat.len().max(1);
+    Ok(Row {
+        concurrency,
+        identities: tokens.len(),
+        per_second: n as f64 / elapsed,
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        cpu_us_per_exchange: cpu_used * 1e6 / n as f64,
+    })
+}
+
+async fn fetch(ch: &tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {
+    let mut client = pb::broker_client::BrokerClient::new(ch.clone());
+    let mut req = tonic::Request::new(pb::FetchRequest {
+        role: String::new(),
+        names: vec!["bench/s".into()],
+        ttl_seconds: 0,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    client.fetch(req).await.map(|_| ())
+}
