@@ -130,8 +130,14 @@ impl Audit {
             return Ok(());
         }
         const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        let insert =
-            format!("INSERT INTO audit ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        // One multi-row INSERT per batch (each statement is a round trip).
+        let rows: Vec<String> = (0..entries.len())
+            .map(|r| {
+                let p: Vec<String> = (1..=8).map(|c| format!("${}", r * 8 + c)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let insert = format!("INSERT INTO audit ({COLUMNS}) VALUES {}", rows.join(", "));
         on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             if self.db.is_postgres() {
@@ -141,23 +147,26 @@ impl Audit {
                 Some(r) => (r.get::<i64, _>(0), r.get::<String, _>(1)),
                 None => (0, GENESIS.to_owned()),
             };
+            let mut chained = Vec::with_capacity(entries.len());
             for e in entries {
                 seq += 1;
                 let detail = e.detail.to_string();
                 let hash = chain_hash(&prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &detail);
-                sqlx::query(sqlx::AssertSqlSafe(insert.as_str()))
-                    .bind(seq)
+                chained.push((seq, e, detail, std::mem::replace(&mut prev, hash.clone()), hash));
+            }
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.as_str()));
+            for (seq, e, detail, prev_hash, hash) in &chained {
+                q = q
+                    .bind(*seq)
                     .bind(e.at_ms)
                     .bind(&e.actor)
                     .bind(&e.action)
                     .bind(&e.result)
-                    .bind(&detail)
-                    .bind(&prev)
-                    .bind(&hash)
-                    .execute(&mut *tx)
-                    .await?;
-                prev = hash;
+                    .bind(detail)
+                    .bind(prev_hash)
+                    .bind(hash);
             }
+            q.execute(&mut *tx).await?;
             tx.commit().await
         })
     }
