@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::{AUDIENCE, World, flag, percentile};
+use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
 
 const ROLES: &str = r#"
@@ -26,20 +26,6 @@ secrets = ["bench/*"]
 ttl = "10m"
 max_ttl = "1h"
 "#;
-
-/// CPU seconds (user + system) of a process so far.
-fn cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
 
 struct Row {
     concurrency: usize,
@@ -165,7 +151,7 @@ async fn run(
         fetch(&channels[i % channels.len()], t).await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = cpu(pid);
+    let cpu0 = cpu_seconds(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..concurrency {
@@ -194,7 +180,7 @@ async fn run(
         lat.extend(t.await?);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_used = cpu(pid) - cpu0;
+    let cpu_used = cpu_seconds(pid) - cpu0;
     lat.sort_by(f64::total_cmp);
     let n = lat.len().max(1);
     Ok(Row {

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::{AUDIENCE, Proc, World, flag, percentile, wait_for};
+use secrets_broker_e2e::{
+    AUDIENCE, Proc, World, cpu_seconds, flag, percentile, status_kib, wait_for,
+};
 use secrets_broker_proto::v1 as pb;
 
 const ROLES: &str = r#"
@@ -27,30 +29,9 @@ ttl = "1h"
 max_ttl = "1h"
 "#;
 
-/// A field of /proc/PID/status in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// (RSS in KiB, CPU seconds) of a process, from /proc.
 fn usage(pid: u32) -> (u64, f64) {
-    let rss = status_kib(pid, "VmRSS:");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (rss, ticks as f64 / 100.0)
+    (status_kib(pid, "VmRSS:"), cpu_seconds(pid))
 }
 
 struct Run {
