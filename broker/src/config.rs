@@ -48,6 +48,7 @@ struct RawConfig {
     #[serde(default)]
     revocation: RawRevocation,
     admin: Option<RawAdmin>,
+    vault: Option<crate::backend::vault::config::RawVault>,
     #[serde(default)]
     roles: Vec<RawRole>,
 }
@@ -231,6 +232,8 @@ pub struct Config {
     pub revocation: RevocationConfig,
     /// The HTTPS admin API; absent when not configured.
     pub admin: Option<AdminConfig>,
+    /// Vault or OpenBao as a source of some secrets.
+    pub vault: Option<crate::backend::vault::config::VaultConfig>,
     pub roles: Vec<RoleConfig>,
 }
 
@@ -641,6 +644,10 @@ impl Config {
                 ));
             }
         }
+        let vault = match raw.vault {
+            None => None,
+            Some(raw) => Some(crate::backend::vault::config::validate(&v, raw, &resolve)?),
+        };
         Ok(Config {
             server,
             issuers,
@@ -648,6 +655,7 @@ impl Config {
             store,
             revocation,
             admin,
+            vault,
             roles,
         })
     }
@@ -786,12 +794,12 @@ fn identity_config(
     })
 }
 
-struct Validator<'a> {
-    path: &'a Path,
+pub(crate) struct Validator<'a> {
+    pub(crate) path: &'a Path,
 }
 
 impl Validator<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             key: key.to_owned(),
@@ -799,7 +807,7 @@ impl Validator<'_> {
         }
     }
 
-    fn bounded(
+    pub(crate) fn bounded(
         &self,
         key: &str,
         value: Duration,
@@ -858,6 +866,93 @@ ttl = "5m"
         let text = include_str!("../../examples/broker.toml");
         let cfg = parse(text).expect("examples/broker.toml must stay valid");
         assert!(!cfg.roles.is_empty());
+    }
+
+    #[test]
+    fn vault_example_is_valid() {
+        use crate::backend::vault::config::{MappingKind, VaultAuth};
+        let text = format!(
+            "{}\n{}",
+            include_str!("../../examples/broker.toml"),
+            include_str!("../../examples/vault.toml")
+        );
+        let cfg = parse(&text).expect("examples/vault.toml must stay valid");
+        let vault = cfg.vault.expect("a [vault] table");
+        assert!(matches!(vault.auth, VaultAuth::Kubernetes { .. }));
+        assert_eq!(vault.secrets.len(), 3);
+        match &vault.secrets[0].kind {
+            MappingKind::Kv {
+                poll_interval, key, ..
+            } => {
+                assert_eq!(*poll_interval, Duration::from_secs(10));
+                assert_eq!(key.as_deref(), Some("password"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(vault.secrets[1].is_dynamic() && vault.secrets[2].is_dynamic());
+    }
+
+    #[test]
+    fn bad_vault_values_name_their_key() {
+        let base = "[vault]\naddress = \"https://vault:8200\"\n[vault.auth]\nmethod = \"token\"\ntoken_file = \"t\"\n";
+        let kv = "[[vault.secrets]]\nname = \"a/b\"\nkind = \"kv\"\nmount = \"secret\"\npath = \"a/b\"\n";
+        let cases = [
+            (
+                base.replace("https://vault:8200", "vault:8200"),
+                "vault.address",
+            ),
+            (base.replace("\"token\"", "\"ldap\""), "vault.auth.method"),
+            (
+                base.replace("token_file = \"t\"\n", ""),
+                "vault.auth.token_file",
+            ),
+            (base.replace("token_file", "role_id"), "vault.auth.role"),
+            (
+                base.replace("\"token\"", "\"approle\""),
+                "vault.auth.token_file",
+            ),
+            (
+                base.replace("method = \"token\"\ntoken_file = \"t\"", "method = \"jwt\""),
+                "vault.auth.role",
+            ),
+            (
+                format!(
+                    "{base}{}",
+                    kv.replace("path = \"a/b\"", "path = \"../sys\"")
+                ),
+                "vault.secrets[0].path",
+            ),
+            (
+                format!("{base}{}", kv.replace("name = \"a/b\"", "name = \"a b\"")),
+                "vault.secrets[0].name",
+            ),
+            (
+                format!("{base}{}", kv.replace("\"kv\"", "\"kv1\"")),
+                "vault.secrets[0].kind",
+            ),
+            (
+                format!("{base}{}", kv.replace("\"kv\"", "\"database\"")),
+                "vault.secrets[0].path",
+            ),
+            (format!("{base}{kv}{kv}"), "vault.secrets[1].name"),
+            (
+                format!(
+                    "{base}[[vault.secrets]]\nname = \"t\"\nkind = \"pki\"\nmount = \"pki\"\nrole = \"r\"\ncommon_name = \"{{pods}}.x\"\n"
+                ),
+                "vault.secrets[0].common_name",
+            ),
+            (
+                format!(
+                    "{base}{}",
+                    kv.replace("path = \"a/b\"", "path = \"a/b\"\npoll_interval = \"1ms\"")
+                ),
+                "vault.secrets[0].poll_interval",
+            ),
+        ];
+        for (vault, key) in cases {
+            let err = parse(&format!("{GOOD}\n{vault}")).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@ macro_rules! on_db {
 pub(crate) use on_db;
 
 /// Schema version this build migrates to.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Changes after version 1, applied in order to a database at an older version.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -105,6 +105,17 @@ fn schema(postgres: bool) -> Vec<String> {
             .into(),
         "CREATE INDEX IF NOT EXISTS leases_expires ON leases (expires_at)".into(),
         "CREATE INDEX IF NOT EXISTS leases_namespace ON leases (namespace, service_account)".into(),
+        // Version 3: upstream credentials (Vault leases, certificate serials)
+        // of pod leases, revoked when the pod lease ends.
+        "CREATE TABLE IF NOT EXISTS upstream_leases (
+            lease_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            mount TEXT NOT NULL,
+            upstream_id TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            revoked_at BIGINT)"
+            .into(),
+        "CREATE INDEX IF NOT EXISTS upstream_leases_open ON upstream_leases (revoked_at)".into(),
         "CREATE TABLE IF NOT EXISTS audit (
             seq BIGINT PRIMARY KEY,
             at_ms BIGINT NOT NULL,

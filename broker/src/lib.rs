@@ -72,6 +72,9 @@ pub enum RunError {
     /// client CA, listener).
     #[error("admin API: {0}")]
     Admin(String),
+    /// The `[vault]` settings cannot be used (address, CA file).
+    #[error("{0}")]
+    Vault(String),
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -113,6 +116,19 @@ pub async fn run(
     );
     let metrics = Arc::new(api::http::Metrics::new(refreshes));
     let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
+    let vault = match &config.vault {
+        None => None,
+        Some(vc) => {
+            let reads = metrics
+                .backend_reads
+                .get_or_create(&api::http::BackendLabels { backend: "vault" })
+                .clone();
+            Some(Arc::new(
+                backend::vault::Vault::new(vc.clone(), reads).map_err(RunError::Vault)?,
+            ))
+        }
+    };
+    let upstream = backend::vault::UpstreamLeases::new(db.clone());
     let versions = api::grpc::Versions::default();
     let ops = match config.server.ops_listen {
         None => None,
@@ -141,6 +157,16 @@ pub async fn run(
 
     let (down_tx, down_rx) = watch::channel(false);
     let (rot_tx, _) = broadcast::channel(1024);
+    if let Some(v) = &vault {
+        v.start(rot_tx.clone(), down_rx.clone());
+        tokio::spawn(backend::vault::keep_upstream_revoked(
+            v.clone(),
+            upstream.clone(),
+            config.revocation.refresh_interval,
+            metrics.upstream_revocations.clone(),
+            down_rx.clone(),
+        ));
+    }
 
     // Load every issuer's keys in the background and keep them fresh; until
     // they load, calls answer UNAVAILABLE and health says NOT_SERVING.
@@ -219,6 +245,7 @@ pub async fn run(
             view: view.clone(),
             verifier: verifier.clone(),
             db: db.clone(),
+            vault: vault.clone(),
         };
         tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
     }
@@ -227,6 +254,8 @@ pub async fn run(
         policy: Arc::new(Policy::new(config.roles.clone())),
         cache,
         versions,
+        vault,
+        upstream,
         leases,
         view,
         auditor,

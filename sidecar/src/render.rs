@@ -9,6 +9,7 @@
 //!
 //! In a template, `secrets["payments/db-password"]` is the secret's value as
 //! text; every secret a template uses must be listed in `[[secrets]]`.
+//! `fromjson` parses a JSON value: `{{ (secrets["payments/db"] | fromjson).password }}`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -60,6 +61,26 @@ impl Templates {
             .build()
             .map_err(|e| RenderError::from_minijinja("(syntax)", &e))?;
         env.set_syntax(syntax);
+        // `fromjson` turns a JSON secret (Vault database credentials, a PKI
+        // bundle, a KV map) into a value: `(secrets["db"] | fromjson).username`.
+        env.add_filter(
+            "fromjson",
+            |text: &str| -> Result<Value, minijinja::Error> {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .map(|v| json_value(&v))
+                    .map_err(|e| {
+                        // Name the position only: the text may be a secret.
+                        minijinja::Error::new(
+                            minijinja::ErrorKind::InvalidOperation,
+                            format!(
+                                "fromjson: not JSON (line {}, column {})",
+                                e.line(),
+                                e.column()
+                            ),
+                        )
+                    })
+            },
+        );
         // Output is data, not HTML: no auto-escaping.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         for spec in specs {
@@ -104,9 +125,48 @@ impl Templates {
     }
 }
 
+/// A parsed JSON value as a template value.
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        J::Object(o) => Value::from_pairs(
+            o.iter()
+                .map(|(k, v)| (k.as_str(), json_value(v)))
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fromjson_reads_fields_and_hides_bad_text() {
+        let t = Templates::new(&[
+            spec("user", "{{ (secrets['db'] | fromjson).username }}"),
+            spec("bad", "{{ (secrets['x'] | fromjson).a }}"),
+        ])
+        .unwrap();
+        let secrets = HashMap::from([
+            ("db", &br#"{"username":"v-app-1","password":"pw-123"}"#[..]),
+            ("x", &b"hunter2-not-json"[..]),
+        ]);
+        let out = t.render(&secrets);
+        assert_eq!(&out[0].1.as_ref().unwrap()[..], b"v-app-1");
+        let err = out[1].1.as_ref().unwrap_err().to_string();
+        assert!(err.contains("fromjson: not JSON"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
 
     fn spec(file: &str, source: &str) -> TemplateSpec {
         TemplateSpec {

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use secrets_broker::dev::issuer::{Issuer, Workload};
 use secrets_broker::dev::tls::{DevTls, TlsFiles};
 
+pub mod bao;
 pub mod kube_api;
 pub mod pg;
 

@@ -97,6 +97,13 @@ pub enum ApiError {
     Database(#[from] sqlx::Error),
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// Vault failed; the message names the secret, the path and what Vault
+    /// said (never the broker's token).
+    #[error("secret {name:?}: {error}")]
+    Vault {
+        name: String,
+        error: crate::backend::vault::VaultError,
+    },
     /// A backend read failed (details in the broker's log).
     #[error("the secrets store is unavailable; retry later")]
     Backend,
@@ -117,7 +124,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Database(_) | ApiError::Backend => "backend_error",
+            ApiError::Database(_) | ApiError::Backend | ApiError::Vault { .. } => "backend_error",
         }
     }
 }
@@ -137,6 +144,11 @@ impl From<ApiError> for Status {
                 Status::unavailable("the state database is unavailable; retry later")
             }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
+            ApiError::Vault {
+                error: crate::backend::vault::VaultError::NotFound { .. },
+                ..
+            } => Status::not_found(msg),
+            ApiError::Vault { .. } => Status::unavailable(msg),
             // Store internals (paths, SQL) stay in the broker's log.
             ApiError::Backend => {
                 Status::unavailable("the secrets store is unavailable; retry later")
@@ -153,6 +165,10 @@ pub struct BrokerService {
     pub cache: SecretCache,
     /// Latest version of every secret, kept by the rotation poller.
     pub versions: Versions,
+    /// Vault, for the secrets mapped to it.
+    pub vault: Option<Arc<crate::backend::vault::Vault>>,
+    /// Upstream credentials of pod leases (Vault leases, certificates).
+    pub upstream: crate::backend::vault::UpstreamLeases,
     pub leases: Leases,
     pub view: Arc<View>,
     pub auditor: Auditor,
@@ -300,14 +316,58 @@ impl BrokerService {
     /// Whether `held` is a running lease of this workload: only the holder
     /// may extend or release it.
     async fn owns(&self, id: &Identity, held: &pb::LeaseRef) -> Result<bool, ApiError> {
+        Ok(self.owned(id, held).await?.is_some())
+    }
+
+    /// The lease record of `held` when it is a running lease of this workload.
+    async fn owned(
+        &self,
+        id: &Identity,
+        held: &pb::LeaseRef,
+    ) -> Result<Option<LeaseRecord>, ApiError> {
         let record = self.leases.get(&held.lease_id).await?;
-        Ok(record.is_some_and(|l| {
+        Ok(record.filter(|l| {
             l.secret == held.name
                 && l.namespace == id.namespace
                 && l.service_account == id.service_account
                 && l.pod_uid == id.pod_uid
                 && l.expires_at > unix_now()
         }))
+    }
+
+    /// The Vault mapping of `name`, if Vault serves it.
+    fn vault_for(&self, name: &str) -> Option<(&Arc<crate::backend::vault::Vault>, bool)> {
+        let v = self.vault.as_ref()?;
+        v.mapping(name).map(|m| (v, m.is_dynamic()))
+    }
+
+    /// A secret for `id`: from Vault when mapped there (a credential of its
+    /// own for a dynamic mapping, with its upstream handle), else from the
+    /// embedded store through the cache.
+    async fn read_for(
+        &self,
+        name: &str,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Result<
+        (
+            Arc<crate::backend::SecretVersion>,
+            Option<crate::backend::vault::Upstream>,
+        ),
+        ApiError,
+    > {
+        let vault_err = |error| ApiError::Vault {
+            name: name.to_owned(),
+            error,
+        };
+        match self.vault_for(name) {
+            None => Ok((self.read(name).await?, None)),
+            Some((v, false)) => Ok((v.kv_get(name).await.map_err(vault_err)?, None)),
+            Some((v, true)) => {
+                let (secret, up) = v.issue(name, id, ttl).await.map_err(vault_err)?;
+                Ok((Arc::new(secret), Some(up)))
+            }
+        }
     }
 
     fn authorize_all(role: &RoleConfig, names: &[String]) -> Result<(), ApiError> {
@@ -329,9 +389,63 @@ impl BrokerService {
         }
     }
 
+    /// Renews the upstream credential behind a pod lease and bounds the
+    /// lease by it. Returns the version the sidecar should hold: the
+    /// lease's own, or 0 ("fetch again") when the credential is gone or
+    /// ends within half a lease, so the pod gets a new one in time.
+    async fn renew_dynamic(
+        &self,
+        vault: &crate::backend::vault::Vault,
+        record: &LeaseRecord,
+        lease: &mut pb::Lease,
+        ttl: Duration,
+    ) -> Result<u64, ApiError> {
+        let Some(up) = self.upstream.get(&record.lease_id).await? else {
+            return Ok(0);
+        };
+        let ends = match vault.renew_upstream(&up, ttl).await {
+            Ok(ends) => ends,
+            Err(e) => {
+                warn!(secret = %record.secret, lease_id = %record.lease_id, error = %e, "upstream renewal failed; the lease keeps the credential's expiry");
+                up.expires_at
+            }
+        };
+        if ends != up.expires_at {
+            self.upstream.set_expiry(&record.lease_id, ends).await?;
+        }
+        bound_lease(lease, ends);
+        if ends - unix_now() < (ttl.as_secs() / 2) as i64 {
+            return Ok(0);
+        }
+        Ok(record.version)
+    }
+
+    /// Revokes credentials issued for a call that failed before handing them out.
+    async fn abandon(&self, upstreams: &[(String, crate::backend::vault::Upstream)]) {
+        let Some(v) = &self.vault else { return };
+        for (_, up) in upstreams {
+            if let Err(e) = v.revoke_upstream(up.kind, &up.mount, &up.id).await {
+                warn!(kind = up.kind, error = %e, "cannot revoke a credential of a failed call; it ends at its own expiry");
+            }
+        }
+    }
+
     /// The latest version of `name`, from the poller's map (or the store for
-    /// a secret created since the last poll).
+    /// a secret created since the last poll); Vault KV versions from Vault's poller.
     async fn current_version(&self, name: &str) -> Result<u64, ApiError> {
+        if let Some((v, false)) = self.vault_for(name) {
+            return match v.kv_version(name) {
+                Some(version) => Ok(version),
+                None => Ok(v
+                    .kv_get(name)
+                    .await
+                    .map_err(|error| ApiError::Vault {
+                        name: name.to_owned(),
+                        error,
+                    })?
+                    .version),
+            };
+        }
         let known = self
             .versions
             .read()
@@ -387,9 +501,25 @@ impl Broker for BrokerService {
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut secrets = Vec::with_capacity(r.names.len());
             let mut records = Vec::with_capacity(r.names.len());
+            let mut upstreams = Vec::new();
             for name in &r.names {
-                let v = self.read(name).await?;
-                let lease = new_lease(ttl)?;
+                let (v, up) = match self.read_for(name, &id, ttl).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Credentials issued for the earlier names are not handed out.
+                        self.abandon(&upstreams).await;
+                        if let ApiError::Vault { .. } = &e {
+                            warn!(identity = %id, secret = %name, error = %e, "vault read failed");
+                        }
+                        return Err(e);
+                    }
+                };
+                let mut lease = new_lease(ttl)?;
+                if let Some(up) = up {
+                    // The credential's real expiry bounds the lease.
+                    bound_lease(&mut lease, up.expires_at);
+                    upstreams.push((lease.lease_id.clone(), up));
+                }
                 records.push(lease_record(&id, role, name, v.version, &lease));
                 secrets.push(pb::Secret {
                     name: v.name.clone(),
@@ -399,7 +529,16 @@ impl Broker for BrokerService {
                 });
             }
             // A lease that cannot be recorded cannot be revoked: fail instead.
-            self.leases.record(&records).await?;
+            if let Err(e) = self.leases.record(&records).await {
+                self.abandon(&upstreams).await;
+                return Err(e.into());
+            }
+            for (lease_id, up) in &upstreams {
+                if let Err(e) = self.upstream.record(lease_id, up).await {
+                    self.abandon(&upstreams).await;
+                    return Err(e.into());
+                }
+            }
             self.metrics.leases_issued.inc_by(records.len() as u64);
             self.metrics.secrets_served.inc_by(secrets.len() as u64);
             info!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
@@ -430,12 +569,15 @@ impl Broker for BrokerService {
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut leases = Vec::with_capacity(names.len());
             for held in &r.leases {
-                let current = self.current_version(&held.name).await?;
-                if !self.owns(&id, held).await? {
+                let Some(record) = self.owned(&id, held).await? else {
                     return Err(ApiError::UnknownLease(held.lease_id.clone()));
-                }
+                };
                 let mut lease = new_lease(ttl)?;
                 lease.lease_id.clone_from(&held.lease_id);
+                let current = match self.vault_for(&held.name) {
+                    Some((v, true)) => self.renew_dynamic(v, &record, &mut lease, ttl).await?,
+                    _ => self.current_version(&held.name).await?,
+                };
                 self.leases.extend(&lease.lease_id, lease.expires_at_unix).await?;
                 leases.push(pb::RenewedLease {
                     name: held.name.clone(),
@@ -625,6 +767,15 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Ends `lease` no later than `ends` (unix seconds), at least a second from now.
+fn bound_lease(lease: &mut pb::Lease, ends: i64) {
+    let now = unix_now();
+    if ends < lease.expires_at_unix {
+        lease.expires_at_unix = ends.max(now + 1);
+        lease.ttl_seconds = (lease.expires_at_unix - now) as u32;
+    }
 }
 
 fn lease_record(

@@ -72,6 +72,11 @@ pub struct Metrics {
     pub leases_issued: Counter,
     view_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     rules: Gauge,
+    /// Upstream credentials (Vault leases, certificates) revoked because
+    /// their pod lease ended.
+    pub upstream_revocations: Counter,
+    /// Vault-mapped secrets that cannot be served now (set at each scrape).
+    vault_unservable: Gauge,
 }
 
 impl Metrics {
@@ -139,7 +144,21 @@ impl Metrics {
             "Revocation rules in force",
             rules.clone(),
         );
+        let upstream_revocations = Counter::default();
+        registry.register(
+            "upstream_revocations",
+            "Upstream credentials (Vault leases, PKI certificates) revoked when their pod lease ended",
+            upstream_revocations.clone(),
+        );
+        let vault_unservable = Gauge::default();
+        registry.register(
+            "vault_unservable_secrets",
+            "Vault KV secrets this replica cannot serve now (no value young enough)",
+            vault_unservable.clone(),
+        );
         Metrics {
+            upstream_revocations,
+            vault_unservable,
             registry,
             calls,
             call_duration,
@@ -172,6 +191,7 @@ pub struct OpsState {
     pub view: Arc<View>,
     pub verifier: Arc<Verifiers>,
     pub db: Db,
+    pub vault: Option<Arc<crate::backend::vault::Vault>>,
 }
 
 async fn metrics(
@@ -184,6 +204,9 @@ async fn metrics(
             .unwrap_or(f64::INFINITY),
     );
     s.metrics.rules.set(s.view.rules().len() as i64);
+    if let Some(v) = &s.vault {
+        s.metrics.vault_unservable.set(v.problems().len() as i64);
+    }
     let mut body = String::new();
     let status = match prometheus_client::encoding::text::encode(&mut body, &s.metrics.registry) {
         Ok(()) => StatusCode::OK,
@@ -214,7 +237,16 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     {
         failing.push(format!("database: {e}"));
     }
-    if failing.is_empty() {
+    // Vault paths that cannot be served degrade the replica without taking
+    // it out of service: every replica shares the same Vault, and the other
+    // secrets still work. They are named here and counted in the metrics.
+    let degraded: Vec<String> = s.vault.as_ref().map(|v| v.problems()).unwrap_or_default();
+    if failing.is_empty() && !degraded.is_empty() {
+        (
+            StatusCode::OK,
+            format!("ready, degraded:\nvault: {}\n", degraded.join("\nvault: ")),
+        )
+    } else if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
         (

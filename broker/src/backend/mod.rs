@@ -2,6 +2,7 @@
 //! AWS join it behind one interface as they land.
 
 pub mod embedded;
+pub mod vault;
 
 use secrecy::{ExposeSecret, SecretSlice};
 
