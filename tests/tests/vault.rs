@@ -633,3 +633,83 @@ key = "password"
     );
     assert!(!log.contains("before-restart") && !log.contains("after-restart"));
 }
+
+#[test]
+fn kubernetes_login_through_tokenreview() {
+    // OpenBao's kubernetes auth method asks the API server (our TokenReview
+    // double, real JSON over HTTPS) whether the broker's token is valid.
+    let world = World::new(ROLES).unwrap();
+    let api = world.start_api_server().unwrap();
+    let bao = Bao::start(world.path("bao.log")).unwrap();
+    let broker_sa = Workload::new("secrets-broker", "broker", "vault");
+    world.token_file("broker-sa.token", &broker_sa).unwrap();
+    bao.api("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"})))
+        .unwrap();
+    bao.api(
+        "POST",
+        "auth/kubernetes/config",
+        Some(json!({
+            "kubernetes_host": format!("https://localhost:{}", api.port),
+            "kubernetes_ca_cert": std::fs::read_to_string(&world.tls.ca).unwrap(),
+            "token_reviewer_jwt": api.broker_token,
+            "disable_local_ca_jwt": true,
+        })),
+    )
+    .unwrap();
+    bao.api(
+        "POST",
+        "auth/kubernetes/role/secrets-broker",
+        Some(json!({
+            "bound_service_account_names": ["broker"],
+            "bound_service_account_namespaces": ["secrets-broker"],
+            "token_policies": ["broker"],
+            "token_ttl": "60s",
+        })),
+    )
+    .unwrap();
+    bao.api(
+        "PUT",
+        "sys/policies/acl/broker",
+        Some(json!({"policy": "path \"secret/data/app/*\" { capabilities = [\"read\"] }"})),
+    )
+    .unwrap();
+    kv_put(&bao, "app/config", json!({"password": "via-kubernetes-auth"}));
+    add_vault(
+        &world,
+        &format!(
+            r#"[vault]
+address = "{addr}"
+[vault.auth]
+method = "kubernetes"
+role = "secrets-broker"
+jwt_file = "broker-sa.token"
+[[vault.secrets]]
+name = "app/password"
+kind = "kv"
+mount = "secret"
+path = "app/config"
+key = "password"
+"#,
+            addr = bao.addr()
+        ),
+    );
+    let broker = world.start_broker("broker.log").unwrap();
+    let token = world.issuer.mint(&pod("app-0")).unwrap();
+    let got = wait_for("value served through kubernetes login", LONG, || {
+        world.runtime.block_on(async {
+            let mut c = client(&world, world.broker_port).await;
+            c.fetch(authed(fetch_req(&["app/password"]), &token))
+                .await
+                .ok()
+                .map(|r| r.into_inner().secrets[0].value.clone())
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", broker.log_text(), bao.log_text()));
+    assert_eq!(got, b"via-kubernetes-auth");
+    assert!(api.reviews() >= 1, "OpenBao asked the API server");
+    let log = broker.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("logged in to vault") && l.contains("kubernetes")),
+        "{log}"
+    );
+}
