@@ -93,9 +93,15 @@ struct RawIdentity {
     kubeconfig: Option<PathBuf>,
     #[serde(default = "default_review_cache", with = "humantime_serde")]
     tokenreview_cache: Duration,
+    #[serde(default = "default_verify_cache", with = "humantime_serde")]
+    verify_cache: Duration,
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     tokenreview_timeout: Duration,
     on_api_error: Option<String>,
+}
+
+fn default_verify_cache() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_review_cache() -> Duration {
@@ -305,6 +311,8 @@ pub struct IdentityConfig {
     /// Where the broker's own credentials for TokenReview are; `None`: in-cluster.
     pub kubeconfig: Option<PathBuf>,
     pub tokenreview_cache: Duration,
+    /// How long a verified token is remembered (0: never).
+    pub verify_cache: Duration,
     pub tokenreview_timeout: Duration,
     /// In `jwks+tokenreview` mode, accept offline-verified tokens while the
     /// API server cannot be asked (default: refuse).
@@ -745,6 +753,12 @@ fn identity_config(
         cluster,
         mode,
         kubeconfig: id.kubeconfig.map(resolve),
+        verify_cache: v.bounded(
+            &key("verify_cache"),
+            id.verify_cache,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?,
         tokenreview_cache: v.bounded(
             &key("tokenreview_cache"),
             id.tokenreview_cache,

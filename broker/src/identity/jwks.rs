@@ -131,6 +131,16 @@ impl Jwks {
     }
 
     /// Whether keys have been loaded at least once (for readiness).
+    /// Whether the cached keys still hold one with this `kid` (or, without
+    /// a `kid`, any key published without one). Never fetches.
+    pub fn has_key(&self, kid: Option<&str>) -> bool {
+        let set = self.current();
+        match kid {
+            Some(kid) => set.by_kid.contains_key(kid),
+            None => !set.unnamed.is_empty(),
+        }
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.current().fetched_at.is_some()
     }

@@ -176,21 +176,36 @@ struct NamedObject {
     uid: String,
 }
 
+/// A token verified before: what it proved, and the key that proved it.
+struct Verified {
+    identity: Identity,
+    kid: Option<String>,
+}
+
 /// Verifies tokens of one issuer.
 pub struct Verifier {
     cfg: IdentityConfig,
     jwks: Jwks,
     /// Set in the TokenReview modes.
     reviewer: Option<super::tokenreview::Reviewer>,
+    /// Tokens verified offline, by SHA-256, for `verify_cache`.
+    verified: Option<moka::future::Cache<[u8; 32], std::sync::Arc<Verified>>>,
 }
 
 impl Verifier {
     pub fn new(cfg: IdentityConfig) -> Result<Verifier, JwksError> {
         let jwks = Jwks::new(&cfg)?;
+        let verified = (!cfg.verify_cache.is_zero()).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(cfg.verify_cache)
+                .build()
+        });
         Ok(Verifier {
             cfg,
             jwks,
             reviewer: None,
+            verified,
         })
     }
 
@@ -219,10 +234,10 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         use super::tokenreview::{Mode, Review};
         let Some(reviewer) = &self.reviewer else {
-            return self.verify_at(token, SystemTime::now()).await;
+            return self.verify_offline(token).await;
         };
         match self.cfg.mode {
-            Mode::Jwks => self.verify_at(token, SystemTime::now()).await,
+            Mode::Jwks => self.verify_offline(token).await,
             Mode::TokenReview => {
                 let token = bounded(token, self.cfg.max_token_bytes)?;
                 parse_header(token)?;
@@ -243,7 +258,7 @@ impl Verifier {
                 }
             }
             Mode::JwksAndTokenReview => {
-                let identity = self.verify_at(token, SystemTime::now()).await?;
+                let identity = self.verify_offline(token).await?;
                 match reviewer.review(token.trim()).await {
                     Ok(Review::Authenticated { .. }) => Ok(identity),
                     Ok(Review::Rejected(reason)) => Err(TokenError::PodGone {
@@ -309,6 +324,46 @@ impl Verifier {
     }
 
     /// Verifies a token as of `now`.
+    /// Verifies a token with the issuer's keys, remembering the result for
+    /// `verify_cache`: a token seen before costs a hash and a lookup. A hit
+    /// is used only while the token is unexpired and the key that signed it
+    /// is still published; anything else is verified again in full, so the
+    /// error is the precise one.
+    async fn verify_offline(&self, token: &str) -> Result<Identity, TokenError> {
+        let Some(cache) = &self.verified else {
+            return self.verify_at(token, SystemTime::now()).await;
+        };
+        let token = bounded(token, self.cfg.max_token_bytes)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        if let Some(hit) = cache.get(&key).await {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs() as i64;
+            let leeway = self.cfg.leeway.as_secs() as i64;
+            if now <= hit.identity.expires_at.saturating_add(leeway)
+                && self.jwks.has_key(hit.kid.as_deref())
+            {
+                return Ok(hit.identity.clone());
+            }
+            cache.invalidate(&key).await;
+        }
+        let identity = self.verify_at(token, SystemTime::now()).await?;
+        let kid = parse_header(token).ok().and_then(|h| h.kid);
+        cache
+            .insert(
+                key,
+                std::sync::Arc::new(Verified {
+                    identity: identity.clone(),
+                    kid,
+                }),
+            )
+            .await;
+        Ok(identity)
+    }
+
     pub async fn verify_at(&self, token: &str, now: SystemTime) -> Result<Identity, TokenError> {
         let token = bounded(token, self.cfg.max_token_bytes)?;
         let header = parse_header(token)?;
@@ -664,6 +719,10 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with(|_| {})
+    }
+
+    fn fixture_with(adjust: impl FnOnce(&mut IdentityConfig)) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let (key, mut jwk) = ec_key();
         jwk["kid"] = json!("k1");
@@ -675,6 +734,7 @@ mod tests {
             mode: crate::identity::tokenreview::Mode::Jwks,
             kubeconfig: None,
             tokenreview_cache: Duration::from_secs(5),
+            verify_cache: Duration::ZERO,
             tokenreview_timeout: Duration::from_secs(5),
             allow_on_api_error: false,
             issuer: ISS.into(),
@@ -690,6 +750,8 @@ mod tests {
             max_token_bytes: 8192,
             http_timeout: Duration::from_secs(5),
         };
+        let mut cfg = cfg;
+        adjust(&mut cfg);
         Fixture {
             _dir: dir,
             verifier: Verifier::new(cfg).unwrap(),
@@ -737,6 +799,50 @@ mod tests {
             .verify(token)
             .await
             .expect_err("token must be refused")
+    }
+
+    #[tokio::test]
+    async fn verification_cache_rechecks_expiry_and_withdrawn_keys() {
+        let f = fixture_with(|c| {
+            c.verify_cache = Duration::from_secs(300);
+            c.leeway = Duration::ZERO;
+        });
+        f.verifier.jwks().refresh(true).await.unwrap();
+        let good = sign(&f.key, Some("k1"), &claims());
+        let id = f.verifier.verify(&good).await.unwrap();
+        // A hit returns the same identity.
+        assert_eq!(f.verifier.verify(&good).await.unwrap(), id);
+        // A forged token is never a hit (another hash), and is refused.
+        let forged = sign(&f.other_key, Some("k1"), &claims());
+        assert!(matches!(
+            reject(&f, &forged).await,
+            TokenError::BadSignature { .. }
+        ));
+
+        // Expiry is checked on every call, cached or not.
+        let mut short = claims();
+        short["exp"] = json!(now() + 1);
+        let short = sign(&f.key, Some("k1"), &short);
+        f.verifier.verify(&short).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(matches!(
+            reject(&f, &short).await,
+            TokenError::Expired { .. }
+        ));
+
+        // The issuer withdraws key k1: the cached verification is not used.
+        let (_, mut other) = ec_key();
+        other["kid"] = json!("k2");
+        std::fs::write(
+            f._dir.path().join("jwks.json"),
+            json!({ "keys": [other] }).to_string(),
+        )
+        .unwrap();
+        f.verifier.jwks().refresh(true).await.unwrap();
+        assert!(matches!(
+            reject(&f, &good).await,
+            TokenError::UnknownKey { .. }
+        ));
     }
 
     #[tokio::test]

@@ -1,12 +1,15 @@
 //! Broker exchange benchmark: token → secret (one `Fetch`: verify, authorize,
 //! read through the cache, record the lease, audit) over TLS, against the real
 //! release broker on loopback (embedded SQLite store), at several
-//! concurrencies and with 1 or 1,000 distinct identities. Every call verifies
-//! the token's signature (the broker has no verification cache), so the
-//! signature check alone is measured in the same run for the ratio.
+//! concurrencies and with 1 or 1,000 distinct identities, with the broker's
+//! verification cache on (the default) and off (`verify_cache = "0s"`: every
+//! call verifies the signature). The signature check alone is measured in the
+//! same run for the ratio.
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/exchange-bench [--seconds 5]
+//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2]
+//!
+//! `--cache-only 1` runs only with the cache on, `2` only with it off.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,7 @@ max_ttl = "1h"
 "#;
 
 struct Row {
+    cache: bool,
     concurrency: usize,
     identities: usize,
     per_second: f64,
@@ -38,11 +42,11 @@ struct Row {
 
 fn main() -> Result<()> {
     let seconds = flag("--seconds", 5);
+    let only = flag("--cache-only", 0);
     let mut world = World::new(ROLES)?;
     world.log_level = "info";
     world.put("bench/s", &"v".repeat(64))?;
-    let broker = world.start_broker("broker.log")?;
-    let pid = broker.child.id();
+    let config = std::fs::read_to_string(world.broker_config())?;
     let tokens: Vec<String> = (0..1000)
         .map(|i| {
             let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
@@ -75,36 +79,70 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
-    for identities in [1usize, 1000] {
-        for concurrency in [1usize, 16, 64, 256] {
-            eprintln!("  concurrency {concurrency}, {identities} identities…");
-            let row = rt.block_on(run(
-                port,
-                &ca,
-                &tokens[..identities],
-                concurrency,
-                Duration::from_secs(seconds),
-                pid,
-            ))?;
-            rows.push(Row {
-                concurrency,
-                identities,
-                ..row
-            });
+    for cache in [true, false] {
+        if (only == 1 && !cache) || (only == 2 && cache) {
+            continue;
         }
+        let setting = if cache {
+            "verify_cache = \"5m\""
+        } else {
+            "verify_cache = \"0s\""
+        };
+        std::fs::write(
+            world.broker_config(),
+            config.replacen("leeway = \"5s\"", &format!("leeway = \"5s\"\n{setting}"), 1),
+        )?;
+        let broker = world.start_broker(if cache {
+            "broker-cache.log"
+        } else {
+            "broker-nocache.log"
+        })?;
+        let pid = broker.child.id();
+        for identities in [1usize, 1000] {
+            for concurrency in [1usize, 16, 64, 256] {
+                eprintln!("  cache {cache}, concurrency {concurrency}, {identities} identities…");
+                let row = rt.block_on(run(
+                    port,
+                    &ca,
+                    &tokens[..identities],
+                    concurrency,
+                    Duration::from_secs(seconds),
+                    pid,
+                ))?;
+                rows.push(Row {
+                    cache,
+                    concurrency,
+                    identities,
+                    ..row
+                });
+            }
+        }
+        drop(broker);
     }
 
     println!(
-        "broker exchange (Fetch over TLS, every call verifies ES256; release build, 2 vCPU incl. load generator, {seconds}s per row)"
+        "broker exchange (Fetch over TLS, ES256 tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)"
     );
     println!(
-        "{:>11} {:>10} {:>12} {:>10} {:>10} {:>20}",
-        "concurrency", "identities", "exchanges/s", "p50", "p99", "broker CPU/exchange"
+        "{:>12} {:>11} {:>10} {:>12} {:>10} {:>10} {:>20}",
+        "verify cache",
+        "concurrency",
+        "identities",
+        "exchanges/s",
+        "p50",
+        "p99",
+        "broker CPU/exchange"
     );
     for r in &rows {
         println!(
-            "{:>11} {:>10} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
-            r.concurrency, r.identities, r.per_second, r.p50_us, r.p99_us, r.cpu_us_per_exchange
+            "{:>12} {:>11} {:>10} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
+            if r.cache { "on" } else { "off" },
+            r.concurrency,
+            r.identities,
+            r.per_second,
+            r.p50_us,
+            r.p99_us,
+            r.cpu_us_per_exchange
         );
     }
     println!("ES256 verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs");
@@ -114,6 +152,7 @@ fn main() -> Result<()> {
             "scenario": "broker_exchange",
             "es256_verify_us": floor_us,
             "rows": rows.iter().map(|r| serde_json::json!({
+                "verify_cache": r.cache,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
                 "p50_us": r.p50_us, "p99_us": r.p99_us, "broker_cpu_us_per_exchange": r.cpu_us_per_exchange,
                 "cpu_per_10000_exchanges_s": r.cpu_us_per_exchange * 10_000.0 / 1e6,
@@ -184,6 +223,7 @@ async fn run(
     lat.sort_by(f64::total_cmp);
     let n = lat.len().max(1);
     Ok(Row {
+        cache: true,
         concurrency,
         identities: tokens.len(),
         per_second: n as f64 / elapsed,
