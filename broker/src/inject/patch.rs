@@ -93,6 +93,10 @@ impl Injector {
         if certs.is_empty() {
             return Err("no CERTIFICATE block found".into());
         }
+        for cert in &certs {
+            x509_parser::parse_x509_certificate(cert.as_ref())
+                .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        }
         Ok(Injector { cfg, ca_pem: pem })
     }
 
