@@ -377,3 +377,43 @@ pub async fn serve(
     }
     info!("injection webhook stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::tls::DevTls;
+
+    #[test]
+    fn certificate_reloads_on_change_and_keeps_the_old_one_on_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = DevTls::generate().unwrap().write(dir.path()).unwrap();
+        let cert = ReloadingCert::load(files.cert.clone(), files.key.clone()).unwrap();
+        let first = cert.current().unwrap();
+        assert!(!cert.reload_if_changed().unwrap(), "unchanged files");
+
+        // A half-renewed pair (a key that is no key): an error, old one kept.
+        std::fs::write(
+            &files.key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = cert.reload_if_changed().unwrap_err();
+        assert!(e.contains("tls.key"), "{e}");
+        assert!(Arc::ptr_eq(&first, &cert.current().unwrap()));
+
+        // The renewed pair is taken.
+        let renewed = DevTls::generate().unwrap().write(dir.path()).unwrap();
+        assert!(cert.reload_if_changed().unwrap());
+        let now = cert.current().unwrap();
+        assert!(!Arc::ptr_eq(&first, &now));
+        assert_ne!(first.cert[0], now.cert[0]);
+        assert_eq!(renewed.cert, files.cert);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let e = ReloadingCert::load("/nonexistent/tls.crt".into(), "/nonexistent/tls.key".into())
+            .unwrap_err();
+        assert!(e.contains("/nonexistent/tls.crt"), "{e}");
+    }
+}
