@@ -766,7 +766,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_annotation_and_problem() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        // (annotations, the annotation named, words of the problem)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case<'_>] = &[
             (&[("inject", "yes")], "inject", "not a boolean"),
             (&[("inject", "True")], "inject", "not a boolean"),
             (&[("inject", "true")], "inject", "nothing to inject"),
