@@ -505,7 +505,7 @@ impl Injector {
         ops.add(
             &["metadata", "annotations", &full("status")],
             Value::String(annotations::STATUS_INJECTED.into()),
-        )?;
+        );
         ops.append_all(&["spec", "volumes"], spec.volumes.is_some(), &volumes)?;
         for &i in &app {
             let has = spec.containers[i].volume_mounts.is_some();
@@ -524,12 +524,12 @@ impl Injector {
             )?;
         }
         if spec.init_containers.is_some() {
-            ops.add(&["spec", "initContainers", "0"], to_value(&init)?)?;
+            ops.add(&["spec", "initContainers", "0"], to_value(&init)?);
         } else {
-            ops.add(&["spec", "initContainers"], to_value(&[init])?)?;
+            ops.add(&["spec", "initContainers"], to_value(&[init])?);
         }
         if let Some(regular) = regular {
-            ops.add(&["spec", "containers", "-"], to_value(&regular)?)?;
+            ops.add(&["spec", "containers", "-"], to_value(&regular)?);
         }
         Ok(Decision::Inject {
             patch: Patch(ops.0),
@@ -543,12 +543,11 @@ impl Injector {
 struct Ops(Vec<PatchOperation>);
 
 impl Ops {
-    fn add(&mut self, path: &[&str], value: Value) -> Result<(), String> {
+    fn add(&mut self, path: &[&str], value: Value) {
         self.0.push(PatchOperation::Add(AddOperation {
             path: PointerBuf::from_tokens(path.iter().copied()),
             value,
         }));
-        Ok(())
     }
 
     /// Appends `items` to the array at `path`, or creates it when absent.
@@ -562,12 +561,12 @@ impl Ops {
             let mut at: Vec<&str> = path.to_vec();
             at.push("-");
             for item in items {
-                self.add(&at, to_value(item)?)?;
+                self.add(&at, to_value(item)?);
             }
-            Ok(())
         } else {
-            self.add(path, to_value(items)?)
+            self.add(path, to_value(items)?);
         }
+        Ok(())
     }
 }
 
