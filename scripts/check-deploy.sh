@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks deploy/ and .github/ offline: renders every Kustomize overlay,
-# example and component, validates the objects against the Kubernetes
-# schemas, asserts the hardening rules, scans with checkov, lints the
-# Dockerfiles, YAML and GitHub workflows, and tests the alert rules and every
-# PromQL query with promtool.
+# example and component, validates the objects (and the pods the injection
+# webhook produces from its fixtures) against the Kubernetes schemas,
+# asserts the hardening rules, scans with checkov, lints the Dockerfiles,
+# YAML and GitHub workflows, and tests the alert rules and every PromQL query
+# with promtool.
 #
 #   bash scripts/check-deploy.sh
 #
@@ -259,7 +260,22 @@ queries() {
 run_check "dashboards + canary analysis: metric names, PromQL parses (promtool)" queries
 
 config_keys() { "$PY" deploy/tests/check_config_keys.py; }
-run_check "configs: broker.toml / sidecar.toml keys documented in examples/" config_keys
+run_check "configs: broker.toml / sidecar.toml / inject.toml keys documented in examples/" config_keys
+
+# The pods the injection webhook produces from the AdmissionReview fixtures
+# (broker/src/inject/testdata), kept up to date by the unit test
+# inject::fixtures::injected_pods_match_the_committed_fixtures.
+injected_pods() {
+  local args=() v files
+  for v in "${KUBE_VERSIONS[@]}"; do args+=(--kubernetes-version "$v"); done
+  files=$(ls deploy/tests/fixtures/injected/*.json 2>/dev/null) || true
+  if [ -z "$files" ]; then
+    echo "FAIL no injected pods in deploy/tests/fixtures/injected"; return 1
+  fi
+  # shellcheck disable=SC2086  # file names without spaces
+  "$PY" deploy/tests/validate_schemas.py "${args[@]}" $files
+}
+run_check "injected pods: kubernetes-validate --strict (deploy/tests/fixtures/injected)" injected_pods
 
 workflows() {
   if [ "$have_actionlint" = 0 ]; then

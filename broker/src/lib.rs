@@ -11,6 +11,7 @@
 //! - [`state`]: revocation rules and their in-memory view, leases, the audit log.
 //! - [`api::grpc`]: the `Broker` service, where a call reads top to bottom.
 //! - [`dev`]: `secrets-broker dev`, a complete local system in one process.
+//! - [`inject`]: `secrets-broker inject`, the sidecar injection webhook.
 //!
 //! [`run`] wires them: the caller passes the listener and the shutdown signal,
 //! so tests bind port 0 and stop the broker with a oneshot.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod db;
 pub mod dev;
 pub mod identity;
+pub mod inject;
 pub mod policy;
 pub mod state;
 pub mod telemetry;

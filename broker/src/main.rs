@@ -55,6 +55,14 @@ enum Command {
         #[arg(long, default_value = "")]
         role: String,
     },
+    /// Run the sidecar injection webhook: an HTTPS server for the API
+    /// server's AdmissionReviews (POST /mutate) that adds the secrets sidecar
+    /// to pods annotated secrets-broker.io/inject: "true".
+    Inject {
+        /// The injector config file (TOML; see examples/inject.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Manage the embedded store directly (offline, on the broker's host).
     Store {
         #[command(subcommand)]
@@ -157,7 +165,28 @@ async fn run(command: Command) -> ExitCode {
             role,
         } => check_token(&config, &token_file, &role).await,
         Command::Store { command } => store(command).await,
+        Command::Inject { config } => inject(&config).await,
     }
+}
+
+async fn inject(path: &std::path::Path) -> ExitCode {
+    use secrets_broker::inject::{Config, Injector};
+    let injector = match Config::load(path).and_then(|c| Injector::new(c, path)) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = injector.config().server.listen;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report(secrets_broker::inject::run(injector, listener, shutdown_signal()).await)
 }
 
 fn report<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {

@@ -3,8 +3,9 @@
 
     check_config_keys.py
 
-The binaries refuse unknown keys at start. examples/broker.toml and
-examples/sidecar.toml (repository root) document every key, some of them
+The binaries refuse unknown keys at start. examples/broker.toml,
+examples/sidecar.toml and examples/inject.toml (repository root) document
+every key, some of them
 commented out; a key in a deploy/ config that those files do not mention
 would stop the pod, so it fails here first. Also checks that the values the
 manifests depend on agree with them (ports, mounted paths).
@@ -56,6 +57,7 @@ def main():
     checks = [
         (ROOT / "examples" / "broker.toml", sorted(DEPLOY.glob("overlays/*/broker.toml"))),
         (ROOT / "examples" / "sidecar.toml", sorted(DEPLOY.glob("examples/*/sidecar.toml"))),
+        (ROOT / "examples" / "inject.toml", sorted(DEPLOY.glob("components/*/inject.toml"))),
     ]
     n = 0
     for example, configs in checks:
@@ -80,6 +82,19 @@ def main():
                 for k in ("tls_cert_file", "tls_key_file"):
                     if not str(srv.get(k, "")).startswith("/etc/secrets-broker/tls/"):
                         failures.append(f"{cfg.relative_to(ROOT)}: server.{k} must be under /etc/secrets-broker/tls/ (mounted Secret)")
+            elif example.name == "inject.toml":
+                srv = data.get("server", {})
+                # The ports and mounts of components/injector/deployment.yaml.
+                want = {"listen": "0.0.0.0:8443", "ops_listen": "0.0.0.0:9090"}
+                for k, v in want.items():
+                    if srv.get(k) != v:
+                        failures.append(f"{cfg.relative_to(ROOT)}: server.{k} must be {v} (the ports in components/injector)")
+                for k in ("tls_cert_file", "tls_key_file"):
+                    if not str(srv.get(k, "")).startswith("/etc/secrets-broker-injector/tls/"):
+                        failures.append(f"{cfg.relative_to(ROOT)}: server.{k} must be under /etc/secrets-broker-injector/tls/ (mounted Secret)")
+                ca = str(data.get("sidecar", {}).get("broker_ca_file", ""))
+                if not ca.startswith("/etc/secrets-broker-injector/broker-ca/"):
+                    failures.append(f"{cfg.relative_to(ROOT)}: sidecar.broker_ca_file must be under /etc/secrets-broker-injector/broker-ca/ (mounted Secret)")
             else:
                 hl = data.get("health_listen", "")
                 if not hl.endswith(":8099") or hl.startswith("127."):

@@ -78,12 +78,7 @@ pub fn read_token(path: &Path) -> Result<SecretString, ClientError> {
 impl Client {
     /// Builds a client; connects lazily and reconnects as needed.
     pub fn new(cfg: &Config) -> Result<Client, ClientError> {
-        let ca = std::fs::read(&cfg.ca_file).map_err(|e| {
-            ClientError::Setup(format!(
-                "cannot read ca_file {}: {e}",
-                cfg.ca_file.display()
-            ))
-        })?;
+        let ca = cfg.ca.read().map_err(ClientError::Setup)?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(name) = &cfg.tls_server_name {
             tls = tls.domain_name(name.clone());

@@ -8,6 +8,11 @@ use serde::Deserialize;
 
 use crate::writer::validate_file_name;
 
+/// The environment variable that holds the whole config (TOML) when
+/// `--config` is not given: how the injection webhook configures a sidecar
+/// without a ConfigMap or any API call.
+pub const CONFIG_ENV: &str = "SECRETS_SIDECAR_CONFIG";
+
 /// A configuration problem; the message names the file and key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,7 +35,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     broker_url: String,
-    ca_file: PathBuf,
+    ca_file: Option<PathBuf>,
+    ca_pem: Option<String>,
     tls_server_name: Option<String>,
     token_file: PathBuf,
     #[serde(default)]
@@ -128,7 +134,7 @@ pub struct Config {
     /// `https://host:port` of the broker.
     pub broker_url: String,
     /// The CA that signed the broker's certificate; the only one trusted.
-    pub ca_file: PathBuf,
+    pub ca: CaSource,
     /// Name to verify in the broker's certificate when it differs from the URL's host.
     pub tls_server_name: Option<String>,
     /// The projected service-account token; re-read at every call (kubelet rotates it).
@@ -156,6 +162,26 @@ pub struct Config {
     pub notify: crate::notify::NotifyConfig,
     pub secrets: Vec<SecretSpec>,
     pub templates: Vec<TemplateSpec>,
+}
+
+/// Where the broker's CA comes from: exactly one of `ca_file` and `ca_pem`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// A PEM file, read when the client is built.
+    File(PathBuf),
+    /// PEM text inline in the config (a config passed in [`CONFIG_ENV`]).
+    Pem(String),
+}
+
+impl CaSource {
+    /// The PEM bytes of the CA.
+    pub fn read(&self) -> Result<Vec<u8>, String> {
+        match self {
+            CaSource::File(path) => std::fs::read(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display())),
+            CaSource::Pem(pem) => Ok(pem.as_bytes().to_vec()),
+        }
+    }
 }
 
 /// One secret to keep fresh and the file it lands in.
@@ -195,6 +221,27 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// Reads the whole config from the environment variable `var` (usually
+    /// [`CONFIG_ENV`]); errors name the variable as the file.
+    pub fn from_env(var: &str) -> Result<Config, ConfigError> {
+        Self::from_env_value(var, std::env::var(var))
+    }
+
+    fn from_env_value(
+        var: &str,
+        value: Result<String, std::env::VarError>,
+    ) -> Result<Config, ConfigError> {
+        let name = PathBuf::from(format!("${var}"));
+        let text = value.map_err(|e| ConfigError::Read {
+            path: name.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{e}: pass --config FILE or set {var} to the config's TOML"),
+            ),
+        })?;
+        Self::parse(&text, &name)
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
@@ -213,6 +260,25 @@ impl Config {
                 "must be an https:// URL (TLS is required)".into(),
             ));
         }
+        let ca = match (raw.ca_file, raw.ca_pem) {
+            (Some(f), None) => CaSource::File(resolve(f)),
+            (None, Some(pem)) => {
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(err(
+                        "ca_pem",
+                        "no \"-----BEGIN CERTIFICATE-----\" block: give the CA certificate as PEM text"
+                            .into(),
+                    ));
+                }
+                CaSource::Pem(pem)
+            }
+            _ => {
+                return Err(err(
+                    "ca_file",
+                    "set exactly one of ca_file and ca_pem (the broker's CA)".into(),
+                ));
+            }
+        };
         if raw.secrets.is_empty() {
             return Err(err("secrets", "list at least one [[secrets]] entry".into()));
         }
@@ -392,7 +458,7 @@ impl Config {
             health_listen,
             local_api,
             broker_url: raw.broker_url,
-            ca_file: resolve(raw.ca_file),
+            ca,
             tls_server_name: raw.tls_server_name,
             token_file: resolve(raw.token_file),
             role: raw.role,
@@ -438,7 +504,7 @@ name = "payments/db-password"
     fn defaults_and_errors() {
         let cfg = Config::parse(GOOD, Path::new("/etc/sc/s.toml")).unwrap();
         assert_eq!(cfg.secrets[0].file.as_deref(), Some("db-password"));
-        assert_eq!(cfg.ca_file, Path::new("/etc/sc/ca.crt"));
+        assert_eq!(cfg.ca, CaSource::File(PathBuf::from("/etc/sc/ca.crt")));
         let bad = |from: &str, to: &str| {
             Config::parse(&GOOD.replace(from, to), Path::new("s.toml"))
                 .unwrap_err()
@@ -469,5 +535,63 @@ name = "payments/db-password"
             .unwrap_err()
             .to_string();
         assert!(e.contains("templates[0].mode"), "{e}");
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn ca_inline_or_file_exactly_one() {
+        let inline = GOOD.replace(
+            "ca_file = \"ca.crt\"",
+            &format!("ca_pem = \"\"\"\n{PEM}\"\"\""),
+        );
+        let cfg = Config::parse(&inline, Path::new("s.toml")).unwrap();
+        assert_eq!(cfg.ca, CaSource::Pem(PEM.to_owned()));
+        assert_eq!(cfg.ca.read().unwrap(), PEM.as_bytes());
+
+        let both = format!("ca_pem = \"\"\"\n{PEM}\"\"\"\n{GOOD}");
+        let e = Config::parse(&both, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`ca_file`") && e.contains("exactly one"), "{e}");
+        let neither = GOOD.replace("ca_file = \"ca.crt\"\n", "");
+        let e = Config::parse(&neither, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        let junk = GOOD.replace("ca_file = \"ca.crt\"", "ca_pem = \"not a certificate\"");
+        let e = Config::parse(&junk, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`ca_pem`"), "{e}");
+    }
+
+    #[test]
+    fn ca_file_missing_is_named() {
+        let cfg = Config::parse(GOOD, Path::new("/nonexistent/s.toml")).unwrap();
+        let e = cfg.ca.read().unwrap_err();
+        assert!(e.contains("/nonexistent/ca.crt"), "{e}");
+    }
+
+    #[test]
+    fn config_from_environment() {
+        let var = CONFIG_ENV;
+        let e = Config::from_env_value(var, Err(std::env::VarError::NotPresent))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("$SECRETS_SIDECAR_CONFIG") && e.contains("--config"),
+            "{e}"
+        );
+        let inline = GOOD.replace(
+            "ca_file = \"ca.crt\"",
+            &format!("ca_pem = \"\"\"\n{PEM}\"\"\""),
+        );
+        let cfg = Config::from_env_value(var, Ok(inline)).unwrap();
+        assert_eq!(cfg.secrets[0].name, "payments/db-password");
+        let e = Config::from_env_value(var, Ok("broker_url = 1".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config file $SECRETS_SIDECAR_CONFIG"), "{e}");
     }
 }

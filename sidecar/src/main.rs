@@ -22,9 +22,12 @@ struct Cli {
 enum Command {
     /// Keep secrets fresh until SIGTERM/SIGINT; removes them on exit.
     Run {
-        /// The sidecar config file (TOML; see examples/sidecar.toml).
+        /// The sidecar config file (TOML; see examples/sidecar.toml). Without
+        /// it, the whole config is read from the environment variable
+        /// SECRETS_SIDECAR_CONFIG (how the injection webhook configures a
+        /// sidecar, with the broker's CA inline as `ca_pem`).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Print one secret's value from a running sidecar's local API (the
     /// example client; apps can do the same with any gRPC library).
@@ -48,8 +51,10 @@ enum Command {
     },
     /// Fetch and write once, then exit (init containers, CI jobs).
     Once {
+        /// The config file; without it, the environment variable
+        /// SECRETS_SIDECAR_CONFIG holds the whole config (as for `run`).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Give up after this long (e.g. `30s`, `2m`).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -77,7 +82,11 @@ fn main() -> ExitCode {
         Command::List { socket } => return client(socket, Call::List),
         Command::Watch { socket, names } => return client(socket, Call::Watch(names.clone())),
     };
-    let config = match secrets_sidecar::config::Config::load(&config_path) {
+    let loaded = match &config_path {
+        Some(path) => secrets_sidecar::config::Config::load(path),
+        None => secrets_sidecar::config::Config::from_env(secrets_sidecar::config::CONFIG_ENV),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

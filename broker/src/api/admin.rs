@@ -468,18 +468,12 @@ pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> C
 /// client CA when presented, and not required at the handshake, so that a
 /// caller without one gets a clear 401 instead of a TLS alert.
 pub fn tls_config(cfg: &AdminConfig) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls_pki_types::PrivateKeyDer;
     use rustls_pki_types::pem::PemObject;
     crate::install_crypto_provider();
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&read(&cfg.tls_cert_file)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}: {e}", cfg.tls_cert_file.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&zeroize::Zeroizing::new(read(&cfg.tls_key_file)?))
-        .map_err(|e| format!("{}: {e}", cfg.tls_key_file.display()))?;
+    let (certs, key) = load_cert_and_key(&cfg.tls_cert_file, &cfg.tls_key_file)?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&read(&cfg.client_ca_file)?) {
         let ca = ca.map_err(|e| format!("{}: {e}", cfg.client_ca_file.display()))?;
@@ -497,6 +491,34 @@ pub fn tls_config(cfg: &AdminConfig) -> Result<Arc<rustls::ServerConfig>, String
         .map_err(|e| format!("admin TLS: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Reads a PEM certificate chain and its private key (the key bytes are
+/// zeroized after parsing). Errors name the file.
+pub fn load_cert_and_key(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert_file)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE block", cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&zeroize::Zeroizing::new(read(key_file)?))
+        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    Ok((certs, key))
 }
 
 /// Serves the admin API on `listener` until `shutdown` flips.
