@@ -643,8 +643,12 @@ fn kubernetes_login_through_tokenreview() {
     let bao = Bao::start(world.path("bao.log")).unwrap();
     let broker_sa = Workload::new("secrets-broker", "broker", "vault");
     world.token_file("broker-sa.token", &broker_sa).unwrap();
-    bao.api("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"})))
-        .unwrap();
+    bao.api(
+        "POST",
+        "sys/auth/kubernetes",
+        Some(json!({"type": "kubernetes"})),
+    )
+    .unwrap();
     bao.api(
         "POST",
         "auth/kubernetes/config",
@@ -673,7 +677,11 @@ fn kubernetes_login_through_tokenreview() {
         Some(json!({"policy": "path \"secret/data/app/*\" { capabilities = [\"read\"] }"})),
     )
     .unwrap();
-    kv_put(&bao, "app/config", json!({"password": "via-kubernetes-auth"}));
+    kv_put(
+        &bao,
+        "app/config",
+        json!({"password": "via-kubernetes-auth"}),
+    );
     add_vault(
         &world,
         &format!(
@@ -709,7 +717,8 @@ key = "password"
     assert!(api.reviews() >= 1, "OpenBao asked the API server");
     let log = broker.log_text();
     assert!(
-        log.lines().any(|l| l.contains("logged in to vault") && l.contains("kubernetes")),
+        log.lines()
+            .any(|l| l.contains("logged in to vault") && l.contains("kubernetes")),
         "{log}"
     );
 }

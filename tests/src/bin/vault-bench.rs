@@ -117,8 +117,10 @@ key = "value"
                     names: vec!["bench/value".into()],
                     ttl_seconds: 0,
                 });
-                req.metadata_mut()
-                    .insert("authorization", format!("Bearer {t}").parse().expect("ascii"));
+                req.metadata_mut().insert(
+                    "authorization",
+                    format!("Bearer {t}").parse().expect("ascii"),
+                );
                 let r = c.fetch(req).await;
                 drop(permit);
                 r.is_ok()
