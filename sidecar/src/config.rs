@@ -59,6 +59,7 @@ struct RawConfig {
     request_timeout: Duration,
     health_listen: Option<String>,
     local_api: Option<RawLocalApi>,
+    aws_credentials: Option<crate::aws_endpoint::RawAwsCredentials>,
     notify: Option<RawNotify>,
     secrets: Vec<RawSecret>,
     #[serde(default)]
@@ -158,6 +159,8 @@ pub struct Config {
     pub health_listen: Option<std::net::SocketAddr>,
     /// The local `Secrets` gRPC API on a Unix socket; off when unset.
     pub local_api: Option<LocalApiConfig>,
+    /// The AWS container credentials endpoint on loopback; off when unset.
+    pub aws_credentials: Option<crate::aws_endpoint::AwsCredentialsConfig>,
     /// What to tell the application after each new generation.
     pub notify: crate::notify::NotifyConfig,
     pub secrets: Vec<SecretSpec>,
@@ -402,6 +405,13 @@ impl Config {
             socket: resolve(l.socket),
             allowed_uids: l.allowed_uids,
         });
+        let aws_credentials = match raw.aws_credentials {
+            None => None,
+            Some(a) => Some(
+                crate::aws_endpoint::validate(a, &secrets, &resolve(raw.dir.clone()), &resolve)
+                    .map_err(|(key, m)| err(key, m))?,
+            ),
+        };
         let notify = match raw.notify {
             None => crate::notify::NotifyConfig::default(),
             Some(n) => {
@@ -457,6 +467,7 @@ impl Config {
             notify,
             health_listen,
             local_api,
+            aws_credentials,
             broker_url: raw.broker_url,
             ca,
             tls_server_name: raw.tls_server_name,

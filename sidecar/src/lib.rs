@@ -11,10 +11,12 @@
 //! - [`render`]: templates → files, in the same generation as the secrets.
 //! - [`local_api`]: the `Secrets` gRPC service on a Unix socket (peer-UID check).
 //! - [`notify`]: signal / command / HTTP POST after a new generation, debounced.
+//! - [`aws_endpoint`]: the AWS container credentials endpoint on loopback.
 //!
 //! [`run`] keeps secrets fresh until a shutdown signal; [`once`] fetches and
 //! writes one generation and returns (init containers, CI jobs).
 
+pub mod aws_endpoint;
 pub mod client;
 pub mod config;
 pub mod hardening;
@@ -497,6 +499,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
         None => None,
     };
+    let aws_endpoint = match keeper.cfg.aws_credentials.clone() {
+        Some(a) => {
+            let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+                SidecarError::Health(format!(
+                    "cannot listen on aws_credentials.listen {}: {e}",
+                    a.listen
+                ))
+            })?;
+            let token_file = a.token_file.clone();
+            let task = aws_endpoint::serve(listener, a, keeper.cfg.group, keeper.published.clone())
+                .await
+                .map_err(|e| {
+                    SidecarError::Health(format!(
+                        "cannot write aws_credentials.token_file {}: {e}",
+                        token_file.display()
+                    ))
+                })?;
+            Some(task)
+        }
+        None => None,
+    };
     tokio::pin!(shutdown);
     let (events_tx, mut events) = mpsc::channel::<BrokerEvent>(64);
     let watcher = tokio::spawn(watch_loop(
@@ -609,6 +632,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if let Some((task, socket)) = local {
         task.abort();
         let _ = std::fs::remove_file(socket);
+    }
+    if let Some(task) = aws_endpoint {
+        task.abort();
     }
     if keeper.cfg.revoke_on_shutdown && !keeper.held.is_empty() {
         let refs = keeper.lease_refs();

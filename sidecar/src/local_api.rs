@@ -61,6 +61,12 @@ impl Published {
         }
     }
 
+    /// The value currently served for `name`, if any.
+    pub fn value_of(&self, name: &str) -> Option<Zeroizing<Vec<u8>>> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.get(name).map(|e| e.value.clone())
+    }
+
     /// Replaces what is served; announces new versions and removals.
     pub fn publish(&self, next: HashMap<String, Entry>) {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());

@@ -17,6 +17,7 @@ use secrets_broker::dev::tls::{DevTls, TlsFiles};
 
 pub mod bao;
 pub mod kube_api;
+pub mod moto;
 pub mod pg;
 
 pub const AUDIENCE: &str = "secrets-broker";

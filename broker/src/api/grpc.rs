@@ -104,6 +104,13 @@ pub enum ApiError {
         name: String,
         error: crate::backend::vault::VaultError,
     },
+    /// AWS failed or refused; the message names the secret, the call and
+    /// what AWS said (never a token or a credential).
+    #[error("secret {name:?}: {error}")]
+    Aws {
+        name: String,
+        error: crate::backend::aws::AwsError,
+    },
     /// A backend read failed (details in the broker's log).
     #[error("the secrets store is unavailable; retry later")]
     Backend,
@@ -124,7 +131,11 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Database(_) | ApiError::Backend | ApiError::Vault { .. } => "backend_error",
+            ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
+            ApiError::Database(_)
+            | ApiError::Backend
+            | ApiError::Vault { .. }
+            | ApiError::Aws { .. } => "backend_error",
         }
     }
 }
@@ -149,6 +160,12 @@ impl From<ApiError> for Status {
                 ..
             } => Status::not_found(msg),
             ApiError::Vault { .. } => Status::unavailable(msg),
+            ApiError::Aws {
+                error: crate::backend::aws::AwsError::NotFound { .. },
+                ..
+            } => Status::not_found(msg),
+            ApiError::Aws { error, .. } if error.is_refusal() => Status::permission_denied(msg),
+            ApiError::Aws { .. } => Status::unavailable(msg),
             // Store internals (paths, SQL) stay in the broker's log.
             ApiError::Backend => {
                 Status::unavailable("the secrets store is unavailable; retry later")
@@ -167,6 +184,8 @@ pub struct BrokerService {
     pub versions: Versions,
     /// Vault, for the secrets mapped to it.
     pub vault: Option<Arc<crate::backend::vault::Vault>>,
+    /// AWS (STS credentials, Secrets Manager), for the secrets mapped to it.
+    pub aws: Option<Arc<crate::backend::aws::Aws>>,
     /// Upstream credentials of pod leases (Vault leases, certificates).
     pub upstream: crate::backend::vault::UpstreamLeases,
     pub leases: Leases,
@@ -341,14 +360,22 @@ impl BrokerService {
         v.mapping(name).map(|m| (v, m.is_dynamic()))
     }
 
-    /// A secret for `id`: from Vault when mapped there (a credential of its
-    /// own for a dynamic mapping, with its upstream handle), else from the
-    /// embedded store through the cache.
+    /// The AWS mapping of `name`, if AWS serves it (true: STS credentials).
+    fn aws_for(&self, name: &str) -> Option<(&Arc<crate::backend::aws::Aws>, bool)> {
+        let a = self.aws.as_ref()?;
+        a.mapping(name).map(|m| (a, m.is_dynamic()))
+    }
+
+    /// A secret for `id`: from Vault or AWS when mapped there (a credential
+    /// of its own for a dynamic mapping, with its upstream handle), else from
+    /// the embedded store through the cache. `token` is the caller's verified
+    /// bearer token, passed on only to STS web identity; never logged or kept.
     async fn read_for(
         &self,
         name: &str,
         id: &Identity,
         ttl: Duration,
+        token: &str,
     ) -> Result<
         (
             Arc<crate::backend::SecretVersion>,
@@ -360,6 +387,17 @@ impl BrokerService {
             name: name.to_owned(),
             error,
         };
+        let aws_err = |error| ApiError::Aws {
+            name: name.to_owned(),
+            error,
+        };
+        if let Some((a, dynamic)) = self.aws_for(name) {
+            if !dynamic {
+                return Ok((a.sm_get(name).await.map_err(aws_err)?, None));
+            }
+            let (secret, up) = a.issue(name, id, token).await.map_err(aws_err)?;
+            return Ok((Arc::new(secret), Some(up)));
+        }
         match self.vault_for(name) {
             None => Ok((self.read(name).await?, None)),
             Some((v, false)) => Ok((v.kv_get(name).await.map_err(vault_err)?, None)),
@@ -420,6 +458,31 @@ impl BrokerService {
         Ok(record.version)
     }
 
+    /// Bounds a lease by the STS credentials behind it. Returns the version
+    /// the sidecar should hold: the lease's own, or 0 ("fetch again") from
+    /// two thirds of the credentials' life on, or when they cannot cover half
+    /// a lease (STS credentials cannot be extended, only replaced).
+    async fn renew_sts(
+        &self,
+        aws: &crate::backend::aws::Aws,
+        record: &LeaseRecord,
+        lease: &mut pb::Lease,
+        ttl: Duration,
+    ) -> Result<u64, ApiError> {
+        let Some(up) = self.upstream.get(&record.lease_id).await? else {
+            return Ok(0);
+        };
+        bound_lease(lease, up.expires_at);
+        let life = aws
+            .mapping(&record.secret)
+            .and_then(|m| m.duration())
+            .unwrap_or(Duration::ZERO);
+        if crate::backend::aws::sts_refresh_due(up.expires_at, life, ttl, unix_now()) {
+            return Ok(0);
+        }
+        Ok(record.version)
+    }
+
     /// Revokes credentials issued for a call that failed before handing them out.
     async fn abandon(&self, upstreams: &[(String, crate::backend::vault::Upstream)]) {
         let Some(v) = &self.vault else { return };
@@ -433,6 +496,19 @@ impl BrokerService {
     /// The latest version of `name`, from the poller's map (or the store for
     /// a secret created since the last poll); Vault KV versions from Vault's poller.
     async fn current_version(&self, name: &str) -> Result<u64, ApiError> {
+        if let Some((a, false)) = self.aws_for(name) {
+            return match a.sm_version(name) {
+                Some(version) => Ok(version),
+                None => Ok(a
+                    .sm_get(name)
+                    .await
+                    .map_err(|error| ApiError::Aws {
+                        name: name.to_owned(),
+                        error,
+                    })?
+                    .version),
+            };
+        }
         if let Some((v, false)) = self.vault_for(name) {
             return match v.kv_version(name) {
                 Some(version) => Ok(version),
@@ -498,18 +574,26 @@ impl Broker for BrokerService {
             let r = req.get_ref();
             let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
             Self::authorize_all(role, &r.names)?;
+            // Verified above; handed to STS web identity, never logged or kept.
+            let token = bearer(&req)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut secrets = Vec::with_capacity(r.names.len());
             let mut records = Vec::with_capacity(r.names.len());
             let mut upstreams = Vec::new();
             for name in &r.names {
-                let (v, up) = match self.read_for(name, &id, ttl).await {
+                let (v, up) = match self.read_for(name, &id, ttl, token).await {
                     Ok(x) => x,
                     Err(e) => {
                         // Credentials issued for the earlier names are not handed out.
                         self.abandon(&upstreams).await;
-                        if let ApiError::Vault { .. } = &e {
-                            warn!(identity = %id, secret = %name, error = %e, "vault read failed");
+                        match &e {
+                            ApiError::Vault { .. } => {
+                                warn!(identity = %id, secret = %name, error = %e, "vault read failed");
+                            }
+                            ApiError::Aws { .. } => {
+                                warn!(identity = %id, secret = %name, error = %e, "aws read failed");
+                            }
+                            _ => {}
                         }
                         return Err(e);
                     }
@@ -574,8 +658,9 @@ impl Broker for BrokerService {
                 };
                 let mut lease = new_lease(ttl)?;
                 lease.lease_id.clone_from(&held.lease_id);
-                let current = match self.vault_for(&held.name) {
-                    Some((v, true)) => self.renew_dynamic(v, &record, &mut lease, ttl).await?,
+                let current = match (self.vault_for(&held.name), self.aws_for(&held.name)) {
+                    (_, Some((a, true))) => self.renew_sts(a, &record, &mut lease, ttl).await?,
+                    (Some((v, true)), _) => self.renew_dynamic(v, &record, &mut lease, ttl).await?,
                     _ => self.current_version(&held.name).await?,
                 };
                 self.leases.extend(&lease.lease_id, lease.expires_at_unix).await?;

@@ -192,6 +192,7 @@ pub struct OpsState {
     pub verifier: Arc<Verifiers>,
     pub db: Db,
     pub vault: Option<Arc<crate::backend::vault::Vault>>,
+    pub aws: Option<Arc<crate::backend::aws::Aws>>,
 }
 
 async fn metrics(
@@ -240,11 +241,21 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     // Vault paths that cannot be served degrade the replica without taking
     // it out of service: every replica shares the same Vault, and the other
     // secrets still work. They are named here and counted in the metrics.
-    let degraded: Vec<String> = s.vault.as_ref().map(|v| v.problems()).unwrap_or_default();
+    let mut degraded: Vec<String> = s
+        .vault
+        .as_ref()
+        .map(|v| v.problems())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| format!("vault: {p}"))
+        .collect();
+    if let Some(a) = &s.aws {
+        degraded.extend(a.problems().into_iter().map(|p| format!("aws: {p}")));
+    }
     if failing.is_empty() && !degraded.is_empty() {
         (
             StatusCode::OK,
-            format!("ready, degraded:\nvault: {}\n", degraded.join("\nvault: ")),
+            format!("ready, degraded:\n{}\n", degraded.join("\n")),
         )
     } else if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())

@@ -1,6 +1,7 @@
 //! Sources of secrets. The embedded encrypted store is the default; Vault and
 //! AWS join it behind one interface as they land.
 
+pub mod aws;
 pub mod embedded;
 pub mod vault;
 

@@ -859,6 +859,39 @@ mod tests {
         assert_eq!(id.issuer, ISS);
     }
 
+    /// An IRSA issuer is an ordinary issuer whose audience is STS's: the
+    /// EKS token carries the same `kubernetes.io` claims as any projected
+    /// token. Accepted with its audience, refused without it.
+    #[tokio::test]
+    async fn irsa_tokens_verify_like_any_projected_token() {
+        let mut f = fixture();
+        let mut cfg = f.verifier.cfg.clone();
+        cfg.audiences = vec!["sts.amazonaws.com".into()];
+        f.verifier = Verifier::new(cfg).unwrap();
+        let mut irsa = claims();
+        irsa["aud"] = json!(["sts.amazonaws.com"]);
+        let id = f
+            .verifier
+            .verify(&sign(&f.key, Some("k1"), &irsa))
+            .await
+            .unwrap();
+        assert_eq!(id.audiences, ["sts.amazonaws.com"]);
+        assert_eq!(id.namespace, "payments");
+        assert_eq!(id.pod_name.as_deref(), Some("api-1"));
+        // An ordinary broker token is not an IRSA token, and the other way round.
+        let err = reject(&f, &sign(&f.key, Some("k1"), &claims())).await;
+        assert!(matches!(err, TokenError::Audience { .. }), "{err}");
+        assert!(err.to_string().contains("sts.amazonaws.com"), "{err}");
+        let g = fixture();
+        let mut irsa_for_g = irsa.clone();
+        irsa_for_g["aud"] = json!(["sts.amazonaws.com"]);
+        let err = reject(&g, &sign(&g.key, Some("k1"), &irsa_for_g)).await;
+        assert!(matches!(err, TokenError::Audience { .. }), "{err}");
+        // A forged IRSA token (another key) fails on its signature.
+        let err = reject(&f, &sign(&f.other_key, Some("k1"), &irsa)).await;
+        assert!(matches!(err, TokenError::BadSignature { .. }), "{err}");
+    }
+
     #[tokio::test]
     async fn refuses_every_bad_token_with_its_reason() {
         let f = fixture();

@@ -134,7 +134,8 @@ struct KvSlot {
 /// One credential issued for one pod, with its upstream handle.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `database` (a Vault lease ID) or `pki` (a certificate serial number).
+    /// `database` (a Vault lease ID), `pki` (a certificate serial number) or
+    /// `sts` (an AWS access key ID; nothing to revoke upstream).
     pub kind: &'static str,
     pub mount: String,
     pub id: String,
@@ -844,6 +845,8 @@ impl Vault {
                 .await
                 .map(|_| ())
             }
+            // AWS STS credentials cannot be revoked: they end at their expiry.
+            "sts" => Ok(()),
             other => Err(VaultError::Unexpected {
                 location: "revoke".into(),
                 message: format!("unknown upstream kind {other:?}"),
@@ -871,7 +874,7 @@ fn kv_value(data: &Value, key: Option<&str>) -> Option<Vec<u8>> {
 
 /// Overwrites every string in a parsed answer before it is dropped
 /// (serde_json's values are plain `String`s, not zeroizing types).
-fn wipe_json(v: &mut Value) {
+pub(crate) fn wipe_json(v: &mut Value) {
     use zeroize::Zeroize;
     match v {
         Value::String(s) => s.zeroize(),
@@ -967,7 +970,11 @@ impl UpstreamLeases {
         const GET: &str = "SELECT kind, mount, upstream_id, expires_at FROM upstream_leases WHERE lease_id = $1 AND revoked_at IS NULL";
         let row: Option<(String, String, String, i64)> = on_db!(&self.db, pool => sqlx::query_as(GET).bind(lease_id).fetch_optional(pool).await)?;
         Ok(row.map(|(kind, mount, id, expires_at)| Upstream {
-            kind: if kind == "pki" { "pki" } else { "database" },
+            kind: match kind.as_str() {
+                "pki" => "pki",
+                "sts" => "sts",
+                _ => "database",
+            },
             mount,
             id,
             expires_at,

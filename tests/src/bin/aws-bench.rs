@@ -1,0 +1,302 @@
+//! AWS backend benchmark against a real AWS API emulator (moto), counted by
+//! the test proxy in front of it (outside the broker).
+//!
+//! 1. Backend load: `--fetches` (default 1,000) fetches by as many distinct
+//!    pods, 50 at a time, of one Secrets Manager secret and of one
+//!    `sts-assume-role` secret; the calls that reached moto are counted.
+//! 2. Rotation propagation: `--sidecars` (default 10) sidecars hold the
+//!    Secrets Manager secret; each of `--rounds` (default 20) rounds puts a new
+//!    `AWSCURRENT` version (`PutSecretValue`) and times until every sidecar's
+//!    file shows it, with the broker polling every `--poll-ms` (default 500).
+//! 3. Credential refresh margin: one sidecar holds `sts-web-identity`
+//!    credentials of `--sts-secs` (default 30) life with a 6 s lease; for
+//!    `--refreshes` (default 3) replacements, how long before the old
+//!    credentials' `Expiration` the new ones were on disk.
+//!
+//!   cargo build --release --workspace --bins
+//!   target/release/aws-bench [--fetches 1000] [--sidecars 10] [--rounds 20] [--poll-ms 500]
+//!
+//! Needs moto (`bash scripts/test.sh` installs it). Prints lines and a JSON summary.
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::moto::{self, Moto};
+use secrets_broker_e2e::{AUDIENCE, Proc, Tmpfs, World, bin, flag, percentile, wait_for};
+use secrets_broker_proto::v1 as pb;
+use serde_json::{Value, json};
+
+const ROLES: &str = r#"
+[[roles]]
+name = "bench"
+namespaces = ["bench"]
+service_accounts = ["*"]
+secrets = ["bench/*"]
+ttl = "6s"
+max_ttl = "1h"
+"#;
+
+fn summary(samples: &mut [f64]) -> Value {
+    samples.sort_by(f64::total_cmp);
+    json!({
+        "min": samples[0],
+        "p50": percentile(samples, 0.50),
+        "p90": percentile(samples, 0.90),
+        "max": samples[samples.len() - 1],
+        "mean": samples.iter().sum::<f64>() / samples.len() as f64,
+    })
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn unix_of(rfc3339: &str) -> f64 {
+    let out = Command::new(moto::venv().join("bin/python"))
+        .args([
+            "-c",
+            "import sys,datetime;print(datetime.datetime.fromisoformat(sys.argv[1].replace('Z','+00:00')).timestamp())",
+            rfc3339,
+        ])
+        .output()
+        .expect("python");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let fetches = flag("--fetches", 1000) as usize;
+    let sidecars = flag("--sidecars", 10) as usize;
+    let rounds = flag("--rounds", 20) as usize;
+    let poll_ms = flag("--poll-ms", 500);
+    let sts_secs = flag("--sts-secs", 30);
+    let refreshes = flag("--refreshes", 3) as usize;
+    let mut world = World::new(ROLES)?;
+    world.log_level = "info";
+    let moto = Moto::start(world.path("moto.log"))?;
+    moto.create_secret("bench/value", "v-0")?;
+    let mut cfg = std::fs::read_to_string(world.broker_config())?.replace(
+        &format!("audiences = [\"{AUDIENCE}\"]"),
+        &format!("audiences = [\"{AUDIENCE}\", \"sts.amazonaws.com\"]"),
+    );
+    cfg.push_str(&format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+poll_interval = "{poll_ms}ms"
+[[aws.secrets]]
+name = "bench/value"
+kind = "secretsmanager"
+secret_id = "bench/value"
+[[aws.secrets]]
+name = "bench/assumed"
+kind = "sts-assume-role"
+role_arn = "arn:aws:iam::{account}:role/bench"
+duration = "15m"
+[[aws.secrets]]
+name = "bench/web"
+kind = "sts-web-identity"
+role_arn = "arn:aws:iam::{account}:role/bench-web"
+duration = "{sts_secs}s"
+"#,
+        endpoint = moto.endpoint(),
+        account = moto::ACCOUNT,
+    ));
+    std::fs::write(world.broker_config(), cfg)?;
+    let broker = Proc::spawn(
+        Command::new(bin("secrets-broker"))
+            .args(["serve", "--config"])
+            .arg(world.broker_config())
+            .env("RUST_LOG", "info")
+            .env("AWS_ACCESS_KEY_ID", "bench")
+            .env("AWS_SECRET_ACCESS_KEY", "bench")
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+        world.path("broker.log"),
+    )?;
+    wait_for("broker ready", Duration::from_secs(30), || {
+        broker
+            .log_text()
+            .contains("signing keys loaded")
+            .then_some(())
+    })?;
+
+    // 1. Backend load.
+    let mut load = serde_json::Map::new();
+    for (name, action) in [
+        ("bench/value", "GetSecretValue"),
+        ("bench/assumed", "AssumeRole"),
+    ] {
+        let tokens: Vec<String> = (0..fetches)
+            .map(|i| {
+                let mut w = Workload::new("bench", "app", AUDIENCE);
+                w.pod = Some(format!("pod-{i}"));
+                world.issuer.mint(&w)
+            })
+            .collect::<Result<_, _>>()?;
+        let ca = std::fs::read(&world.tls.ca)?;
+        let port = world.broker_port;
+        let before = moto.calls(action);
+        let start = Instant::now();
+        let served = world.runtime.block_on(async move {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost");
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+                    .tls_config(tls)?
+                    .connect()
+                    .await?;
+            let client = pb::broker_client::BrokerClient::new(channel);
+            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+            let mut tasks = Vec::new();
+            for t in tokens {
+                let mut c = client.clone();
+                let permit = sem.clone().acquire_owned().await?;
+                tasks.push(tokio::spawn(async move {
+                    let mut req = tonic::Request::new(pb::FetchRequest {
+                        role: String::new(),
+                        names: vec![name.into()],
+                        ttl_seconds: 0,
+                    });
+                    req.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {t}").parse().expect("ascii"),
+                    );
+                    let r = c.fetch(req).await;
+                    drop(permit);
+                    r.is_ok()
+                }));
+            }
+            let mut ok = 0;
+            for t in tasks {
+                ok += usize::from(t.await?);
+            }
+            anyhow::Ok(ok)
+        })?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let calls = moto.calls(action) - before;
+        println!(
+            "backend load: {served}/{fetches} fetches of {name} in {elapsed:.2}s -> {calls} {action} calls ({:.1} per 1,000 fetches)",
+            calls as f64 * 1000.0 / fetches as f64
+        );
+        load.insert(
+            name.into(),
+            json!({"fetches": fetches, "served": served, "seconds": elapsed, "action": action,
+                   "calls": calls, "calls_per_1000_fetches": calls as f64 * 1000.0 / fetches as f64,
+                   "poll_intervals_elapsed": elapsed / (poll_ms as f64 / 1000.0)}),
+        );
+    }
+
+    // 2. Rotation propagation.
+    eprintln!("starting {sidecars} sidecars…");
+    let mut fleet: Vec<(Proc, Tmpfs)> = Vec::new();
+    for i in 0..sidecars {
+        let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
+        w.pod = Some(format!("sc-{i}"));
+        let (proc, fs, _) = world.start_sidecar(
+            &format!("sc{i}"),
+            &w,
+            world.broker_port,
+            &[("bench/value", "value")],
+        )?;
+        fleet.push((proc, fs));
+    }
+    for (proc, fs) in &fleet {
+        let f = fs.path.join("value");
+        wait_for("sidecar files", Duration::from_secs(120), || {
+            f.exists().then_some(())
+        })
+        .with_context(|| proc.log_text())?;
+    }
+    let mut samples = Vec::with_capacity(rounds * sidecars);
+    for round in 1..=rounds {
+        let value = format!("v-{round}");
+        let start = Instant::now();
+        moto.put_secret("bench/value", &value)?;
+        let mut pending: Vec<usize> = (0..sidecars).collect();
+        while !pending.is_empty() {
+            if start.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("round {round}: not every sidecar saw the new version after 60s");
+            }
+            pending.retain(|&k| {
+                let seen = std::fs::read_to_string(fleet[k].1.path.join("value"))
+                    .is_ok_and(|v| v == value);
+                if seen {
+                    samples.push(start.elapsed().as_secs_f64() * 1000.0);
+                }
+                !seen
+            });
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(
+            (now_unix().fract() * poll_ms as f64) as u64,
+        ));
+    }
+    drop(fleet);
+    let rotation = summary(&mut samples);
+    let f = |k: &str| rotation[k].as_f64().unwrap_or_default();
+    println!(
+        "rotation propagation (PutSecretValue -> new file on disk), poll {poll_ms} ms, {sidecars} sidecars, {rounds} puts: min {:.0} ms, p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+        f("min"),
+        f("p50"),
+        f("p90"),
+        f("max")
+    );
+
+    // 3. Credential refresh margin.
+    let mut w = Workload::new("bench", "web", "sts.amazonaws.com");
+    w.pod = Some("web-0".into());
+    let (proc, fs, _) =
+        world.start_sidecar("web", &w, world.broker_port, &[("bench/web", "aws.json")])?;
+    let file = fs.path.join("aws.json");
+    let read =
+        || -> Option<Value> { serde_json::from_str(&std::fs::read_to_string(&file).ok()?).ok() };
+    let mut current = wait_for("sts credentials", Duration::from_secs(60), read)
+        .with_context(|| proc.log_text())?;
+    let mut margins = Vec::new();
+    for _ in 0..refreshes {
+        let expiry = unix_of(current["Expiration"].as_str().unwrap_or_default());
+        let (next, at) = wait_for(
+            "refreshed credentials",
+            Duration::from_secs(sts_secs * 3),
+            || {
+                read()
+                    .filter(|c| c["AccessKeyId"] != current["AccessKeyId"])
+                    .map(|c| (c, now_unix()))
+            },
+        )
+        .with_context(|| proc.log_text())?;
+        margins.push(expiry - at);
+        current = next;
+    }
+    let margin = summary(&mut margins);
+    println!(
+        "credential refresh margin ({sts_secs}s credentials, 6s lease): new credentials on disk {:.1}-{:.1}s (mean {:.1}s) before the old ones expired",
+        margin["min"].as_f64().unwrap_or_default(),
+        margin["max"].as_f64().unwrap_or_default(),
+        margin["mean"].as_f64().unwrap_or_default()
+    );
+    println!(
+        "{}",
+        json!({
+            "scenario": "aws",
+            "backend_load": load,
+            "rotation_propagation_ms": rotation,
+            "refresh_margin_s": margin,
+            "sts_seconds": sts_secs,
+            "poll_ms": poll_ms, "sidecars": sidecars, "rounds": rounds,
+            "sts_calls_total": moto.sts_calls(),
+        })
+    );
+    drop(proc);
+    drop(broker);
+    Ok(())
+}
