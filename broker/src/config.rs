@@ -65,6 +65,27 @@ struct RawServer {
     shutdown_grace: Duration,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     watch_heartbeat: Duration,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_max_watch_streams")]
+    max_watch_streams: usize,
+    #[serde(default = "default_rate_per_identity")]
+    rate_per_identity: u32,
+    #[serde(default = "default_burst_per_identity")]
+    burst_per_identity: u32,
+}
+
+fn default_max_in_flight() -> usize {
+    512
+}
+fn default_max_watch_streams() -> usize {
+    20_000
+}
+fn default_rate_per_identity() -> u32 {
+    20
+}
+fn default_burst_per_identity() -> u32 {
+    40
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +313,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Interval of heartbeats on watch streams, so dead peers are noticed.
     pub watch_heartbeat: Duration,
+    /// Unary calls in flight before RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Watch streams open before RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// Calls per second per workload (0: unlimited) and its burst.
+    pub rate_per_identity: u32,
+    pub burst_per_identity: u32,
 }
 
 /// Where keys come from: the issuer's discovery document (the default) or a
@@ -410,6 +438,25 @@ impl Config {
             tls_cert_file: resolve(raw.server.tls_cert_file),
             tls_key_file: resolve(raw.server.tls_key_file),
             shutdown_grace: raw.server.shutdown_grace,
+            max_in_flight: match raw.server.max_in_flight {
+                n @ 1..=1_000_000 => n,
+                _ => return Err(v.err("server.max_in_flight", "must be 1 to 1000000")),
+            },
+            max_watch_streams: match raw.server.max_watch_streams {
+                n @ 1..=10_000_000 => n,
+                _ => return Err(v.err("server.max_watch_streams", "must be 1 to 10000000")),
+            },
+            rate_per_identity: raw.server.rate_per_identity,
+            burst_per_identity: if raw.server.rate_per_identity > 0
+                && raw.server.burst_per_identity < raw.server.rate_per_identity
+            {
+                return Err(v.err(
+                    "server.burst_per_identity",
+                    "must be at least server.rate_per_identity",
+                ));
+            } else {
+                raw.server.burst_per_identity
+            },
             watch_heartbeat: v.bounded(
                 "server.watch_heartbeat",
                 raw.server.watch_heartbeat,

@@ -270,6 +270,25 @@ pub async fn run(
         };
         tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
     }
+    let limits = Arc::new(api::limits::Limits::new(
+        config.server.max_in_flight,
+        config.server.max_watch_streams,
+        config.server.rate_per_identity,
+        config.server.burst_per_identity,
+    ));
+    tokio::spawn({
+        let limits = limits.clone();
+        let mut down = down_rx.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => limits.forget_idle(),
+                    _ = until_true(&mut down) => return,
+                }
+            }
+        }
+    });
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
@@ -284,6 +303,7 @@ pub async fn run(
         metrics,
         rotations: rot_tx,
         heartbeat: config.server.watch_heartbeat,
+        limits,
         shutdown: down_rx.clone(),
     };
     let addr = listener.local_addr().ok();

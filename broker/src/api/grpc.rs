@@ -114,6 +114,9 @@ pub enum ApiError {
     /// A backend read failed (details in the broker's log).
     #[error("the secrets store is unavailable; retry later")]
     Backend,
+    /// Over a load limit: refused at once, to be retried with backoff.
+    #[error(transparent)]
+    Overloaded(#[from] crate::api::limits::Overloaded),
 }
 
 impl ApiError {
@@ -131,6 +134,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
             ApiError::Database(_)
             | ApiError::Backend
@@ -155,6 +159,7 @@ impl From<ApiError> for Status {
                 Status::unavailable("the state database is unavailable; retry later")
             }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
+            ApiError::Overloaded(_) => Status::resource_exhausted(msg),
             ApiError::Vault {
                 error: crate::backend::vault::VaultError::NotFound { .. },
                 ..
@@ -194,6 +199,8 @@ pub struct BrokerService {
     pub metrics: Arc<crate::api::http::Metrics>,
     pub rotations: broadcast::Sender<Rotation>,
     pub heartbeat: Duration,
+    /// Load limits: calls in flight, watch streams, rate per workload.
+    pub limits: Arc<crate::api::limits::Limits>,
     /// Flips to true on shutdown, ending watch streams so the server can drain.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -281,6 +288,12 @@ impl BrokerService {
                 return Err(e);
             }
         };
+        // A workload over its rate is refused before any policy or backend
+        // work (and not audited: a flood must not flood the audit log).
+        if let Err(e) = self.limits.check(&identity) {
+            tracing::debug!(identity = %identity, action, "rate limited");
+            return Err(e.into());
+        }
         let decision = self.authorize(&identity, role, names);
         if let Err(e) = &decision {
             warn!(identity = %identity, action, reason = %e, "call refused");
@@ -546,6 +559,7 @@ impl Broker for BrokerService {
         let start = std::time::Instant::now();
         let span = info_span!("login", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
+            let _permit = self.limits.admit()?;
             let (id, role) = self
                 .authenticate(&req, "login", &req.get_ref().role, &[])
                 .await?;
@@ -571,6 +585,7 @@ impl Broker for BrokerService {
         let start = std::time::Instant::now();
         let span = info_span!("fetch", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
+            let _permit = self.limits.admit()?;
             let r = req.get_ref();
             let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
             Self::authorize_all(role, &r.names)?;
@@ -646,6 +661,7 @@ impl Broker for BrokerService {
         let start = std::time::Instant::now();
         let span = info_span!("renew", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
+            let _permit = self.limits.admit()?;
             let r = req.get_ref();
             let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
             let (id, role) = self.authenticate(&req, "renew", &r.role, &names).await?;
@@ -690,6 +706,7 @@ impl Broker for BrokerService {
         let start = std::time::Instant::now();
         let span = info_span!("release", request_id = %request_id(&req));
         let result: Result<_, ApiError> = async {
+            let _permit = self.limits.admit()?;
             let r = req.get_ref();
             // Releasing is allowed even when revoked or stale: it only gives up access.
             let token = bearer(&req)?;
@@ -725,6 +742,14 @@ impl Broker for BrokerService {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let start = std::time::Instant::now();
         let rid = request_id(&req);
+        let stream_permit = match self.limits.admit_stream() {
+            Ok(p) => p,
+            Err(e) => {
+                let refused: Result<(), ApiError> = Err(e.into());
+                self.observe("watch", start, &refused);
+                return Err(refused.map_err(Status::from).unwrap_err());
+            }
+        };
         let opened = self
             .authenticate(&req, "watch", &req.get_ref().role, &req.get_ref().names)
             .await
@@ -753,6 +778,7 @@ impl Broker for BrokerService {
         let token_left = Duration::from_secs((id.expires_at - unix_now()).max(0) as u64);
         let stream = async_stream(move |tx| async move {
             let _guard = guard;
+            let _permit = stream_permit;
             let deadline = tokio::time::sleep(token_left);
             tokio::pin!(deadline);
             let mut tick = tokio::time::interval(heartbeat);

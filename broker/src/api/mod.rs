@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod grpc;
 pub mod http;
+pub mod limits;

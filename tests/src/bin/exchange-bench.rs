@@ -46,7 +46,12 @@ fn main() -> Result<()> {
     let mut world = World::new(ROLES)?;
     world.log_level = "info";
     world.put("bench/s", &"v".repeat(64))?;
-    let config = std::fs::read_to_string(world.broker_config())?;
+    // One identity at concurrency 256 is the point here: no per-workload rate limit.
+    let config = std::fs::read_to_string(world.broker_config())?.replacen(
+        "watch_heartbeat = \"5s\"",
+        "watch_heartbeat = \"5s\"\nrate_per_identity = 0",
+        1,
+    );
     let tokens: Vec<String> = (0..1000)
         .map(|i| {
             let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
