@@ -154,6 +154,39 @@ impl AtomicWriter {
             validate_file_name(f.name)?;
         }
         let generation = self.new_generation_dir()?;
+        // A generation that cannot be written whole (a full tmpfs: ENOSPC)
+        // is removed, so it neither takes the space nor is ever swapped in:
+        // the previous generation stays as it was.
+        if let Err(e) = self.fill_generation(&generation, files) {
+            let _ = fs::remove_dir_all(&generation);
+            return Err(e);
+        }
+
+        // The swap: ..data_tmp -> generation, renamed over ..data.
+        let gen_name = generation.file_name().unwrap_or_default();
+        let tmp = self.dir.join(DATA_TMP);
+        let _ = fs::remove_file(&tmp);
+        symlink(gen_name, &tmp).map_err(io_err("symlink", &tmp))?;
+        fs::rename(&tmp, self.dir.join(DATA)).map_err(io_err("rename", &tmp))?;
+
+        // User-visible links: DIR/<name> -> ..data/<name>.
+        for spec in files {
+            let name = spec.name;
+            let link = self.dir.join(name);
+            let target = Path::new(DATA).join(name);
+            if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+                let tmp_link = self.dir.join(format!("..{name}.tmp"));
+                let _ = fs::remove_file(&tmp_link);
+                symlink(&target, &tmp_link).map_err(io_err("symlink", &tmp_link))?;
+                fs::rename(&tmp_link, &link).map_err(io_err("rename", &link))?;
+            }
+        }
+        self.remove_stale(Some(gen_name), files)?;
+        Ok(generation)
+    }
+
+    /// Writes every file of a new generation and opens its directory to the group.
+    fn fill_generation(&self, generation: &Path, files: &[OutFile<'_>]) -> Result<(), WriteError> {
         let (file_mode, dir_mode) = if self.group.is_some() {
             (0o440, 0o750)
         } else {
@@ -187,28 +220,7 @@ impl AtomicWriter {
             std::os::unix::fs::chown(&generation, None, Some(gid))
                 .map_err(io_err("chown", &generation))?;
         }
-
-        // The swap: ..data_tmp -> generation, renamed over ..data.
-        let gen_name = generation.file_name().unwrap_or_default();
-        let tmp = self.dir.join(DATA_TMP);
-        let _ = fs::remove_file(&tmp);
-        symlink(gen_name, &tmp).map_err(io_err("symlink", &tmp))?;
-        fs::rename(&tmp, self.dir.join(DATA)).map_err(io_err("rename", &tmp))?;
-
-        // User-visible links: DIR/<name> -> ..data/<name>.
-        for spec in files {
-            let name = spec.name;
-            let link = self.dir.join(name);
-            let target = Path::new(DATA).join(name);
-            if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
-                let tmp_link = self.dir.join(format!("..{name}.tmp"));
-                let _ = fs::remove_file(&tmp_link);
-                symlink(&target, &tmp_link).map_err(io_err("symlink", &tmp_link))?;
-                fs::rename(&tmp_link, &link).map_err(io_err("rename", &link))?;
-            }
-        }
-        self.remove_stale(Some(gen_name), files)?;
-        Ok(generation)
+        Ok(())
     }
 
     /// Removes every secret and generation the writer made.

@@ -89,6 +89,16 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     pub fn new() -> Result<Tmpfs> {
+        Self::sized("16m", false)
+    }
+
+    /// A tmpfs of exactly `size` (e.g. "256k"), for tests that fill it;
+    /// needs root to mount.
+    pub fn with_size(size: &str) -> Result<Tmpfs> {
+        Self::sized(size, true)
+    }
+
+    fn sized(size: &str, exact: bool) -> Result<Tmpfs> {
         let holder = tempfile::tempdir()?;
         let path = holder.path().join("secrets");
         std::fs::create_dir(&path)?;
@@ -99,7 +109,13 @@ impl Tmpfs {
             .unwrap_or(false);
         if is_root {
             let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0750"),
+                    "tmpfs",
+                ])
                 .arg(&path)
                 .status();
             if status.is_ok_and(|s| s.success()) {
@@ -109,6 +125,11 @@ impl Tmpfs {
                     _holder: holder,
                 });
             }
+        }
+        if exact {
+            bail!(
+                "a tmpfs of a given size needs root to mount (run the tests as root, as CI does)"
+            );
         }
         let shm = tempfile::Builder::new()
             .prefix("sb-e2e-")

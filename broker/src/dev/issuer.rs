@@ -44,8 +44,23 @@ fn new_key(kid: &str) -> Result<SigningKey, rcgen::Error> {
     })
 }
 
+/// How the issuer's HTTPS server misbehaves, for fault tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Serves its documents.
+    #[default]
+    None,
+    /// Answers 503 to everything.
+    Unavailable,
+    /// Accepts requests and never answers.
+    Hang,
+    /// Answers 200 with a body that is not JSON.
+    Garbage,
+}
+
 /// The state shared between the HTTPS server and token minting.
 struct State {
+    fault: Fault,
     /// The first key signs; all are published.
     keys: Vec<SigningKey>,
     /// Documents are served from this URL (the `iss` of minted tokens).
@@ -111,6 +126,7 @@ impl Issuer {
         Ok(Issuer {
             state: Arc::new(Mutex::new(State {
                 keys: vec![new_key("dev-key-1")?],
+                fault: Fault::None,
                 issuer: String::new(),
             })),
             jwks_served: Arc::new(AtomicU64::new(0)),
@@ -119,6 +135,11 @@ impl Issuer {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the server misbehave (or behave again).
+    pub fn set_fault(&self, fault: Fault) {
+        self.state().fault = fault;
     }
 
     /// How many times the JWKS document has been served.
@@ -210,7 +231,12 @@ impl Issuer {
                     };
                     let service = hyper::service::service_fn(move |req| {
                         let issuer = issuer.clone();
-                        async move { Ok::<_, Infallible>(issuer.handle(req)) }
+                        async move {
+                            if issuer.state().fault == Fault::Hang {
+                                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, Infallible>(issuer.handle(req))
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -223,6 +249,21 @@ impl Issuer {
     fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         debug!(path = req.uri().path(), "issuer request");
         let url = self.url();
+        match self.state().fault {
+            Fault::Unavailable => {
+                return Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Full::new(Bytes::from_static(b"unavailable")))
+                    .unwrap_or_default();
+            }
+            Fault::Garbage => {
+                return Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(b"<html>\x00{\"keys\": [")))
+                    .unwrap_or_default();
+            }
+            Fault::None | Fault::Hang => {}
+        }
         let body = match req.uri().path() {
             "/.well-known/openid-configuration" => json!({
                 "issuer": url,
