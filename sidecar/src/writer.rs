@@ -212,13 +212,13 @@ impl AtomicWriter {
         }
         // Only now may the directory become readable by the group.
         fs::set_permissions(
-            &generation,
+            generation,
             std::os::unix::fs::PermissionsExt::from_mode(dir_mode),
         )
-        .map_err(io_err("chmod", &generation))?;
+        .map_err(io_err("chmod", generation))?;
         if let Some(gid) = self.group {
-            std::os::unix::fs::chown(&generation, None, Some(gid))
-                .map_err(io_err("chown", &generation))?;
+            std::os::unix::fs::chown(generation, None, Some(gid))
+                .map_err(io_err("chown", generation))?;
         }
         Ok(())
     }

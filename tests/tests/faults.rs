@@ -61,9 +61,11 @@ fn fetch(world: &World, token: &str) -> Result<Vec<u8>, tonic::Status> {
 fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
     let world = World::new(ROLES).unwrap();
     let path = world.broker_config();
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replacen("leeway = \"5s\"", "leeway = \"5s\"\nhttp_timeout = \"1s\"", 1);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "leeway = \"5s\"",
+        "leeway = \"5s\"\nhttp_timeout = \"1s\"",
+        1,
+    );
     std::fs::write(&path, text).unwrap();
     world.put("app/key", "jwks-fault-secret").unwrap();
     let broker = world.start_broker("broker.log").unwrap();
@@ -109,7 +111,10 @@ fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
             assert!(e.message().contains(&new_kid), "{fault:?}: {e:?}");
         }
         let (code, body) = http_get(world.ops_port, "/readyz").unwrap();
-        assert_eq!(code, 200, "{fault:?}: cached keys keep the broker ready: {body}");
+        assert_eq!(
+            code, 200,
+            "{fault:?}: cached keys keep the broker ready: {body}"
+        );
     }
     let threads_after = status_kib(pid, "Threads:");
     assert!(
@@ -174,7 +179,10 @@ fn a_full_tmpfs_keeps_the_previous_generation_and_recovers() {
             n.starts_with("..") && n != "..data" && e.path().is_dir()
         })
         .count();
-    assert_eq!(generations, 1, "only the current generation is on the tmpfs");
+    assert_eq!(
+        generations, 1,
+        "only the current generation is on the tmpfs"
+    );
 
     // A version that fits: the sidecar recovers by itself.
     world.put("app/key", "small-v3").unwrap();
