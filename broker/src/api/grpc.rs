@@ -766,118 +766,137 @@ impl Broker for BrokerService {
             "ok",
             json!({ "role": role.name, "secrets": names }),
         );
-        let mut watched: HashSet<String> = names.iter().cloned().collect();
-        let mut rotations = self.rotations.subscribe();
-        let mut revocations = self.view.subscribe();
-        let view = self.view.clone();
-        let guard = StreamGuard::new(self.metrics.clone());
-        let mut shutdown = self.shutdown.clone();
-        let heartbeat = self.heartbeat;
         // The stream ends when the token that opened it expires: a client must
         // come back with a fresh token to keep watching.
         let token_left = Duration::from_secs((id.expires_at - unix_now()).max(0) as u64);
-        let stream = async_stream(move |tx| async move {
-            let _guard = guard;
-            let _permit = stream_permit;
-            let deadline = tokio::time::sleep(token_left);
-            tokio::pin!(deadline);
-            let mut tick = tokio::time::interval(heartbeat);
-            loop {
-                let event = tokio::select! {
-                    _ = &mut deadline => {
-                        let _ = tx.send(Err(Status::unauthenticated("token expired; reconnect with a fresh token"))).await;
-                        return;
-                    }
-                    _ = crate::until_true(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("broker is shutting down; reconnect"))).await;
-                        return;
-                    }
-                    _ = tick.tick() => pb::watch_event::Event::Heartbeat(pb::Heartbeat { unix_time: unix_now() }),
-                    r = revocations.recv() => match r {
-                        Ok(rule) => {
-                            let names: Vec<String> = watched.iter().cloned().collect();
-                            let affected: Vec<String> = rule.affected(&id, &names).into_iter().map(str::to_owned).collect();
-                            if affected.is_empty() || !rule.active(unix_now()) {
-                                continue;
-                            }
-                            let ev = pb::watch_event::Event::Revoked(pb::Revoked {
-                                rule_id: rule.id.clone(),
-                                reason: rule.reason.clone(),
-                                names: affected.clone(),
-                            });
-                            if tx.send(Ok(pb::WatchEvent { event: Some(ev) })).await.is_err() {
-                                return;
-                            }
-                            for n in &affected {
-                                watched.remove(n);
-                            }
-                            if watched.is_empty() || rule.blocks_identity(&id) {
-                                let denied = Revoked { rule_id: rule.id, reason: rule.reason };
-                                let _ = tx.send(Err(Status::permission_denied(denied.to_string()))).await;
-                                return;
-                            }
-                            continue;
-                        }
-                        // Missed rules: check the whole view for this stream instead.
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            let names: Vec<String> = watched.iter().cloned().collect();
-                            match view.check(&id, &names) {
-                                Ok(()) => continue,
-                                Err(denied) => {
-                                    let ev = pb::watch_event::Event::Revoked(pb::Revoked {
-                                        rule_id: denied.rule_id.clone(),
-                                        reason: denied.reason.clone(),
-                                        names,
-                                    });
-                                    let _ = tx.send(Ok(pb::WatchEvent { event: Some(ev) })).await;
-                                    let _ = tx.send(Err(Status::permission_denied(denied.to_string()))).await;
-                                    return;
-                                }
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    r = rotations.recv() => match r {
-                        Ok(rot) if watched.contains(&rot.name) => {
-                            pb::watch_event::Event::Rotated(pb::Rotated { name: rot.name, version: rot.version })
-                        }
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // Missed events: tell the client to refetch everything it watches.
-                            for name in &watched {
-                                let ev = pb::watch_event::Event::Rotated(pb::Rotated { name: name.clone(), version: 0 });
-                                if tx.send(Ok(pb::WatchEvent { event: Some(ev) })).await.is_err() {
-                                    return;
-                                }
-                            }
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                };
-                if tx
-                    .send(Ok(pb::WatchEvent { event: Some(event) }))
-                    .await
-                    .is_err()
-                {
-                    return; // client went away
-                }
-            }
+        let state = WatchState {
+            watched: names.iter().cloned().collect(),
+            rotations: self.rotations.subscribe(),
+            revocations: self.view.subscribe(),
+            view: self.view.clone(),
+            shutdown: self.shutdown.clone(),
+            tick: tokio::time::interval(self.heartbeat),
+            deadline: Box::pin(tokio::time::sleep(token_left)),
+            pending: std::collections::VecDeque::new(),
+            done: false,
+            _guard: StreamGuard::new(self.metrics.clone()),
+            _permit: stream_permit,
+            id,
+        };
+        // No task and no channel per stream: the stream is polled by the
+        // connection that carries it (a few hundred bytes of state each).
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            let item = st.next_event().await?;
+            Some((item, st))
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Runs `body` as a task feeding a channel-backed stream; the task ends when
-/// the client drops the stream.
-fn async_stream<F, Fut>(body: F) -> WatchStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(body(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+/// One watch stream: what it watches and what it waits on.
+struct WatchState {
+    id: Identity,
+    watched: HashSet<String>,
+    rotations: broadcast::Receiver<Rotation>,
+    revocations: broadcast::Receiver<crate::state::revocation::Rule>,
+    view: Arc<View>,
+    shutdown: watch::Receiver<bool>,
+    tick: tokio::time::Interval,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Events decided but not yet sent, in order.
+    pending: std::collections::VecDeque<Result<pb::WatchEvent, Status>>,
+    /// Set once the stream must end (after `pending` is sent).
+    done: bool,
+    _guard: StreamGuard,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn event(e: pb::watch_event::Event) -> Result<pb::WatchEvent, Status> {
+    Ok(pb::WatchEvent { event: Some(e) })
+}
+
+impl WatchState {
+    /// The next item of the stream; `None` ends it.
+    async fn next_event(&mut self) -> Option<Result<pb::WatchEvent, Status>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            if self.done {
+                return None;
+            }
+            self.step().await;
+        }
+    }
+
+    /// Waits for the next thing that happens and queues what the client
+    /// must be told.
+    async fn step(&mut self) {
+        tokio::select! {
+            _ = &mut self.deadline => {
+                self.end(Status::unauthenticated("token expired; reconnect with a fresh token"));
+            }
+            _ = crate::until_true(&mut self.shutdown) => {
+                self.end(Status::unavailable("broker is shutting down; reconnect"));
+            }
+            _ = self.tick.tick() => {
+                self.pending.push_back(event(pb::watch_event::Event::Heartbeat(pb::Heartbeat { unix_time: unix_now() })));
+            }
+            r = self.revocations.recv() => match r {
+                Ok(rule) => {
+                    let names: Vec<String> = self.watched.iter().cloned().collect();
+                    let affected: Vec<String> = rule.affected(&self.id, &names).into_iter().map(str::to_owned).collect();
+                    if affected.is_empty() || !rule.active(unix_now()) {
+                        return;
+                    }
+                    self.pending.push_back(event(pb::watch_event::Event::Revoked(pb::Revoked {
+                        rule_id: rule.id.clone(),
+                        reason: rule.reason.clone(),
+                        names: affected.clone(),
+                    })));
+                    for n in &affected {
+                        self.watched.remove(n);
+                    }
+                    if self.watched.is_empty() || rule.blocks_identity(&self.id) {
+                        let denied = Revoked { rule_id: rule.id, reason: rule.reason };
+                        self.end(Status::permission_denied(denied.to_string()));
+                    }
+                }
+                // Missed rules: check the whole view for this stream instead.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let names: Vec<String> = self.watched.iter().cloned().collect();
+                    if let Err(denied) = self.view.check(&self.id, &names) {
+                        self.pending.push_back(event(pb::watch_event::Event::Revoked(pb::Revoked {
+                            rule_id: denied.rule_id.clone(),
+                            reason: denied.reason.clone(),
+                            names,
+                        })));
+                        self.end(Status::permission_denied(denied.to_string()));
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => self.done = true,
+            },
+            r = self.rotations.recv() => match r {
+                Ok(rot) if self.watched.contains(&rot.name) => {
+                    self.pending.push_back(event(pb::watch_event::Event::Rotated(pb::Rotated { name: rot.name, version: rot.version })));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed events: tell the client to refetch everything it watches.
+                    for name in &self.watched {
+                        self.pending.push_back(event(pb::watch_event::Event::Rotated(pb::Rotated { name: name.clone(), version: 0 })));
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => self.done = true,
+            },
+        }
+    }
+
+    /// Ends the stream with `status` after what is queued.
+    fn end(&mut self, status: Status) {
+        self.pending.push_back(Err(status));
+        self.done = true;
+    }
 }
 
 /// Ends `lease` no later than `ends` (unix seconds), at least a second from now.
