@@ -107,7 +107,7 @@ pub async fn run(
 
     let db = Db::connect(&config.database).await?;
     let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
-    let leases = Leases::new(db.clone());
+    let leases = Leases::new(db.clone()).batched();
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
     let refreshes = prometheus_client::metrics::family::Family::default();

@@ -57,19 +57,80 @@ where
     }
 }
 
+/// Leases handed to the batch writer, and where to say whether they were written.
+type Batch = (
+    Vec<LeaseRecord>,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// Most leases written by one statement (12 parameters each, well under
+/// SQLite's and PostgreSQL's limits).
+const MAX_BATCH: usize = 500;
+
 /// Leases, in the shared database.
 #[derive(Clone, Debug)]
 pub struct Leases {
     db: Db,
+    /// With [`Leases::batched`]: concurrent calls' leases are written together.
+    batcher: Option<tokio::sync::mpsc::Sender<Batch>>,
 }
 
 impl Leases {
     pub fn new(db: Db) -> Leases {
-        Leases { db }
+        Leases { db, batcher: None }
     }
 
-    /// Records leases just handed out (one row each).
+    /// Leases whose [`Leases::record`] joins whatever other calls are
+    /// recording at that moment: one writer task takes everything queued and
+    /// writes it with one statement, then answers each caller. A caller still
+    /// returns only once its leases are in the database (a lease that cannot
+    /// be recorded cannot be revoked), but under load many calls share one
+    /// database round trip instead of queueing for one each.
+    pub fn batched(self) -> Leases {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4096);
+        let writer = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut records = first.0;
+                let mut waiters = vec![first.1];
+                while records.len() < MAX_BATCH {
+                    let Ok((more, done)) = rx.try_recv() else {
+                        break;
+                    };
+                    records.extend(more);
+                    waiters.push(done);
+                }
+                let result = writer.record_now(&records).await.map_err(|e| e.to_string());
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        Leases {
+            db: self.db,
+            batcher: Some(tx),
+        }
+    }
+
+    /// Records leases just handed out (one row each); see [`Leases::batched`].
     pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), sqlx::Error> {
+        let Some(batcher) = &self.batcher else {
+            return self.record_now(leases).await;
+        };
+        let (done, written) = tokio::sync::oneshot::channel();
+        let gone = || sqlx::Error::Protocol("the lease writer has stopped".into());
+        batcher
+            .send((leases.to_vec(), done))
+            .await
+            .map_err(|_| gone())?;
+        written
+            .await
+            .map_err(|_| gone())?
+            .map_err(sqlx::Error::Protocol)
+    }
+
+    /// Writes leases now, with one statement.
+    async fn record_now(&self, leases: &[LeaseRecord]) -> Result<(), sqlx::Error> {
         if leases.is_empty() {
             return Ok(());
         }
