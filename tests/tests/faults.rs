@@ -192,3 +192,184 @@ fn a_full_tmpfs_keeps_the_previous_generation_and_recovers() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
 }
+
+/// A TCP proxy standing in for the Kubernetes Service in front of the
+/// broker replicas: each connection goes to the next replica that accepts it.
+fn service_proxy(world: &World, backends: Vec<u16>) -> u16 {
+    let listener = world
+        .runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    world.runtime.spawn(async move {
+        let mut next = 0usize;
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let start = next;
+            next += 1;
+            let backends = backends.clone();
+            tokio::spawn(async move {
+                for k in 0..backends.len() {
+                    let port = backends[(start + k) % backends.len()];
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_replica_killed_under_load_loses_no_file_and_no_lease() {
+    use secrets_broker_e2e::free_port;
+    use secrets_broker_e2e::pg::Database;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let db = Database::create().unwrap();
+    let roles = ROLES.replace("ttl = \"30s\"", "ttl = \"6s\"");
+    let world = World::with_database(&roles, &db.url).unwrap();
+    world.put("app/key", "replica-v1").unwrap();
+    let (port_b, admin_b) = (free_port(), free_port());
+    let cfg_b = world.path("broker-b.toml");
+    world
+        .write_broker_config(&cfg_b, port_b, admin_b, &roles)
+        .unwrap();
+    let a = world.start_broker("broker-a.log").unwrap();
+    let b = world.start_broker_with(&cfg_b, "broker-b.log").unwrap();
+    let proxy = service_proxy(&world, vec![world.broker_port, port_b]);
+
+    let sidecars: Vec<_> = (0..6)
+        .map(|i| {
+            world
+                .start_sidecar(
+                    &format!("sc{i}"),
+                    &pod(&format!("ha-{i}")),
+                    proxy,
+                    &[("app/key", "key")],
+                )
+                .unwrap()
+        })
+        .collect();
+    for (proc, fs, _) in &sidecars {
+        let f = fs.path.join("key");
+        wait_for("files", LONG, || {
+            (std::fs::read_to_string(&f).ok().as_deref() == Some("replica-v1")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
+    }
+
+    // Readers play the applications: any read that is not a whole known
+    // value (missing, empty, partial) is a failure.
+    let stop = Arc::new(AtomicBool::new(false));
+    let bad = Arc::new(AtomicUsize::new(0));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = sidecars
+        .iter()
+        .map(|(_, fs, _)| {
+            let (f, stop, bad, reads) = (
+                fs.path.join("key"),
+                stop.clone(),
+                bad.clone(),
+                reads.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match std::fs::read_to_string(&f).as_deref() {
+                        Ok("replica-v1" | "replica-v2") => {}
+                        other => {
+                            eprintln!("bad read: {other:?}");
+                            bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    // Load through the Service while the replica dies.
+    let load = {
+        let stop = stop.clone();
+        let token = world.issuer.mint(&pod("load-0")).unwrap();
+        let ca = std::fs::read(&world.tls.ca).unwrap();
+        world.runtime.spawn(async move {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost");
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(ep) =
+                    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{proxy}"))
+                        .and_then(|e| e.tls_config(tls.clone()))
+                else {
+                    return;
+                };
+                if let Ok(ch) = ep.connect().await {
+                    let mut c = pb::broker_client::BrokerClient::new(ch);
+                    for _ in 0..50 {
+                        let mut req = tonic::Request::new(pb::FetchRequest {
+                            role: String::new(),
+                            names: vec!["app/key".into()],
+                            ttl_seconds: 0,
+                        });
+                        req.metadata_mut()
+                            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                        let _ = c.fetch(req).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        })
+    };
+
+    std::thread::sleep(Duration::from_secs(1));
+    a.signal("KILL");
+    // Past two lease periods: every sidecar has renewed through replica B.
+    std::thread::sleep(Duration::from_secs(14));
+    // A rotation still reaches every sidecar (their watches moved to B).
+    world.put("app/key", "replica-v2").unwrap();
+    for (proc, fs, _) in &sidecars {
+        let f = fs.path.join("key");
+        wait_for("rotation after the kill", LONG, || {
+            (std::fs::read_to_string(&f).ok().as_deref() == Some("replica-v2")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", proc.log_text(), b.log_text()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    load.abort();
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "an application saw a missing or partial secret"
+    );
+    assert!(reads.load(Ordering::Relaxed) > 1000);
+
+    // No lease lost: every pod holds a running lease, renewed through B.
+    let out = world
+        .brokerctl_at(
+            admin_b,
+            Some("viewer"),
+            &["--output", "json", "leases", "list", "--namespace", "demo"],
+        )
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let leases = v["leases"].as_array().unwrap();
+    for i in 0..6 {
+        let pod_name = format!("ha-{i}");
+        assert!(
+            leases.iter().any(|l| l["pod_name"] == pod_name.as_str()),
+            "{pod_name} has no running lease: {v}"
+        );
+    }
+}
