@@ -1007,6 +1007,36 @@ mod tests {
         );
     }
 
+    /// The issuer's clock ahead of or behind the broker's: within the
+    /// leeway (5 s here) tokens are accepted, beyond it refused by name.
+    #[tokio::test]
+    async fn clock_skew_within_and_beyond_the_leeway() {
+        let f = fixture();
+        let skewed = |shift: i64| {
+            let mut c = claims();
+            c["iat"] = json!(now() + shift);
+            c["nbf"] = json!(now() + shift);
+            c["exp"] = json!(now() + shift + 600);
+            sign(&f.key, Some("k1"), &c)
+        };
+        // Issuer ahead by 3 s: fine. Ahead by 30 s: not yet valid.
+        assert!(f.verifier.verify(&skewed(3)).await.is_ok());
+        assert!(matches!(
+            reject(&f, &skewed(30)).await,
+            TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. }
+        ));
+        // Issuer behind: a token that expired 3 s ago by the broker's clock
+        // is still within the leeway; 30 s ago it is expired.
+        let mut c = claims();
+        c["iat"] = json!(now() - 900);
+        c["nbf"] = json!(now() - 900);
+        c["exp"] = json!(now() - 30);
+        assert!(matches!(
+            reject(&f, &sign(&f.key, Some("k1"), &c)).await,
+            TokenError::Expired { .. }
+        ));
+    }
+
     #[test]
     fn config_cannot_allow_none_or_hmac() {
         assert!(Algorithm::from_name("none").is_err());
