@@ -77,6 +77,17 @@ impl VaultError {
                     errors.join("; ")
                 },
             },
+            // A parse error's chain may quote the answer (serde quotes the
+            // offending value): never pass it on.
+            ClientError::RestClientError {
+                source:
+                    rustify::errors::ClientError::ResponseParseError { .. }
+                    | rustify::errors::ClientError::ResponseConversionError { .. }
+                    | rustify::errors::ClientError::ResponseError { .. },
+            } => VaultError::Unexpected {
+                location,
+                message: "the answer could not be parsed".into(),
+            },
             ClientError::RestClientError { source } => VaultError::Unreachable {
                 location,
                 message: error_chain(&source),
