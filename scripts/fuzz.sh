@@ -8,15 +8,17 @@
 #   bash scripts/fuzz.sh 30 token_header names  # only these targets
 #
 # Needs cargo-fuzz (installed when missing) and a nightly toolchain; without
-# one (no nightly can be fetched on our CI machines) it runs the stable
-# compiler with RUSTC_BOOTSTRAP=1, which cargo-fuzz's flags need.
+# one (no nightly can be fetched on our CI machines), or with
+# FUZZ_TOOLCHAIN=stable, it runs the stable compiler with RUSTC_BOOTSTRAP=1,
+# which cargo-fuzz's flags need.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 shift || true
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+# FUZZ_TOOLCHAIN=stable forces the stable compiler even when a nightly exists.
 toolchain=()
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if [ "${FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   toolchain=(+nightly)
 else
   export RUSTC_BOOTSTRAP=1
