@@ -129,6 +129,9 @@ fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// Most secrets one sidecar holds: the broker's limit of names per call.
+pub const MAX_SECRETS: usize = 256;
+
 /// Validated sidecar configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -284,6 +287,17 @@ impl Config {
         };
         if raw.secrets.is_empty() {
             return Err(err("secrets", "list at least one [[secrets]] entry".into()));
+        }
+        // The broker takes at most this many names per call; a sidecar that
+        // asked for more would be refused on every call, so say it now.
+        if raw.secrets.len() > MAX_SECRETS {
+            return Err(err(
+                "secrets",
+                format!(
+                    "{} [[secrets]] entries; one sidecar holds at most {MAX_SECRETS} (split them over several sidecars or bundle values in one secret)",
+                    raw.secrets.len()
+                ),
+            ));
         }
         if raw.retry_initial.is_zero() || raw.retry_initial > raw.retry_max {
             return Err(err(
@@ -491,6 +505,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_many_secrets_are_refused_at_start() {
+        let mut text = GOOD.replace("[[secrets]]\nname = \"payments/db-password\"\n", "");
+        for i in 0..=MAX_SECRETS {
+            text.push_str(&format!("[[secrets]]\nname = \"s/{i}\"\n"));
+        }
+        let e = Config::parse(&text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`secrets`") && e.contains("at most 256"), "{e}");
+    }
 
     #[test]
     fn example_file_is_valid() {
