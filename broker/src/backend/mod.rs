@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod embedded;
+pub mod polled;
 pub mod vault;
 
 use secrecy::{ExposeSecret, SecretSlice};

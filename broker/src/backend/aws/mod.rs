@@ -26,8 +26,8 @@
 pub mod config;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_sts::error::SdkError;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata};
@@ -37,6 +37,7 @@ use tracing::{info, warn};
 
 use self::config::{AwsConfig, Mapping, MappingKind};
 use super::SecretVersion;
+use super::polled::{PollError, Polled};
 use crate::api::grpc::Rotation;
 use crate::backend::vault::Upstream;
 use crate::db::{Db, on_db, unix_now};
@@ -66,6 +67,15 @@ pub enum AwsError {
     /// AWS answered something this broker does not understand.
     #[error("aws {location}: unexpected answer: {message}")]
     Unexpected { location: String, message: String },
+}
+
+impl PollError for AwsError {
+    fn is_gone(&self) -> bool {
+        matches!(self, AwsError::NotFound { .. })
+    }
+    fn is_throttling(&self) -> bool {
+        AwsError::is_throttling(self)
+    }
 }
 
 impl AwsError {
@@ -126,23 +136,15 @@ impl AwsError {
     }
 }
 
-/// The state of one Secrets Manager secret.
-#[derive(Default)]
-struct SmSlot {
-    /// The value, when it was read, and AWS's `VersionId` of it.
-    value: RwLock<Option<(Arc<SecretVersion>, Instant, String)>>,
-    last_error: RwLock<Option<String>>,
-    /// Serialises reads on a miss, so concurrent first fetches share one.
-    load: tokio::sync::Mutex<()>,
-}
-
 /// The AWS backend. Cheap to share behind an `Arc`.
 pub struct Aws {
     cfg: AwsConfig,
     sts: aws_sdk_sts::Client,
     sm: aws_sdk_secretsmanager::Client,
     by_name: HashMap<String, usize>,
-    sm_slots: Vec<SmSlot>,
+    /// The polled value of each Secrets Manager mapping (by mapping index;
+    /// `None` for STS ones).
+    sm_slots: Vec<Option<Polled>>,
     /// Requests sent to AWS, counted as `backend_reads{backend="aws"}`.
     reads: prometheus_client::metrics::counter::Counter,
 }
@@ -171,7 +173,19 @@ impl Aws {
             .enumerate()
             .map(|(i, m)| (m.name.clone(), i))
             .collect();
-        let sm_slots = cfg.secrets.iter().map(|_| SmSlot::default()).collect();
+        let sm_slots = cfg
+            .secrets
+            .iter()
+            .map(|m| match m.kind {
+                MappingKind::SecretsManager { poll_interval, .. } => Some(Polled::new(
+                    &m.name,
+                    m.location(),
+                    poll_interval,
+                    cfg.max_stale,
+                )),
+                _ => None,
+            })
+            .collect();
         Aws {
             sts: aws_sdk_sts::Client::new(&sdk),
             sm: aws_sdk_secretsmanager::Client::new(&sdk),
@@ -386,188 +400,64 @@ impl Aws {
         ))
     }
 
-    fn sm_current(&self, i: usize) -> Option<(u64, String)> {
-        self.sm_slots[i]
-            .value
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(v, _, vid)| (v.version, vid.clone()))
+    /// The Secrets Manager mapping `name` and its polled value.
+    fn sm_slot(&self, name: &str) -> Option<(&Mapping, &Polled)> {
+        let i = *self.by_name.get(name)?;
+        Some((&self.cfg.secrets[i], self.sm_slots[i].as_ref()?))
     }
 
     /// The value of a Secrets Manager mapping: from memory when the poller
     /// has it (not older than `max_stale`), else one read shared by every caller.
     pub async fn sm_get(&self, name: &str) -> Result<Arc<SecretVersion>, AwsError> {
-        let i = self.by_name[name];
-        let slot = &self.sm_slots[i];
-        let limit = self.cfg.max_stale + poll_interval(&self.cfg.secrets[i]);
-        let fresh = |slot: &SmSlot| {
-            slot.value
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .filter(|(_, at, _)| at.elapsed() <= limit)
-                .map(|(v, _, _)| v.clone())
-        };
-        if let Some(v) = fresh(slot) {
-            return Ok(v);
-        }
-        let _guard = slot.load.lock().await;
-        if let Some(v) = fresh(slot) {
-            return Ok(v);
-        }
-        let prev = self.sm_current(i);
-        let m = &self.cfg.secrets[i];
-        match self
-            .read_sm(m, prev.as_ref().map(|(v, id)| (*v, id.as_str())))
-            .await
-        {
-            Ok((v, vid)) => {
-                let v = Arc::new(v);
-                *slot.value.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some((v.clone(), Instant::now(), vid));
-                *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                Ok(v)
-            }
-            Err(e) => {
-                *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                Err(e)
-            }
-        }
+        let (m, slot) = self
+            .sm_slot(name)
+            .expect("sm_get on a Secrets Manager mapping");
+        slot.get(|prev| async move {
+            self.read_sm(m, prev.as_ref().map(|(v, id)| (*v, id.as_str())))
+                .await
+        })
+        .await
     }
 
     /// The version of a Secrets Manager mapping as last read, if any.
     pub fn sm_version(&self, name: &str) -> Option<u64> {
-        let i = *self.by_name.get(name)?;
-        self.sm_current(i).map(|(v, _)| v)
+        self.sm_slot(name)?.1.version()
     }
 
-    /// Polls one Secrets Manager mapping for ever: a new `VersionId` replaces
-    /// the value and is broadcast as a rotation. Failures keep the last value
-    /// (served for `max_stale`) and back off up to 8 intervals; throttling
-    /// backs off with full jitter so replicas spread out.
-    async fn poll_sm(
-        self: Arc<Self>,
-        i: usize,
-        tx: broadcast::Sender<Rotation>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let m = self.cfg.secrets[i].clone();
-        let interval = poll_interval(&m);
-        let slot = &self.sm_slots[i];
-        let mut failures = 0u32;
-        let mut throttled = false;
-        loop {
-            let base = interval * (1u32 << failures.min(3));
-            let wait = if throttled {
-                base.mul_f64(0.5 + fastrand::f64())
-            } else {
-                base.mul_f64(0.9 + 0.2 * fastrand::f64())
-            };
-            let first = self.sm_current(i).is_none() && failures == 0;
-            if !first {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = crate::until_true(&mut shutdown) => return,
-                }
-            }
-            let prev = self.sm_current(i);
-            let result = {
-                let _guard = slot.load.lock().await;
-                self.read_sm(&m, prev.as_ref().map(|(v, id)| (*v, id.as_str())))
-                    .await
-            };
-            match result {
-                Ok((v, vid)) => {
-                    if failures > 0 {
-                        info!(secret = %m.name, location = %m.location(), "aws read works again");
-                    }
-                    failures = 0;
-                    throttled = false;
-                    let version = v.version;
-                    *slot.value.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some((Arc::new(v), Instant::now(), vid));
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                    if prev.is_some_and(|(o, _)| o != version) {
-                        info!(secret = %m.name, version, "new secrets manager version");
-                        let _ = tx.send(Rotation {
-                            name: m.name.clone(),
-                            version,
-                        });
-                    }
-                }
-                Err(e @ AwsError::NotFound { .. }) => {
-                    // Deleted (or the stage/key is gone): an operator's
-                    // decision, not an outage. Stop serving the old value.
-                    if slot
-                        .value
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .is_some()
-                    {
-                        warn!(secret = %m.name, error = %e, "secrets manager secret is gone; no longer served");
-                    }
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
-                }
-                Err(e) => {
-                    failures += 1;
-                    throttled = e.is_throttling();
-                    warn!(secret = %m.name, error = %e, failures, throttled, "secrets manager poll failed; serving the last value");
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
-                }
-            }
-        }
-    }
-
-    /// Starts one poller per Secrets Manager mapping.
+    /// Starts one poller per Secrets Manager mapping: one read per interval
+    /// (±10%); throttling backs off with full jitter so replicas spread out.
     pub fn start(
         self: &Arc<Self>,
         tx: broadcast::Sender<Rotation>,
         shutdown: watch::Receiver<bool>,
     ) {
         for (i, m) in self.cfg.secrets.iter().enumerate() {
-            if !m.is_dynamic() {
-                tokio::spawn(self.clone().poll_sm(i, tx.clone(), shutdown.clone()));
+            if m.is_dynamic() {
+                continue;
             }
+            let (aws, m, tx, shutdown) = (self.clone(), m.clone(), tx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Some(slot) = &aws.sm_slots[i] {
+                    let read = |prev: Option<(u64, String)>| {
+                        let (aws, m) = (&aws, &m);
+                        async move {
+                            aws.read_sm(m, prev.as_ref().map(|(v, id)| (*v, id.as_str())))
+                                .await
+                        }
+                    };
+                    slot.poll(read, tx, shutdown).await;
+                }
+            });
         }
     }
 
     /// Secrets Manager mappings that cannot be served now, with the reason.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (i, m) in self.cfg.secrets.iter().enumerate() {
-            if m.is_dynamic() {
-                continue;
-            }
-            let slot = &self.sm_slots[i];
-            let servable = slot
-                .value
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|(_, at, _)| at.elapsed() <= self.cfg.max_stale + poll_interval(m));
-            if !servable {
-                let why = slot
-                    .last_error
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "not read yet".into());
-                out.push(format!("{}: {why}", m.name));
-            }
-        }
-        out
-    }
-}
-
-/// How often a Secrets Manager mapping is read.
-fn poll_interval(m: &Mapping) -> Duration {
-    match m.kind {
-        MappingKind::SecretsManager { poll_interval, .. } => poll_interval,
-        _ => Duration::from_secs(30),
+        self.sm_slots
+            .iter()
+            .flatten()
+            .filter_map(Polled::problem)
+            .collect()
     }
 }
 

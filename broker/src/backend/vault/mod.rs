@@ -31,6 +31,7 @@ use vaultrs::error::ClientError;
 
 use self::config::{Mapping, MappingKind, VaultAuth, VaultConfig};
 use super::SecretVersion;
+use super::polled::{PollError, Polled};
 use crate::api::grpc::Rotation;
 use crate::db::{Db, on_db, unix_now};
 use crate::identity::Identity;
@@ -105,6 +106,12 @@ impl VaultError {
     }
 }
 
+impl PollError for VaultError {
+    fn is_gone(&self) -> bool {
+        matches!(self, VaultError::NotFound { .. })
+    }
+}
+
 /// An error and its causes on one line (reqwest hides the useful part in
 /// the source chain).
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -133,15 +140,6 @@ struct Session {
     renewed: Instant,
 }
 
-/// The state of one KV path.
-#[derive(Default)]
-struct KvSlot {
-    value: RwLock<Option<(Arc<SecretVersion>, Instant)>>,
-    last_error: RwLock<Option<String>>,
-    /// Serialises reads on a miss, so concurrent first fetches share one.
-    load: tokio::sync::Mutex<()>,
-}
-
 /// One credential issued for one pod, with its upstream handle.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -161,7 +159,8 @@ pub struct Vault {
     session: RwLock<Option<Arc<Session>>>,
     login_lock: tokio::sync::Mutex<()>,
     by_name: HashMap<String, usize>,
-    kv: Vec<KvSlot>,
+    /// The polled value of each KV mapping (by mapping index; `None` for dynamic ones).
+    kv: Vec<Option<Polled>>,
     /// Requests sent to Vault, counted as `backend_reads{backend="vault"}`.
     reads: prometheus_client::metrics::counter::Counter,
 }
@@ -204,7 +203,19 @@ impl Vault {
             .enumerate()
             .map(|(i, m)| (m.name.clone(), i))
             .collect();
-        let kv = cfg.secrets.iter().map(|_| KvSlot::default()).collect();
+        let kv = cfg
+            .secrets
+            .iter()
+            .map(|m| match m.kind {
+                MappingKind::Kv { poll_interval, .. } => Some(Polled::new(
+                    &m.name,
+                    m.location(),
+                    poll_interval,
+                    cfg.max_stale,
+                )),
+                _ => None,
+            })
+            .collect();
         Ok(Vault {
             cfg,
             base,
@@ -493,129 +504,23 @@ impl Vault {
         })
     }
 
+    /// The KV mapping `name` and its polled value.
+    fn kv_slot(&self, name: &str) -> Option<(&Mapping, &Polled)> {
+        let i = *self.by_name.get(name)?;
+        Some((&self.cfg.secrets[i], self.kv[i].as_ref()?))
+    }
+
     /// The value of a KV mapping: from memory when the poller has it (and it
     /// is not older than `max_stale`), else one read shared by every caller.
     pub async fn kv_get(&self, name: &str) -> Result<Arc<SecretVersion>, VaultError> {
-        let i = self.by_name[name];
-        let slot = &self.kv[i];
-        let limit = self.cfg.max_stale + poll_interval(&self.cfg.secrets[i], &self.cfg);
-        let fresh = |slot: &KvSlot| {
-            slot.value
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .filter(|(_, at)| at.elapsed() <= limit)
-                .map(|(v, _)| v.clone())
-        };
-        if let Some(v) = fresh(slot) {
-            return Ok(v);
-        }
-        let _guard = slot.load.lock().await;
-        if let Some(v) = fresh(slot) {
-            return Ok(v);
-        }
-        let m = &self.cfg.secrets[i];
-        match self.read_kv(m).await {
-            Ok(v) => {
-                let v = Arc::new(v);
-                *slot.value.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some((v.clone(), Instant::now()));
-                *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                Ok(v)
-            }
-            Err(e) => {
-                *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                Err(e)
-            }
-        }
+        let (m, slot) = self.kv_slot(name).expect("kv_get on a KV mapping");
+        slot.get(|_| async { self.read_kv(m).await.map(|v| (v, String::new())) })
+            .await
     }
 
     /// The version of a KV mapping as last read, if any.
     pub fn kv_version(&self, name: &str) -> Option<u64> {
-        let i = *self.by_name.get(name)?;
-        self.kv[i]
-            .value
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(v, _)| v.version)
-    }
-
-    /// Polls one KV mapping for ever: a new version replaces the value and
-    /// is broadcast as a rotation. Failures keep the last value (served for
-    /// `max_stale`) and back off up to 8 poll intervals.
-    async fn poll_kv(
-        self: Arc<Self>,
-        i: usize,
-        tx: broadcast::Sender<Rotation>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let m = self.cfg.secrets[i].clone();
-        let interval = poll_interval(&m, &self.cfg);
-        let slot = &self.kv[i];
-        let mut failures = 0u32;
-        loop {
-            let base = interval * (1u32 << failures.min(3));
-            let wait = base.mul_f64(0.9 + 0.2 * fastrand::f64());
-            // The first read happens at once, so the cache is warm.
-            let first = slot
-                .value
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-                && failures == 0;
-            if !first {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = crate::until_true(&mut shutdown) => return,
-                }
-            }
-            let result = {
-                let _guard = slot.load.lock().await;
-                self.read_kv(&m).await
-            };
-            match result {
-                Ok(v) => {
-                    if failures > 0 {
-                        info!(secret = %m.name, location = %m.location(), "vault read works again");
-                    }
-                    failures = 0;
-                    let old = self.kv_version(&m.name);
-                    let version = v.version;
-                    *slot.value.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some((Arc::new(v), Instant::now()));
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                    if old.is_some_and(|o| o != version) {
-                        info!(secret = %m.name, version, "new vault kv version");
-                        let _ = tx.send(Rotation {
-                            name: m.name.clone(),
-                            version,
-                        });
-                    }
-                }
-                Err(e @ VaultError::NotFound { .. }) => {
-                    // Deleted (or the key is gone): an operator's decision, not
-                    // an outage. Stop serving the old value.
-                    if slot
-                        .value
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .is_some()
-                    {
-                        warn!(secret = %m.name, error = %e, "vault kv secret is gone; no longer served");
-                    }
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
-                }
-                Err(e) => {
-                    failures += 1;
-                    warn!(secret = %m.name, error = %e, failures, "vault kv poll failed; serving the last value");
-                    *slot.last_error.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
-                }
-            }
-        }
+        self.kv_slot(name)?.1.version()
     }
 
     /// Starts the session keeper and one poller per KV mapping.
@@ -626,40 +531,27 @@ impl Vault {
     ) {
         tokio::spawn(self.clone().keep_token_fresh(shutdown.clone()));
         for (i, m) in self.cfg.secrets.iter().enumerate() {
-            if !m.is_dynamic() {
-                tokio::spawn(self.clone().poll_kv(i, tx.clone(), shutdown.clone()));
-            }
-        }
-    }
-
-    /// Mapped paths that cannot be served now, with the reason: KV paths
-    /// without a value young enough, and the session when login fails.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (i, m) in self.cfg.secrets.iter().enumerate() {
             if m.is_dynamic() {
                 continue;
             }
-            let slot = &self.kv[i];
-            let servable = slot
-                .value
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|(_, at)| {
-                    at.elapsed() <= self.cfg.max_stale + poll_interval(m, &self.cfg)
-                });
-            if !servable {
-                let why = slot
-                    .last_error
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "not read yet".into());
-                out.push(format!("{}: {why}", m.name));
-            }
+            let (vault, m, tx, shutdown) = (self.clone(), m.clone(), tx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Some(slot) = &vault.kv[i] {
+                    let read = |_| async { vault.read_kv(&m).await.map(|v| (v, String::new())) };
+                    slot.poll(read, tx, shutdown).await;
+                }
+            });
         }
-        out
+    }
+
+    /// KV mappings that cannot be served now, with the reason (Vault's
+    /// answer, or the login's failure).
+    pub fn problems(&self) -> Vec<String> {
+        self.kv
+            .iter()
+            .flatten()
+            .filter_map(Polled::problem)
+            .collect()
     }
 
     /// Issues a credential of a dynamic mapping for one pod.
@@ -892,14 +784,6 @@ pub(crate) fn wipe_json(v: &mut Value) {
         Value::Array(a) => a.iter_mut().for_each(wipe_json),
         Value::Object(o) => o.values_mut().for_each(wipe_json),
         _ => {}
-    }
-}
-
-/// How often a KV mapping is read.
-fn poll_interval(m: &Mapping, cfg: &VaultConfig) -> Duration {
-    match m.kind {
-        MappingKind::Kv { poll_interval, .. } => poll_interval,
-        _ => cfg.poll_interval,
     }
 }
 
