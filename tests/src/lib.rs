@@ -16,6 +16,7 @@ use secrets_broker::dev::issuer::{Issuer, Workload};
 use secrets_broker::dev::tls::{DevTls, TlsFiles};
 
 pub mod bao;
+pub mod bench;
 pub mod kube_api;
 pub mod moto;
 pub mod pg;

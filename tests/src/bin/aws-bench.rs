@@ -23,8 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::bench::{start_fleet, summary, time_rotations};
 use secrets_broker_e2e::moto::{self, Moto};
-use secrets_broker_e2e::{AUDIENCE, Proc, Tmpfs, World, bin, flag, percentile, wait_for};
+use secrets_broker_e2e::{AUDIENCE, Proc, World, bin, flag, wait_for};
 use secrets_broker_proto::v1 as pb;
 use serde_json::{Value, json};
 
@@ -37,17 +38,6 @@ secrets = ["bench/*"]
 ttl = "6s"
 max_ttl = "1h"
 "#;
-
-fn summary(samples: &mut [f64]) -> Value {
-    samples.sort_by(f64::total_cmp);
-    json!({
-        "min": samples[0],
-        "p50": percentile(samples, 0.50),
-        "p90": percentile(samples, 0.90),
-        "max": samples[samples.len() - 1],
-        "mean": samples.iter().sum::<f64>() / samples.len() as f64,
-    })
-}
 
 fn now_unix() -> f64 {
     SystemTime::now()
@@ -196,50 +186,14 @@ duration = "{sts_secs}s"
     }
 
     // 2. Rotation propagation.
-    eprintln!("starting {sidecars} sidecars…");
-    let mut fleet: Vec<(Proc, Tmpfs)> = Vec::new();
-    for i in 0..sidecars {
-        let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
-        w.pod = Some(format!("sc-{i}"));
-        let (proc, fs, _) = world.start_sidecar(
-            &format!("sc{i}"),
-            &w,
-            world.broker_port,
-            &[("bench/value", "value")],
-        )?;
-        fleet.push((proc, fs));
-    }
-    for (proc, fs) in &fleet {
-        let f = fs.path.join("value");
-        wait_for("sidecar files", Duration::from_secs(120), || {
-            f.exists().then_some(())
-        })
-        .with_context(|| proc.log_text())?;
-    }
-    let mut samples = Vec::with_capacity(rounds * sidecars);
-    for round in 1..=rounds {
-        let value = format!("v-{round}");
-        let start = Instant::now();
-        moto.put_secret("bench/value", &value)?;
-        let mut pending: Vec<usize> = (0..sidecars).collect();
-        while !pending.is_empty() {
-            if start.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("round {round}: not every sidecar saw the new version after 60s");
-            }
-            pending.retain(|&k| {
-                let seen = std::fs::read_to_string(fleet[k].1.path.join("value"))
-                    .is_ok_and(|v| v == value);
-                if seen {
-                    samples.push(start.elapsed().as_secs_f64() * 1000.0);
-                }
-                !seen
-            });
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(
-            (now_unix().fract() * poll_ms as f64) as u64,
-        ));
-    }
+    let fleet = start_fleet(&world, sidecars, "bench/value", "value")?;
+    let mut samples = time_rotations(
+        &fleet,
+        "value",
+        rounds,
+        Duration::from_millis(poll_ms),
+        |v| moto.put_secret("bench/value", v).map(|_| ()),
+    )?;
     drop(fleet);
     let rotation = summary(&mut samples);
     let f = |k: &str| rotation[k].as_f64().unwrap_or_default();

@@ -16,10 +16,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::bao::{Bao, ROOT_TOKEN};
-use secrets_broker_e2e::{AUDIENCE, World, flag, percentile, wait_for};
+use secrets_broker_e2e::bench::{start_fleet, summary, time_rotations};
+use secrets_broker_e2e::{AUDIENCE, World, flag};
 use secrets_broker_proto::v1 as pb;
 use serde_json::json;
 
@@ -32,18 +33,6 @@ secrets = ["bench/*"]
 ttl = "10m"
 max_ttl = "1h"
 "#;
-
-fn summary(samples: &mut [f64]) -> serde_json::Value {
-    samples.sort_by(f64::total_cmp);
-    json!({
-        "min": samples[0],
-        "p50": percentile(samples, 0.50),
-        "p90": percentile(samples, 0.90),
-        "p99": percentile(samples, 0.99),
-        "max": samples[samples.len() - 1],
-        "mean": samples.iter().sum::<f64>() / samples.len() as f64,
-    })
-}
 
 fn main() -> Result<()> {
     let sidecars = flag("--sidecars", 20) as usize;
@@ -151,52 +140,14 @@ key = "value"
     );
 
     // 2. Rotation propagation.
-    eprintln!("starting {sidecars} sidecars…");
-    let mut fleet = Vec::new();
-    for i in 0..sidecars {
-        let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
-        w.pod = Some(format!("sc-{i}"));
-        let (proc, fs, _) = world.start_sidecar(
-            &format!("sc{i}"),
-            &w,
-            world.broker_port,
-            &[("bench/value", "value")],
-        )?;
-        fleet.push((proc, fs));
-    }
-    for (proc, fs) in &fleet {
-        let f = fs.path.join("value");
-        wait_for("sidecar files", Duration::from_secs(120), || {
-            f.exists().then_some(())
-        })
-        .with_context(|| proc.log_text())?;
-    }
-    let mut samples = Vec::with_capacity(rounds * sidecars);
-    for round in 1..=rounds {
-        let value = format!("v-{round}");
-        let start = Instant::now();
-        put(&value)?;
-        let mut pending: Vec<usize> = (0..sidecars).collect();
-        while !pending.is_empty() {
-            if start.elapsed() > Duration::from_secs(30) {
-                anyhow::bail!("round {round}: not every sidecar saw the new version after 30s");
-            }
-            pending.retain(|&k| {
-                let seen = std::fs::read_to_string(fleet[k].1.path.join("value"))
-                    .is_ok_and(|v| v == value);
-                if seen {
-                    samples.push(start.elapsed().as_secs_f64() * 1000.0);
-                }
-                !seen
-            });
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        // Start the next write at a random point of the poll cycle.
-        std::thread::sleep(Duration::from_millis(fastrand_ms(poll_ms)));
-        if round % 10 == 0 {
-            eprintln!("  {round}/{rounds} rounds");
-        }
-    }
+    let fleet = start_fleet(&world, sidecars, "bench/value", "value")?;
+    let mut samples = time_rotations(
+        &fleet,
+        "value",
+        rounds,
+        Duration::from_millis(poll_ms),
+        |v| put(v).map(|_| ()),
+    )?;
     let s = summary(&mut samples);
     println!(
         "rotation propagation (KV v2 write -> new file on disk), poll {poll_ms} ms, {sidecars} sidecars, {rounds} writes"
@@ -231,14 +182,4 @@ key = "value"
     );
     drop(broker);
     Ok(())
-}
-
-/// A pseudo-random pause below one poll interval (from the clock; no RNG
-/// dependency needed for this).
-fn fastrand_ms(poll_ms: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos() as u64;
-    nanos % poll_ms.max(1)
 }
