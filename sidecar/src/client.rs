@@ -13,6 +13,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::Config;
 
+/// The broker takes at most this many names per call: longer lists are
+/// split over several calls (and several watch streams).
+pub const NAMES_PER_CALL: usize = 256;
+
 /// Largest token file accepted.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 
@@ -136,7 +140,27 @@ impl Client {
         )
     }
 
+    /// Fetches `names`, at most [`NAMES_PER_CALL`] per call. All or
+    /// nothing: when a later call fails, the leases of the earlier ones are
+    /// released (best effort; they end at their TTL otherwise).
     pub async fn fetch(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
+        let mut secrets = Vec::with_capacity(names.len());
+        for chunk in names.chunks(NAMES_PER_CALL) {
+            match self.fetch_call(chunk.to_vec()).await {
+                Ok(got) => secrets.extend(got),
+                Err(e) => {
+                    if !secrets.is_empty() {
+                        let held = secrets.iter().filter_map(lease_ref).collect();
+                        let _ = self.release(held).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(secrets)
+    }
+
+    async fn fetch_call(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
         let (req, request_id) = self.request(pb::FetchRequest {
             role: self.role.clone(),
             names,
@@ -150,38 +174,48 @@ impl Client {
         )
     }
 
+    /// Renews `leases`, at most [`NAMES_PER_CALL`] per call.
     pub async fn renew(
         &self,
         leases: Vec<pb::LeaseRef>,
     ) -> Result<Vec<pb::RenewedLease>, ClientError> {
-        let (req, request_id) = self.request(pb::RenewRequest {
-            role: self.role.clone(),
-            leases,
-            ttl_seconds: self.ttl_seconds,
-        })?;
-        let r = self.inner.clone().renew(req).await;
-        Ok(
-            r.map_err(|status| ClientError::Status { status, request_id })?
-                .into_inner()
-                .leases,
-        )
+        let mut renewed = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(NAMES_PER_CALL) {
+            let (req, request_id) = self.request(pb::RenewRequest {
+                role: self.role.clone(),
+                leases: chunk.to_vec(),
+                ttl_seconds: self.ttl_seconds,
+            })?;
+            let r = self.inner.clone().renew(req).await;
+            renewed.extend(
+                r.map_err(|status| ClientError::Status { status, request_id })?
+                    .into_inner()
+                    .leases,
+            );
+        }
+        Ok(renewed)
     }
 
-    /// Ends these leases now; returns how many the broker released.
+    /// Ends these leases now (at most [`NAMES_PER_CALL`] per call); returns
+    /// how many the broker released.
     pub async fn release(&self, leases: Vec<pb::LeaseRef>) -> Result<u32, ClientError> {
-        let (req, request_id) = self.request(pb::ReleaseRequest {
-            role: self.role.clone(),
-            leases,
-        })?;
-        let r = self.inner.clone().release(req).await;
-        Ok(
-            r.map_err(|status| ClientError::Status { status, request_id })?
+        let mut released = 0;
+        for chunk in leases.chunks(NAMES_PER_CALL) {
+            let (req, request_id) = self.request(pb::ReleaseRequest {
+                role: self.role.clone(),
+                leases: chunk.to_vec(),
+            })?;
+            let r = self.inner.clone().release(req).await;
+            released += r
+                .map_err(|status| ClientError::Status { status, request_id })?
                 .into_inner()
-                .released,
-        )
+                .released;
+        }
+        Ok(released)
     }
 
-    /// Opens a watch stream; it outlives the per-request timeout.
+    /// Opens a watch stream on at most [`NAMES_PER_CALL`] names; it
+    /// outlives the per-request timeout.
     pub async fn watch(
         &self,
         names: Vec<String>,
@@ -196,4 +230,12 @@ impl Client {
                 .into_inner(),
         )
     }
+}
+
+fn lease_ref(s: &pb::Secret) -> Option<pb::LeaseRef> {
+    s.lease.as_ref().map(|l| pb::LeaseRef {
+        name: s.name.clone(),
+        version: s.version,
+        lease_id: l.lease_id.clone(),
+    })
 }

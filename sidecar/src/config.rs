@@ -129,8 +129,9 @@ fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// Most secrets one sidecar holds: the broker's limit of names per call.
-pub const MAX_SECRETS: usize = 256;
+/// Most secrets one sidecar holds. The broker takes 256 names per call; the
+/// sidecar splits longer lists over several calls and watch streams.
+pub const MAX_SECRETS: usize = 4096;
 
 /// Validated sidecar configuration.
 #[derive(Debug, Clone)]
@@ -288,13 +289,11 @@ impl Config {
         if raw.secrets.is_empty() {
             return Err(err("secrets", "list at least one [[secrets]] entry".into()));
         }
-        // The broker takes at most this many names per call; a sidecar that
-        // asked for more would be refused on every call, so say it now.
         if raw.secrets.len() > MAX_SECRETS {
             return Err(err(
                 "secrets",
                 format!(
-                    "{} [[secrets]] entries; one sidecar holds at most {MAX_SECRETS} (split them over several sidecars or bundle values in one secret)",
+                    "{} [[secrets]] entries; one sidecar holds at most {MAX_SECRETS} (split them over several sidecars)",
                     raw.secrets.len()
                 ),
             ));
@@ -515,7 +514,7 @@ mod tests {
         let e = Config::parse(&text, Path::new("s.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`secrets`") && e.contains("at most 256"), "{e}");
+        assert!(e.contains("`secrets`") && e.contains("at most 4096"), "{e}");
     }
 
     #[test]

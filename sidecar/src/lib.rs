@@ -522,12 +522,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     tokio::pin!(shutdown);
     let (events_tx, mut events) = mpsc::channel::<BrokerEvent>(64);
-    let watcher = tokio::spawn(watch_loop(
-        keeper.client.clone(),
-        keeper.names(),
-        events_tx,
-        keeper.cfg.clone(),
-    ));
+    // One stream per call-sized share of the names.
+    let watchers: Vec<_> = keeper
+        .names()
+        .chunks(client::NAMES_PER_CALL)
+        .map(|names| {
+            tokio::spawn(watch_loop(
+                keeper.client.clone(),
+                names.to_vec(),
+                events_tx.clone(),
+                keeper.cfg.clone(),
+            ))
+        })
+        .collect();
+    drop(events_tx);
     let mut backoff = Backoff::new(keeper.cfg.retry_initial, keeper.cfg.retry_max);
     let mut need_fetch = true;
     let mut retry_at: Option<Instant> = None;
@@ -625,7 +633,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             },
         }
     };
-    watcher.abort();
+    for w in &watchers {
+        w.abort();
+    }
     if let Some(h) = health {
         h.abort();
     }

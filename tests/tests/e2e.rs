@@ -216,6 +216,78 @@ fn sidecar_renews_short_leases_without_rewriting() {
     );
 }
 
+/// More secrets than the broker takes per call (256): the sidecar splits its
+/// fetches, renewals and watch streams, and a rotation of a secret in the
+/// second share reaches the disk.
+#[test]
+fn a_sidecar_with_more_secrets_than_one_call_takes_splits_its_calls() {
+    let world = World::new(ROLES).unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("short/big-{i}")).collect();
+    for n in &names {
+        world.put(n, &format!("{n}-v1")).unwrap();
+    }
+    let broker = world.start_broker("broker.log").unwrap();
+    let tmpfs = Tmpfs::new().unwrap();
+    let token = world
+        .token_file("t", &Workload::new("short", "big", AUDIENCE))
+        .unwrap();
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (n.clone(), n.replace('/', "_")))
+        .collect();
+    let specs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, f)| (n.as_str(), f.as_str()))
+        .collect();
+    let cfg = world
+        .sidecar_config("s.toml", &token, &tmpfs.path, "", &specs)
+        .unwrap();
+    let sidecar = Proc::spawn(
+        std::process::Command::new(bin("secrets-sidecar"))
+            .args(["run", "--config"])
+            .arg(&cfg),
+        world.path("sidecar.log"),
+    )
+    .unwrap();
+    let all_written = || {
+        files
+            .iter()
+            .all(|(n, f)| read(&tmpfs.path.join(f)).as_deref() == Some(&format!("{n}-v1")))
+            .then_some(())
+    };
+    wait_for("300 files", LONG, all_written)
+        .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
+    let log = broker.log_text();
+    let opened: Vec<&str> = log.lines().filter(|l| l.contains("watch opened")).collect();
+    assert!(
+        opened.iter().any(|l| l.contains("secrets=256"))
+            && opened.iter().any(|l| l.contains("secrets=44")),
+        "{log}"
+    );
+    // The 3 s leases are renewed in two calls, and nothing is removed.
+    wait_for("renewals", LONG, || {
+        (sidecar.log_text().matches("renewed leases").count() >= 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
+    let log = broker.log_text();
+    assert!(
+        log.contains("leases=256") && log.contains("leases=44"),
+        "{log}"
+    );
+    all_written().expect("every file still holds its value after the renewals");
+    assert!(
+        !sidecar.log_text().contains("removed secrets"),
+        "{}",
+        sidecar.log_text()
+    );
+    world.put("short/big-299", "short/big-299-v2").unwrap();
+    let last = tmpfs.path.join("short_big-299");
+    wait_for("rotation in the second share", LONG, || {
+        (read(&last).as_deref() == Some("short/big-299-v2")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.log_text()));
+}
+
 #[test]
 fn once_mode_writes_one_generation_and_exits() {
     let world = World::new(ROLES).unwrap();
