@@ -149,6 +149,9 @@ impl Db {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
+                    // Pages are read through a shared mapping instead of a
+                    // read() per page miss.
+                    .pragma("mmap_size", "134217728")
                     .busy_timeout(Duration::from_secs(10));
                 Db::Sqlite(
                     SqlitePoolOptions::new()
@@ -225,6 +228,74 @@ impl Db {
 
     pub async fn close(&self) {
         on_db!(self, pool => pool.close().await)
+    }
+}
+
+impl Db {
+    /// Tells every replica listening on `channel` that something changed
+    /// (PostgreSQL `NOTIFY`; nothing on SQLite, which has one replica).
+    /// Best effort: the others see the change at their next re-read anyway.
+    pub async fn notify(&self, channel: &str) {
+        if let Db::Postgres(pool) = self
+            && let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(pool)
+                .await
+        {
+            tracing::warn!(error = %e, channel, "cannot notify other replicas; they will see the change at their next re-read");
+        }
+    }
+}
+
+/// `NOTIFY`s on one PostgreSQL channel, for a loop that otherwise re-reads
+/// on a timer. Reconnects when the connection is lost; on SQLite it never
+/// fires.
+pub struct Notifications {
+    db: Db,
+    channel: &'static str,
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl Notifications {
+    pub fn new(db: &Db, channel: &'static str) -> Notifications {
+        Notifications {
+            db: db.clone(),
+            channel,
+            listener: None,
+        }
+    }
+
+    /// Listens if not listening yet (a failure is logged, and retried at
+    /// the next call). Call before re-reading, so no change falls between.
+    pub async fn connect(&mut self) {
+        let Db::Postgres(pool) = &self.db else { return };
+        if self.listener.is_some() {
+            return;
+        }
+        match sqlx::postgres::PgListener::connect_with(pool).await {
+            Ok(mut l) => match l.listen(self.channel).await {
+                Ok(()) => self.listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, channel = self.channel, "cannot LISTEN; relying on re-reads")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, channel = self.channel, "cannot LISTEN; relying on re-reads")
+            }
+        }
+    }
+
+    /// Waits for the next notification. Returns at once when the connection
+    /// was lost (the caller re-reads; the next `connect` listens again), and
+    /// never when not listening.
+    pub async fn recv(&mut self) {
+        let Some(l) = self.listener.as_mut() else {
+            return std::future::pending().await;
+        };
+        if let Err(e) = l.recv().await {
+            tracing::warn!(error = %e, channel = self.channel, "notifications lost; reconnecting");
+            self.listener = None;
+        }
     }
 }
 

@@ -62,11 +62,16 @@ struct SealKey {
     key: LessSafeKey,
 }
 
+/// The PostgreSQL channel a write of the embedded store is announced on, so
+/// every replica pushes the new version at once instead of at its next poll.
+pub const VERSIONS_CHANNEL: &str = "secrets_broker_versions";
+
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Db,
     keys: std::sync::Arc<Vec<SealKey>>,
+    changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl EmbeddedStore {
@@ -75,6 +80,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db,
             keys: std::sync::Arc::new(load_keys(key_file)?),
+            changed: std::sync::Arc::default(),
         })
     }
 
@@ -125,7 +131,10 @@ impl EmbeddedStore {
                 .fetch_one(pool)
                 .await);
             match result {
-                Ok(v) => return Ok(v as u64),
+                Ok(v) => {
+                    self.announce().await;
+                    return Ok(v as u64);
+                }
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => {
                     attempt += 1
                 }
@@ -141,7 +150,25 @@ impl EmbeddedStore {
             .execute(pool)
             .await
             .map(|r| r.rows_affected()))?;
+        self.announce().await;
         Ok(done)
+    }
+
+    /// Wakes this process's version poller and the other replicas'.
+    async fn announce(&self) {
+        self.changed.notify_one();
+        self.db.notify(VERSIONS_CHANNEL).await;
+    }
+
+    /// Resolves at the next write through this process (or at once, when
+    /// one happened since the last wait).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// The database the store lives in.
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// The latest version of `name`, or `None` when it does not exist.

@@ -261,14 +261,7 @@ impl Revocations {
     }
 
     async fn notify(&self) {
-        if let Db::Postgres(pool) = &self.db
-            && let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(NOTIFY_CHANNEL)
-                .execute(pool)
-                .await
-        {
-            warn!(error = %e, "cannot notify other replicas; they will see the change at their next re-read");
-        }
+        self.db.notify(NOTIFY_CHANNEL).await;
     }
 }
 
@@ -383,40 +376,19 @@ pub async fn keep_fresh(
     poke: Arc<tokio::sync::Notify>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut listener = None;
+    let mut notes = crate::db::Notifications::new(&db, NOTIFY_CHANNEL);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if listener.is_none()
-            && let Db::Postgres(pool) = &db
-        {
-            match sqlx::postgres::PgListener::connect_with(pool).await {
-                Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
-                    Ok(()) => listener = Some(l),
-                    Err(e) => {
-                        warn!(error = %e, "cannot LISTEN for revocations; relying on re-reads")
-                    }
-                },
-                Err(e) => warn!(error = %e, "cannot LISTEN for revocations; relying on re-reads"),
-            }
-        }
+        notes.connect().await;
         match rules.list().await {
             Ok(list) => view.replace(list),
             Err(e) => warn!(error = %e, age = ?view.age(), "cannot read revocation rules"),
         }
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => l.recv().await.map(|_| ()),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = tick.tick() => {}
             _ = poke.notified() => {}
-            r = notified => if let Err(e) = r {
-                warn!(error = %e, "revocation notifications lost; reconnecting");
-                listener = None;
-            },
+            _ = notes.recv() => {}
             _ = crate::until_true(&mut shutdown) => return,
         }
     }
