@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use secrets_broker::dev::issuer::Workload;
 
+use secrets_broker_proto::v1 as pb;
+
 use crate::{AUDIENCE, Proc, Tmpfs, World, percentile, wait_for};
 
 /// min, p50, p90, p99, max and mean of `samples` (sorted in place).
@@ -24,21 +26,49 @@ pub fn summary(samples: &mut [f64]) -> serde_json::Value {
     })
 }
 
-/// Starts `n` sidecars (pods `sc-<i>` of service accounts `sa-<i>` in
-/// namespace `bench`) holding `secret` as `file`, and waits for their files.
+/// The empirical CDF of `samples` in at most 201 points `[value, fraction]`
+/// (every 0.5 percent, plus the maximum), for plots.
+pub fn cdf(samples: &[f64]) -> serde_json::Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return serde_json::json!([]);
+    }
+    let points: Vec<[f64; 2]> = (0..=200)
+        .map(|i| {
+            let p = f64::from(i) / 200.0;
+            [percentile(&sorted, p), p]
+        })
+        .collect();
+    serde_json::json!(points)
+}
+
+/// The workload of fleet member `i`: pod `sc-<i>` of service account
+/// `sa-<i>` in namespace `bench`.
+pub fn fleet_workload(i: usize) -> Workload {
+    let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
+    w.pod = Some(format!("sc-{i}"));
+    w
+}
+
+/// Starts `n` sidecars (see [`fleet_workload`]) holding `secret` as `file`,
+/// spread round-robin over the brokers on `ports`, and waits for their files.
 pub fn start_fleet(
     world: &World,
     n: usize,
     secret: &str,
     file: &str,
+    ports: &[u16],
 ) -> Result<Vec<(Proc, Tmpfs)>> {
     eprintln!("starting {n} sidecars…");
     let mut fleet = Vec::with_capacity(n);
     for i in 0..n {
-        let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
-        w.pod = Some(format!("sc-{i}"));
-        let (proc, fs, _) =
-            world.start_sidecar(&format!("sc{i}"), &w, world.broker_port, &[(secret, file)])?;
+        let (proc, fs, _) = world.start_sidecar(
+            &format!("sc{i}"),
+            &fleet_workload(i),
+            ports[i % ports.len()],
+            &[(secret, file)],
+        )?;
         fleet.push((proc, fs));
     }
     for (proc, fs) in &fleet {
@@ -92,4 +122,57 @@ pub fn time_rotations(
         }
     }
     Ok(samples)
+}
+
+/// Backend load: 50 workers fetch `name` over one TLS connection to the
+/// broker on `port` for `seconds`, cycling through `tokens` (one per pod), so
+/// many poll intervals pass under load. Returns the fetches served.
+pub fn fetch_load(
+    world: &World,
+    port: u16,
+    tokens: Vec<String>,
+    name: &str,
+    seconds: u64,
+) -> Result<usize> {
+    let ca = std::fs::read(&world.tls.ca)?;
+    let name = name.to_owned();
+    world.runtime.block_on(async move {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        let client = pb::broker_client::BrokerClient::new(channel);
+        let tokens = std::sync::Arc::new(tokens);
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for w in 0..50 {
+            let (mut c, tokens, name) = (client.clone(), tokens.clone(), name.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut i) = (0usize, w);
+                while Instant::now() < deadline {
+                    let mut req = tonic::Request::new(pb::FetchRequest {
+                        role: String::new(),
+                        names: vec![name.clone()],
+                        ttl_seconds: 0,
+                    });
+                    let t = &tokens[i % tokens.len()];
+                    req.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {t}").parse().expect("ascii"),
+                    );
+                    ok += usize::from(c.fetch(req).await.is_ok());
+                    i += 50;
+                }
+                ok
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await?;
+        }
+        anyhow::Ok(ok)
+    })
 }

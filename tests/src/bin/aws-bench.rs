@@ -1,9 +1,10 @@
 //! AWS backend benchmark against a real AWS API emulator (moto), counted by
 //! the test proxy in front of it (outside the broker).
 //!
-//! 1. Backend load: `--fetches` (default 1,000) fetches by as many distinct
-//!    pods, 50 at a time, of one Secrets Manager secret and of one
-//!    `sts-assume-role` secret; the calls that reached moto are counted.
+//! 1. Backend load: 50 workers fetch for `--load-seconds` (default 5) as
+//!    `--fetches` (default 1,000) distinct pods, first one Secrets Manager
+//!    secret, then one `sts-assume-role` secret; the calls that reached moto
+//!    are counted (per 1,000 fetches, and per poll interval).
 //! 2. Rotation propagation: `--sidecars` (default 10) sidecars hold the
 //!    Secrets Manager secret; each of `--rounds` (default 20) rounds puts a new
 //!    `AWSCURRENT` version (`PutSecretValue`) and times until every sidecar's
@@ -14,7 +15,7 @@
 //!    credentials' `Expiration` the new ones were on disk.
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/aws-bench [--fetches 1000] [--sidecars 10] [--rounds 20] [--poll-ms 500]
+//!   target/release/aws-bench [--fetches 1000] [--load-seconds 5] [--sidecars 10] [--rounds 20] [--poll-ms 500]
 //!
 //! Needs moto (`bash scripts/test.sh` installs it). Prints lines and a JSON summary.
 
@@ -23,10 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::bench::{start_fleet, summary, time_rotations};
+use secrets_broker_e2e::bench::{cdf, fetch_load, start_fleet, summary, time_rotations};
 use secrets_broker_e2e::moto::{self, Moto};
 use secrets_broker_e2e::{AUDIENCE, Proc, World, bin, flag, wait_for};
-use secrets_broker_proto::v1 as pb;
 use serde_json::{Value, json};
 
 const ROLES: &str = r#"
@@ -63,6 +63,7 @@ fn unix_of(rfc3339: &str) -> f64 {
 
 fn main() -> Result<()> {
     let fetches = flag("--fetches", 1000) as usize;
+    let load_seconds = flag("--load-seconds", 5);
     let sidecars = flag("--sidecars", 10) as usize;
     let rounds = flag("--rounds", 20) as usize;
     let poll_ms = flag("--poll-ms", 500);
@@ -131,62 +132,33 @@ duration = "{sts_secs}s"
                 world.issuer.mint(&w)
             })
             .collect::<Result<_, _>>()?;
-        let ca = std::fs::read(&world.tls.ca)?;
-        let port = world.broker_port;
         let before = moto.calls(action);
         let start = Instant::now();
-        let served = world.runtime.block_on(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name("localhost");
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-                    .tls_config(tls)?
-                    .connect()
-                    .await?;
-            let client = pb::broker_client::BrokerClient::new(channel);
-            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
-            let mut tasks = Vec::new();
-            for t in tokens {
-                let mut c = client.clone();
-                let permit = sem.clone().acquire_owned().await?;
-                tasks.push(tokio::spawn(async move {
-                    let mut req = tonic::Request::new(pb::FetchRequest {
-                        role: String::new(),
-                        names: vec![name.into()],
-                        ttl_seconds: 0,
-                    });
-                    req.metadata_mut().insert(
-                        "authorization",
-                        format!("Bearer {t}").parse().expect("ascii"),
-                    );
-                    let r = c.fetch(req).await;
-                    drop(permit);
-                    r.is_ok()
-                }));
-            }
-            let mut ok = 0;
-            for t in tasks {
-                ok += usize::from(t.await?);
-            }
-            anyhow::Ok(ok)
-        })?;
+        let served = fetch_load(&world, world.broker_port, tokens, name, load_seconds)?;
         let elapsed = start.elapsed().as_secs_f64();
         let calls = moto.calls(action) - before;
         println!(
-            "backend load: {served}/{fetches} fetches of {name} in {elapsed:.2}s -> {calls} {action} calls ({:.1} per 1,000 fetches)",
-            calls as f64 * 1000.0 / fetches as f64
+            "backend load: {served} fetches of {name} by {fetches} pods in {elapsed:.2}s -> {calls} {action} calls ({:.1} per 1,000 fetches, {:.2} per poll interval)",
+            calls as f64 * 1000.0 / served.max(1) as f64,
+            calls as f64 / (elapsed / (poll_ms as f64 / 1000.0))
         );
         load.insert(
             name.into(),
             json!({"fetches": fetches, "served": served, "seconds": elapsed, "action": action,
-                   "calls": calls, "calls_per_1000_fetches": calls as f64 * 1000.0 / fetches as f64,
+                   "calls": calls, "calls_per_1000_fetches": calls as f64 * 1000.0 / served.max(1) as f64,
+                   "calls_per_poll_interval": calls as f64 / (elapsed / (poll_ms as f64 / 1000.0)),
                    "poll_intervals_elapsed": elapsed / (poll_ms as f64 / 1000.0)}),
         );
     }
 
     // 2. Rotation propagation.
-    let fleet = start_fleet(&world, sidecars, "bench/value", "value")?;
+    let fleet = start_fleet(
+        &world,
+        sidecars,
+        "bench/value",
+        "value",
+        &[world.broker_port],
+    )?;
     let mut samples = time_rotations(
         &fleet,
         "value",
@@ -244,6 +216,7 @@ duration = "{sts_secs}s"
             "scenario": "aws",
             "backend_load": load,
             "rotation_propagation_ms": rotation,
+            "rotation_cdf_ms": cdf(&samples),
             "refresh_margin_s": margin,
             "sts_seconds": sts_secs,
             "poll_ms": poll_ms, "sidecars": sidecars, "rounds": rounds,

@@ -12,11 +12,12 @@
 //! `--cache-only 1` runs only with the cache on, `2` only with it off.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::bench::cdf;
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
 
@@ -38,6 +39,9 @@ struct Row {
     p50_us: f64,
     p99_us: f64,
     cpu_us_per_exchange: f64,
+    /// Exchanges per second in the slowest and the fastest whole second.
+    spread: (f64, f64),
+    cdf_us: serde_json::Value,
 }
 
 fn main() -> Result<()> {
@@ -129,22 +133,24 @@ fn main() -> Result<()> {
         "broker exchange (Fetch over TLS, ES256 tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)"
     );
     println!(
-        "{:>12} {:>11} {:>10} {:>12} {:>10} {:>10} {:>20}",
+        "{:>12} {:>11} {:>10} {:>12} {:>15} {:>10} {:>10} {:>20}",
         "verify cache",
         "concurrency",
         "identities",
         "exchanges/s",
+        "per-second min–max",
         "p50",
         "p99",
         "broker CPU/exchange"
     );
     for r in &rows {
         println!(
-            "{:>12} {:>11} {:>10} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
+            "{:>12} {:>11} {:>10} {:>12.0} {:>15} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
             if r.cache { "on" } else { "off" },
             r.concurrency,
             r.identities,
             r.per_second,
+            format!("{:.0}–{:.0}", r.spread.0, r.spread.1),
             r.p50_us,
             r.p99_us,
             r.cpu_us_per_exchange
@@ -159,7 +165,9 @@ fn main() -> Result<()> {
             "rows": rows.iter().map(|r| serde_json::json!({
                 "verify_cache": r.cache,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
+                "per_second_min": r.spread.0, "per_second_max": r.spread.1,
                 "p50_us": r.p50_us, "p99_us": r.p99_us, "broker_cpu_us_per_exchange": r.cpu_us_per_exchange,
+                "cdf_us": r.cdf_us,
                 "cpu_per_10000_exchanges_s": r.cpu_us_per_exchange * 10_000.0 / 1e6,
                 "ratio_to_verify_floor": r.cpu_us_per_exchange / floor_us,
             })).collect::<Vec<_>>(),
@@ -195,14 +203,18 @@ async fn run(
         fetch(&channels[i % channels.len()], t).await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // Completions per whole second of the run, for its spread.
+    let seconds: Arc<Vec<AtomicU64>> =
+        Arc::new((0..dur.as_secs() + 2).map(|_| AtomicU64::new(0)).collect());
     let cpu0 = cpu_seconds(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..concurrency {
-        let (ch, tokens, stop) = (
+        let (ch, tokens, stop, seconds) = (
             channels[c % channels.len()].clone(),
             tokens.clone(),
             stop.clone(),
+            seconds.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -211,6 +223,10 @@ async fn run(
                 let t = Instant::now();
                 if fetch(&ch, &tokens[i % tokens.len()]).await.is_ok() {
                     lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    let second = start.elapsed().as_secs() as usize;
+                    if let Some(n) = seconds.get(second) {
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 i += concurrency;
             }
@@ -227,6 +243,14 @@ async fn run(
     let cpu_used = cpu_seconds(pid) - cpu0;
     lat.sort_by(f64::total_cmp);
     let n = lat.len().max(1);
+    let whole: Vec<f64> = seconds[..dur.as_secs() as usize]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed) as f64)
+        .collect();
+    let spread = (
+        whole.iter().copied().fold(f64::INFINITY, f64::min),
+        whole.iter().copied().fold(0.0, f64::max),
+    );
     Ok(Row {
         cache: true,
         concurrency,
@@ -235,6 +259,8 @@ async fn run(
         p50_us: percentile(&lat, 0.5),
         p99_us: percentile(&lat, 0.99),
         cpu_us_per_exchange: cpu_used * 1e6 / n as f64,
+        spread,
+        cdf_us: cdf(&lat),
     })
 }
 

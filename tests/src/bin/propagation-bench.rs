@@ -1,12 +1,16 @@
-//! Revocation propagation benchmark: admin call → file gone on disk.
+//! Propagation benchmark with two broker replicas sharing one PostgreSQL
+//! database, N sidecars (default 50) spread over both, and the broker's
+//! default poll and refresh intervals (`store.poll_interval` 2 s,
+//! `revocation.refresh_interval` 1 s): what is timed is the push, not a poll.
 //!
-//! Two broker replicas share one PostgreSQL database; N sidecars (default
-//! 50) are spread over both. Each round revokes one sidecar's pod through the
-//! admin API of the *other* replica, times until its file disappears from its
-//! tmpfs, then lifts the rule and waits for the file to return.
+//! - rotation: a new version stored through replica A's admin API → the new
+//!   value in every sidecar's file (half of them behind replica B);
+//! - revocation: one sidecar's pod revoked through the admin API of the
+//!   replica it is *not* connected to → its file gone; then the rule is
+//!   lifted and the file comes back before the next round.
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/revocation-bench [--sidecars 50] [--rounds 100]
+//!   target/release/propagation-bench [--sidecars 50] [--rotations 20] [--revocations 100]
 //!
 //! Needs PostgreSQL at 127.0.0.1:5432 (or SECRETS_BROKER_TEST_PG), as the
 //! test command sets up. Prints a table and a JSON summary.
@@ -14,9 +18,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::bench::{cdf, fleet_workload, start_fleet, summary, time_rotations};
 use secrets_broker_e2e::pg::Database;
-use secrets_broker_e2e::{AUDIENCE, World, flag, free_port, percentile, wait_for};
+use secrets_broker_e2e::{World, flag, free_port, wait_for};
 
 const ROLES: &str = r#"
 [[roles]]
@@ -28,81 +32,109 @@ ttl = "10m"
 max_ttl = "1h"
 "#;
 
+/// The broker's defaults instead of the tests' short intervals.
+fn with_defaults(path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)?
+        .replacen("poll_interval = \"200ms\"", "poll_interval = \"2s\"", 1)
+        .replacen(
+            "refresh_interval = \"500ms\"",
+            "refresh_interval = \"1s\"",
+            1,
+        )
+        .replacen("max_staleness = \"3s\"", "max_staleness = \"10s\"", 1);
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let sidecars = flag("--sidecars", 50) as usize;
-    let rounds = flag("--rounds", 100) as usize;
+    let rotations = flag("--rotations", 20) as usize;
+    let revocations = flag("--revocations", 100) as usize;
     let db = Database::create().context("PostgreSQL")?;
     let mut world = World::with_database(ROLES, &db.url)?;
     world.log_level = "info";
-    world.put("bench/secret", "bench-value")?;
+    world.put("bench/secret", "v-0")?;
     let port_b = free_port();
     let admin_b = free_port();
     let cfg_b = world.path("broker-b.toml");
     let _ops_b = world.write_broker_config(&cfg_b, port_b, admin_b, ROLES)?;
+    with_defaults(&world.broker_config())?;
+    with_defaults(&cfg_b)?;
     let _a = world.start_broker("broker-a.log")?;
     let _b = world.start_broker_with(&cfg_b, "broker-b.log")?;
-    let ports = [world.broker_port, port_b];
     let admins = [world.admin_port, admin_b];
-
-    eprintln!("starting {sidecars} sidecars over 2 replicas…");
-    let mut fleet = Vec::new();
-    for i in 0..sidecars {
-        let mut w = Workload::new("bench", &format!("sa-{i}"), AUDIENCE);
-        w.pod = Some(format!("pod-{i}"));
-        let (proc, fs, _) = world.start_sidecar(
-            &format!("sc{i}"),
-            &w,
-            ports[i % 2],
-            &[("bench/secret", "secret")],
-        )?;
-        let uid = world.issuer.claims(&w)["kubernetes.io"]["pod"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        fleet.push((proc, fs, uid));
-    }
-    for (proc, fs, _) in &fleet {
-        let f = fs.path.join("secret");
-        wait_for("sidecar files", Duration::from_secs(120), || {
-            f.exists().then_some(())
-        })
-        .with_context(|| proc.log_text())?;
-    }
+    let fleet = start_fleet(
+        &world,
+        sidecars,
+        "bench/secret",
+        "secret",
+        &[world.broker_port, port_b],
+    )?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let tls = world.path("tls");
-    let identity = {
-        let mut pem = std::fs::read(tls.join("revoker.crt"))?;
-        pem.extend(std::fs::read(tls.join("revoker.key"))?);
-        reqwest::Identity::from_pem(&pem)?
+    let identity = |name: &str| -> Result<reqwest::Identity> {
+        let mut pem = std::fs::read(tls.join(format!("{name}.crt")))?;
+        pem.extend(std::fs::read(tls.join(format!("{name}.key")))?);
+        Ok(reqwest::Identity::from_pem(&pem)?)
     };
-    let client = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&std::fs::read(
-            tls.join("ca.crt"),
-        )?)?)
-        .identity(identity)
-        .build()?;
+    let client = |name: &str| -> Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(&std::fs::read(
+                tls.join("ca.crt"),
+            )?)?)
+            .identity(identity(name)?)
+            .build()?)
+    };
+    let (admin, revoker) = (client("admin")?, client("revoker")?);
     // Warm the connections to both admin APIs.
     for port in admins {
         rt.block_on(
-            client
+            revoker
                 .get(format!("https://localhost:{port}/v1/revocations"))
                 .send(),
         )?;
     }
 
-    let mut samples = Vec::with_capacity(rounds);
-    for round in 0..rounds {
+    eprintln!("{rotations} rotations through replica A…");
+    let mut rotation = time_rotations(
+        &fleet,
+        "secret",
+        rotations,
+        Duration::from_secs(2),
+        |value| {
+            use base64::Engine;
+            let body = serde_json::json!({ "value_base64": base64::engine::general_purpose::STANDARD.encode(value) });
+            rt.block_on(
+                admin
+                    .put(format!(
+                        "https://localhost:{}/v1/secrets/bench/secret",
+                        admins[0]
+                    ))
+                    .json(&body)
+                    .send(),
+            )?
+            .error_for_status()?;
+            Ok(())
+        },
+    )?;
+
+    eprintln!("{revocations} revocations…");
+    let mut revocation = Vec::with_capacity(revocations);
+    for round in 0..revocations {
         let k = round % sidecars;
-        let (_, fs, uid) = &fleet[k];
-        let file = fs.path.join("secret");
+        let file = fleet[k].1.path.join("secret");
+        let uid = world.issuer.claims(&fleet_workload(k))["kubernetes.io"]["pod"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         // Revoke through the replica the sidecar is NOT connected to.
         let admin = admins[(k + 1) % 2];
         let start = Instant::now();
         let resp = rt.block_on(
-            client
+            revoker
                 .post(format!("https://localhost:{admin}/v1/revocations"))
                 .json(&serde_json::json!({ "pod_uid": uid, "reason": format!("bench round {round}") }))
                 .send(),
@@ -114,10 +146,10 @@ fn main() -> Result<()> {
             }
             std::thread::sleep(Duration::from_micros(500));
         }
-        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+        revocation.push(start.elapsed().as_secs_f64() * 1000.0);
         let id = rule["rule"]["id"].as_str().unwrap_or_default().to_owned();
         rt.block_on(
-            client
+            revoker
                 .delete(format!("https://localhost:{admin}/v1/revocations/{id}"))
                 .send(),
         )?;
@@ -125,33 +157,37 @@ fn main() -> Result<()> {
             file.exists().then_some(())
         })?;
         if (round + 1) % 10 == 0 {
-            eprintln!("  {}/{rounds} rounds", round + 1);
+            eprintln!("  {}/{revocations} rounds", round + 1);
         }
     }
-    let mut sorted = samples.clone();
-    sorted.sort_by(f64::total_cmp);
-    let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-    let (p50, p90, p99, max, min) = (
-        percentile(&sorted, 0.50),
-        percentile(&sorted, 0.90),
-        percentile(&sorted, 0.99),
-        sorted[sorted.len() - 1],
-        sorted[0],
+
+    let rot = summary(&mut rotation);
+    let rev = summary(&mut revocation);
+    println!(
+        "propagation, 2 replicas on PostgreSQL, {sidecars} sidecars (ms; rotation: every sidecar of {rotations} writes; revocation: {revocations} pods)"
     );
     println!(
-        "revocation propagation (admin call -> file gone), 2 replicas on PostgreSQL, {sidecars} sidecars, {rounds} revocations"
+        "{:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "", "min", "p50", "p90", "p99", "max", "mean"
     );
-    println!(
-        "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "min", "p50", "p90", "p99", "max", "mean"
-    );
-    println!("{min:>6.1}ms {p50:>6.1}ms {p90:>6.1}ms {p99:>6.1}ms {max:>6.1}ms {mean:>6.1}ms");
+    for (label, s) in [("rotation", &rot), ("revocation", &rev)] {
+        println!(
+            "{label:>11} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+            s["min"].as_f64().unwrap_or(0.0),
+            s["p50"].as_f64().unwrap_or(0.0),
+            s["p90"].as_f64().unwrap_or(0.0),
+            s["p99"].as_f64().unwrap_or(0.0),
+            s["max"].as_f64().unwrap_or(0.0),
+            s["mean"].as_f64().unwrap_or(0.0),
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
-            "scenario": "revocation_propagation",
-            "replicas": 2, "sidecars": sidecars, "rounds": rounds,
-            "ms": { "min": min, "p50": p50, "p90": p90, "p99": p99, "max": max, "mean": mean },
+            "scenario": "propagation",
+            "replicas": 2, "sidecars": sidecars,
+            "rotation": { "writes": rotations, "samples": rotation.len(), "ms": rot, "cdf_ms": cdf(&rotation) },
+            "revocation": { "rounds": revocations, "ms": rev, "cdf_ms": cdf(&revocation) },
         })
     );
     Ok(())

@@ -2,7 +2,8 @@
 //! loopback (SQLite broker, sidecar writing into a real tmpfs):
 //!
 //! - time from sidecar start to all files written (broker already up);
-//! - RSS idle, and after 1,000 rotations, with 10 and 100 secrets;
+//! - RSS idle, and after 1,000 rotations, with 10, 100 and 1,000 secrets, and
+//!   the sidecar's CPU seconds for those rotations;
 //! - CPU seconds per hour idle (measured over `--idle-seconds`);
 //! - local `Get` over the Unix socket: p50/p99 latency and the sidecar's CPU
 //!   per call; an application's open+read+close of a secret file.
@@ -42,6 +43,8 @@ struct Run {
     /// Private (anonymous) memory after the rotations; the rest of RSS is the
     /// binary's own file pages, shared through the page cache.
     anon_after_kib: u64,
+    /// The sidecar's CPU seconds from the first rotation to the last on disk.
+    rotation_cpu_s: f64,
     swaps: usize,
 }
 
@@ -93,7 +96,7 @@ fn scenario(
     .with_context(|| sidecar.log_text())?;
     let start_ms = started.elapsed().as_secs_f64() * 1000.0;
     std::thread::sleep(Duration::from_secs(2));
-    let (rss_idle_kib, _) = usage(sidecar.child.id());
+    let (rss_idle_kib, cpu_before) = usage(sidecar.child.id());
 
     // 1,000 rotations through the admin API, spread over the secrets.
     eprintln!("  {n} secrets: 1,000 rotations…");
@@ -119,6 +122,7 @@ fn scenario(
             .filter(|v| v.starts_with(&final_prefix))
             .map(|_| ())
     })?;
+    let (_, cpu_after) = usage(sidecar.child.id());
     std::thread::sleep(Duration::from_secs(2));
     let (rss_after_kib, _) = usage(sidecar.child.id());
     let anon_after_kib = status_kib(sidecar.child.id(), "RssAnon:");
@@ -130,6 +134,7 @@ fn scenario(
             rss_idle_kib,
             rss_after_kib,
             anon_after_kib,
+            rotation_cpu_s: cpu_after - cpu_before,
             swaps,
         },
         sidecar,
@@ -166,7 +171,7 @@ fn main() -> Result<()> {
 
     let mut runs = Vec::new();
     let mut keep = Vec::new();
-    for n in [10usize, 100] {
+    for n in [10usize, 100, 1000] {
         let (run, proc, tmpfs, socket) = scenario(&world, n, &client, &rt)?;
         runs.push(run);
         keep.push((proc, tmpfs, socket, n));
@@ -217,17 +222,24 @@ fn main() -> Result<()> {
 
     println!("sidecar footprint (release build, real tmpfs, broker on loopback)");
     println!(
-        "{:>8} {:>16} {:>14} {:>22} {:>20} {:>8}",
-        "secrets", "start→files", "RSS idle", "RSS after 1,000 rot.", "of which private", "swaps"
+        "{:>8} {:>16} {:>14} {:>22} {:>20} {:>14} {:>8}",
+        "secrets",
+        "start→files",
+        "RSS idle",
+        "RSS after 1,000 rot.",
+        "of which private",
+        "rotation CPU",
+        "swaps"
     );
     for r in &runs {
         println!(
-            "{:>8} {:>13.1} ms {:>10.1} MiB {:>18.1} MiB {:>16.1} MiB {:>8}",
+            "{:>8} {:>13.1} ms {:>10.1} MiB {:>18.1} MiB {:>16.1} MiB {:>12.2} s {:>8}",
             r.secrets,
             r.start_ms,
             r.rss_idle_kib as f64 / 1024.0,
             r.rss_after_kib as f64 / 1024.0,
             r.anon_after_kib as f64 / 1024.0,
+            r.rotation_cpu_s,
             r.swaps
         );
     }
@@ -248,10 +260,11 @@ fn main() -> Result<()> {
                 "secrets": r.secrets, "start_to_files_ms": r.start_ms,
                 "rss_idle_mib": r.rss_idle_kib as f64 / 1024.0, "rss_after_1000_rotations_mib": r.rss_after_kib as f64 / 1024.0,
                 "private_after_1000_rotations_mib": r.anon_after_kib as f64 / 1024.0,
+                "cpu_seconds_for_1000_rotations": r.rotation_cpu_s,
                 "generation_swaps": r.swaps,
             })).collect::<Vec<_>>(),
             "idle_cpu_seconds_per_hour": idle_cpu_per_hour,
-            "local_get_us": { "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "sidecar_cpu_per_call": cpu_per_get_us },
+            "local_get_us": { "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "sidecar_cpu_per_call": cpu_per_get_us, "cdf": secrets_broker_e2e::bench::cdf(&lat) },
             "file_read_us": read_us,
         })
     );

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::bao::{Bao, ROOT_TOKEN};
-use secrets_broker_e2e::bench::{start_fleet, summary, time_rotations};
+use secrets_broker_e2e::bench::{cdf, fetch_load, start_fleet, summary, time_rotations};
 use secrets_broker_e2e::{AUDIENCE, World, flag};
-use secrets_broker_proto::v1 as pb;
 use serde_json::json;
 
 const ROLES: &str = r#"
@@ -83,51 +82,15 @@ key = "value"
             world.issuer.mint(&w)
         })
         .collect::<Result<_, _>>()?;
-    let ca = std::fs::read(&world.tls.ca)?;
-    let port = world.broker_port;
     let before = bao.reads_of(path);
     let start = Instant::now();
-    let served = world.runtime.block_on(async move {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name("localhost");
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-            .tls_config(tls)?
-            .connect()
-            .await?;
-        let client = pb::broker_client::BrokerClient::new(channel);
-        // 50 workers fetch as pods for `--load-seconds`, cycling through
-        // the tokens, so many poll intervals pass under load.
-        let tokens = std::sync::Arc::new(tokens);
-        let deadline = Instant::now() + Duration::from_secs(load_seconds);
-        let mut tasks = Vec::new();
-        for w in 0..50 {
-            let (mut c, tokens) = (client.clone(), tokens.clone());
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut i) = (0usize, w);
-                while Instant::now() < deadline {
-                    let mut req = tonic::Request::new(pb::FetchRequest {
-                        role: String::new(),
-                        names: vec!["bench/value".into()],
-                        ttl_seconds: 0,
-                    });
-                    let t = &tokens[i % tokens.len()];
-                    req.metadata_mut().insert(
-                        "authorization",
-                        format!("Bearer {t}").parse().expect("ascii"),
-                    );
-                    ok += usize::from(c.fetch(req).await.is_ok());
-                    i += 50;
-                }
-                ok
-            }));
-        }
-        let mut ok = 0;
-        for t in tasks {
-            ok += t.await?;
-        }
-        anyhow::Ok(ok)
-    })?;
+    let served = fetch_load(
+        &world,
+        world.broker_port,
+        tokens,
+        "bench/value",
+        load_seconds,
+    )?;
     let elapsed = start.elapsed();
     let reads = bao.reads_of(path) - before;
     let polls = elapsed.as_secs_f64() / (poll_ms as f64 / 1000.0);
@@ -140,7 +103,13 @@ key = "value"
     );
 
     // 2. Rotation propagation.
-    let fleet = start_fleet(&world, sidecars, "bench/value", "value")?;
+    let fleet = start_fleet(
+        &world,
+        sidecars,
+        "bench/value",
+        "value",
+        &[world.broker_port],
+    )?;
     let mut samples = time_rotations(
         &fleet,
         "value",
@@ -177,6 +146,7 @@ key = "value"
                 "poll_intervals_elapsed": polls,
             },
             "rotation_propagation_ms": s,
+            "rotation_cdf_ms": cdf(&samples),
             "poll_ms": poll_ms, "sidecars": sidecars, "rounds": rounds,
         })
     );
