@@ -42,6 +42,9 @@ struct Row {
     /// Exchanges per second in the slowest and the fastest whole second.
     spread: (f64, f64),
     cdf_us: serde_json::Value,
+    /// Calls per second offered by paced callers; `None`: closed loop (each
+    /// caller sends its next call when the last one returns).
+    offered: Option<f64>,
 }
 
 fn main() -> Result<()> {
@@ -117,6 +120,7 @@ fn main() -> Result<()> {
                     concurrency,
                     Duration::from_secs(seconds),
                     pid,
+                    None,
                 ))?;
                 rows.push(Row {
                     cache,
@@ -125,6 +129,32 @@ fn main() -> Result<()> {
                     ..row
                 });
             }
+        }
+        // 64 paced callers offering a quarter and a half of the closed-loop
+        // throughput: latency with headroom, measured from each call's
+        // scheduled time (a late call counts its wait).
+        let saturated = rows
+            .iter()
+            .find(|r| r.cache == cache && r.concurrency == 64 && r.identities == 1)
+            .map_or(1000.0, |r| r.per_second);
+        for share in [0.25, 0.5] {
+            let rate = (saturated * share).round();
+            eprintln!("  cache {cache}, 64 paced callers offering {rate}/s…");
+            let row = rt.block_on(run(
+                port,
+                &ca,
+                &tokens[..1],
+                64,
+                Duration::from_secs(seconds),
+                pid,
+                Some(rate),
+            ))?;
+            rows.push(Row {
+                cache,
+                concurrency: 64,
+                identities: 1,
+                ..row
+            });
         }
         drop(broker);
     }
@@ -143,7 +173,7 @@ fn main() -> Result<()> {
         "p99",
         "broker CPU/exchange"
     );
-    for r in &rows {
+    for r in rows.iter().filter(|r| r.offered.is_none()) {
         println!(
             "{:>12} {:>11} {:>10} {:>12.0} {:>15} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
             if r.cache { "on" } else { "off" },
@@ -156,6 +186,22 @@ fn main() -> Result<()> {
             r.cpu_us_per_exchange
         );
     }
+    println!("64 paced callers (latency from each call's scheduled time):");
+    println!(
+        "{:>12} {:>12} {:>12} {:>10} {:>10} {:>20}",
+        "verify cache", "offered/s", "served/s", "p50", "p99", "broker CPU/exchange"
+    );
+    for r in rows.iter().filter(|r| r.offered.is_some()) {
+        println!(
+            "{:>12} {:>12.0} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
+            if r.cache { "on" } else { "off" },
+            r.offered.unwrap_or_default(),
+            r.per_second,
+            r.p50_us,
+            r.p99_us,
+            r.cpu_us_per_exchange
+        );
+    }
     println!("ES256 verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs");
     println!(
         "{}",
@@ -163,7 +209,7 @@ fn main() -> Result<()> {
             "scenario": "broker_exchange",
             "es256_verify_us": floor_us,
             "rows": rows.iter().map(|r| serde_json::json!({
-                "verify_cache": r.cache,
+                "verify_cache": r.cache, "offered_per_second": r.offered,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
                 "per_second_min": r.spread.0, "per_second_max": r.spread.1,
                 "p50_us": r.p50_us, "p99_us": r.p99_us, "broker_cpu_us_per_exchange": r.cpu_us_per_exchange,
@@ -183,6 +229,7 @@ async fn run(
     concurrency: usize,
     dur: Duration,
     pid: u32,
+    rate: Option<f64>,
 ) -> Result<Row> {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
@@ -219,8 +266,15 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = c;
+            // Paced: this caller's k-th call is due at start + (k + c/n) * n/rate.
+            let period = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+            let mut due = period.map(|p| start + p.mul_f64(c as f64 / concurrency as f64));
             while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
+                if let (Some(at), Some(p)) = (due.as_mut(), period) {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(*at)).await;
+                    *at += p;
+                }
+                let t = due.map_or_else(Instant::now, |at| at - period.unwrap_or_default());
                 if fetch(&ch, &tokens[i % tokens.len()]).await.is_ok() {
                     lat.push(t.elapsed().as_secs_f64() * 1e6);
                     let second = start.elapsed().as_secs() as usize;
@@ -261,6 +315,7 @@ async fn run(
         cpu_us_per_exchange: cpu_used * 1e6 / n as f64,
         spread,
         cdf_us: cdf(&lat),
+        offered: rate,
     })
 }
 

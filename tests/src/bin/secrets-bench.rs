@@ -384,6 +384,7 @@ fn throughput_plot(path: &Path, rows: &[Value]) -> Result<()> {
                 .filter(|r| {
                     r["verify_cache"].as_bool() == Some(cache)
                         && r["identities"].as_u64() == Some(ids)
+                        && r["offered_per_second"].is_null()
                 })
                 .filter_map(|r| Some((r["concurrency"].as_f64()?, r["per_second"].as_f64()?)))
                 .collect();
@@ -454,18 +455,16 @@ fn plots(out: &Path, report: &Value) -> Result<Vec<PathBuf>> {
                 .iter()
                 .filter(|r| r["concurrency"].as_u64() == Some(c))
                 .map(|r| {
-                    (
-                        format!(
-                            "cache {}, {} identities",
-                            if r["verify_cache"].as_bool() == Some(true) {
-                                "on"
-                            } else {
-                                "off"
-                            },
-                            r["identities"]
-                        ),
-                        points(&r["cdf_us"]),
-                    )
+                    let cache = if r["verify_cache"].as_bool() == Some(true) {
+                        "on"
+                    } else {
+                        "off"
+                    };
+                    let label = match r["offered_per_second"].as_f64() {
+                        Some(rate) => format!("cache {cache}, paced at {rate:.0}/s"),
+                        None => format!("cache {cache}, {} identities", r["identities"]),
+                    };
+                    (label, points(&r["cdf_us"]))
                 })
                 .collect();
             let path = out.join(format!("exchange-latency-c{c}.png"));
