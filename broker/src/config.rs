@@ -69,6 +69,8 @@ struct RawServer {
     max_in_flight: usize,
     #[serde(default = "default_max_watch_streams")]
     max_watch_streams: usize,
+    #[serde(default = "default_max_streams_per_connection")]
+    max_streams_per_connection: u32,
     #[serde(default = "default_rate_per_identity")]
     rate_per_identity: u32,
     #[serde(default = "default_burst_per_identity")]
@@ -80,6 +82,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_max_watch_streams() -> usize {
     20_000
+}
+fn default_max_streams_per_connection() -> u32 {
+    256
 }
 fn default_rate_per_identity() -> u32 {
     20
@@ -317,6 +322,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Watch streams open before RESOURCE_EXHAUSTED.
     pub max_watch_streams: usize,
+    /// HTTP/2 streams (calls and watches) one connection may have open; a
+    /// client's further calls wait on its side, not in the broker's memory.
+    pub max_streams_per_connection: u32,
     /// Calls per second per workload (0: unlimited) and its burst.
     pub rate_per_identity: u32,
     pub burst_per_identity: u32,
@@ -445,6 +453,12 @@ impl Config {
             max_watch_streams: match raw.server.max_watch_streams {
                 n @ 1..=10_000_000 => n,
                 _ => return Err(v.err("server.max_watch_streams", "must be 1 to 10000000")),
+            },
+            max_streams_per_connection: match raw.server.max_streams_per_connection {
+                n @ 1..=100_000 => n,
+                _ => {
+                    return Err(v.err("server.max_streams_per_connection", "must be 1 to 100000"));
+                }
             },
             rate_per_identity: raw.server.rate_per_identity,
             burst_per_identity: if raw.server.rate_per_identity > 0

@@ -310,7 +310,12 @@ pub async fn run(
     info!(addr = ?addr, "broker listening (gRPC over TLS)");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut signal_rx = down_rx.clone();
+    // tonic leaves HTTP/2 streams per connection unbounded: a client that
+    // multiplexes a flood on few connections would park every call it sends
+    // in the broker's memory (and h2 would end up closing the connection,
+    // failing every call on it). Bounded, the excess waits on the client.
     let serve = Server::builder()
+        .max_concurrent_streams(config.server.max_streams_per_connection)
         .tls_config(tls)?
         .add_service(health_service)
         .add_service(BrokerServer::new(service))

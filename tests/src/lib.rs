@@ -20,6 +20,7 @@ pub mod bench;
 pub mod kube_api;
 pub mod moto;
 pub mod pg;
+pub mod proxy;
 
 pub const AUDIENCE: &str = "secrets-broker";
 

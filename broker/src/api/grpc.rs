@@ -95,6 +95,9 @@ pub enum ApiError {
     UnknownLease(String),
     #[error("state database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The leases of a call could not be recorded.
+    #[error("state database: {0}")]
+    LeaseRecord(#[from] crate::state::RecordError),
     #[error("invalid request: {0}")]
     BadRequest(String),
     /// Vault failed; the message names the secret, the path and what Vault
@@ -137,6 +140,7 @@ impl ApiError {
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
             ApiError::Database(_)
+            | ApiError::LeaseRecord(_)
             | ApiError::Backend
             | ApiError::Vault { .. }
             | ApiError::Aws { .. } => "backend_error",
@@ -155,7 +159,7 @@ impl From<ApiError> for Status {
             ApiError::Denied(_) | ApiError::Revoked(_) => Status::permission_denied(msg),
             ApiError::Stale(_) => Status::unavailable(msg),
             ApiError::NotFound(_) | ApiError::UnknownLease(_) => Status::not_found(msg),
-            ApiError::Database(_) => {
+            ApiError::Database(_) | ApiError::LeaseRecord(_) => {
                 Status::unavailable("the state database is unavailable; retry later")
             }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
@@ -341,6 +345,11 @@ impl BrokerService {
     ) {
         let class = result.as_ref().map_or_else(ApiError::class, |_| "ok");
         self.metrics.call(action, class, start.elapsed());
+        // The caller is told only that the state database is unavailable;
+        // the operator needs the cause (unreachable, disk full, ...).
+        if let Err(e @ (ApiError::Database(_) | ApiError::LeaseRecord(_))) = result {
+            warn!(action, error = %e, "call answered UNAVAILABLE");
+        }
     }
 
     fn audit(&self, id: &Identity, action: &str, result: &str, mut detail: serde_json::Value) {

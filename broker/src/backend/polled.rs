@@ -4,7 +4,9 @@
 //!
 //! - [`Polled::get`] serves the value while it is young enough
 //!   (`interval + max_stale` since the last good read); otherwise one read,
-//!   shared by every caller that arrives meanwhile.
+//!   shared by every caller that arrives meanwhile: its value, or its error,
+//!   so a slow upstream costs a caller at most about two timeouts (the read
+//!   in progress when it came, then its own), never one per caller queued.
 //! - [`Polled::poll`] reads it every interval (±10%), broadcasts a new
 //!   version as a rotation, keeps the last value through failures (backing
 //!   off up to 8 intervals, with full jitter when the upstream throttles),
@@ -34,21 +36,22 @@ pub trait PollError: std::fmt::Display {
 /// tag for that version (e.g. a Secrets Manager `VersionId`; may be empty).
 type Held = (Arc<SecretVersion>, Instant, String);
 
-/// One polled secret.
-pub struct Polled {
+/// One polled secret; `E` is its upstream's error.
+pub struct Polled<E> {
     name: String,
     /// Where it lives upstream, for logs.
     location: String,
     interval: Duration,
     max_stale: Duration,
     value: RwLock<Option<Held>>,
-    last_error: RwLock<Option<String>>,
+    /// The last failed read, and when it ended.
+    last_error: RwLock<Option<(Instant, E)>>,
     /// Serialises reads, so concurrent first fetches and the poller share one.
     load: tokio::sync::Mutex<()>,
 }
 
-impl Polled {
-    pub fn new(name: &str, location: String, interval: Duration, max_stale: Duration) -> Polled {
+impl<E: PollError + Clone> Polled<E> {
+    pub fn new(name: &str, location: String, interval: Duration, max_stale: Duration) -> Polled<E> {
         Polled {
             name: name.to_owned(),
             location,
@@ -89,24 +92,41 @@ impl Polled {
         *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    fn failed(&self, e: &impl PollError) {
-        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    fn failed(&self, e: &E) {
+        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), e.clone()));
+    }
+
+    /// The error of a read that failed after `since`, if one did.
+    fn failed_since(&self, since: Instant) -> Option<E> {
+        self.last_error
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.clone())
     }
 
     /// The value: from memory when young enough, else one read (given the
     /// version and tag held, if any) shared by every caller.
-    pub async fn get<E, F, Fut>(&self, read: F) -> Result<Arc<SecretVersion>, E>
+    pub async fn get<F, Fut>(&self, read: F) -> Result<Arc<SecretVersion>, E>
     where
-        E: PollError,
         F: FnOnce(Option<(u64, String)>) -> Fut,
         Fut: Future<Output = Result<(SecretVersion, String), E>>,
     {
         if let Some(v) = self.fresh() {
             return Ok(v);
         }
+        let arrived = Instant::now();
         let _guard = self.load.lock().await;
         if let Some(v) = self.fresh() {
             return Ok(v);
+        }
+        // A read that failed while this caller waited for its turn (the
+        // poller's, or another caller's) answers it too: reading again at
+        // once would only make the callers behind it wait one more timeout.
+        if let Some(e) = self.failed_since(arrived) {
+            return Err(e);
         }
         match read(self.current()).await {
             Ok((v, tag)) => {
@@ -122,13 +142,12 @@ impl Polled {
     }
 
     /// Reads the secret for ever (the first read at once): see the module.
-    pub async fn poll<E, F, Fut>(
+    pub async fn poll<F, Fut>(
         &self,
         read: F,
         tx: broadcast::Sender<Rotation>,
         mut shutdown: watch::Receiver<bool>,
     ) where
-        E: PollError,
         F: Fn(Option<(u64, String)>) -> Fut,
         Fut: Future<Output = Result<(SecretVersion, String), E>>,
     {
@@ -146,12 +165,12 @@ impl Polled {
                     _ = crate::until_true(&mut shutdown) => return,
                 }
             }
-            let (prev, result) = {
-                let _guard = self.load.lock().await;
-                let prev = self.current();
-                (prev.clone(), read(prev).await)
-            };
-            match result {
+            // The outcome is recorded before the lock is released: a caller
+            // that waited for this read gets its value or its error, instead
+            // of reading again.
+            let _guard = self.load.lock().await;
+            let prev = self.current();
+            match read(prev.clone()).await {
                 Ok((v, tag)) => {
                     if failures > 0 {
                         info!(secret = %self.name, location = %self.location, "upstream read works again");
@@ -198,8 +217,53 @@ impl Polled {
             .last_error
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| "not read yet".into());
+            .as_ref()
+            .map_or_else(|| "not read yet".into(), |(_, e)| e.to_string());
         Some(format!("{}: {why}", self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug, Clone)]
+    struct Slow;
+
+    impl std::fmt::Display for Slow {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("timed out")
+        }
+    }
+
+    impl PollError for Slow {
+        fn is_gone(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_queued_behind_a_failed_read_share_its_error() {
+        let slot: Polled<Slow> = Polled::new(
+            "app/x",
+            "upstream app/x".into(),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        );
+        let reads = AtomicUsize::new(0);
+        let read = |_| async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err::<(SecretVersion, String), _>(Slow)
+        };
+        // Every caller arrives while the first read is in progress.
+        let results = futures_util::future::join_all((0..8).map(|_| slot.get(read))).await;
+        assert!(results.iter().all(Result::is_err));
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "one read for all of them");
+        assert_eq!(slot.problem().as_deref(), Some("app/x: timed out"));
+        // A caller that comes later reads again.
+        assert!(slot.get(read).await.is_err());
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 }

@@ -139,7 +139,15 @@ impl Audit {
             .collect();
         let insert = format!("INSERT INTO audit ({COLUMNS}) VALUES {}", rows.join(", "));
         on_db!(&self.db, pool => {
-            let mut tx = pool.begin().await?;
+            // SQLite: take the write lock up front. A deferred transaction
+            // reads the chain's end, then fails to upgrade to a write
+            // (SQLITE_BUSY_SNAPSHOT, no busy wait) whenever a lease was
+            // written in between: under load, most batches.
+            let mut tx = if self.db.is_postgres() {
+                pool.begin().await?
+            } else {
+                pool.begin_with("BEGIN IMMEDIATE").await?
+            };
             if self.db.is_postgres() {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
             }

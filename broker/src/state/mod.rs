@@ -57,10 +57,22 @@ where
     }
 }
 
+/// Why leases could not be recorded: the database's own error, shared by
+/// every call whose leases were in the failed batch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct RecordError(std::sync::Arc<sqlx::Error>);
+
+impl From<sqlx::Error> for RecordError {
+    fn from(e: sqlx::Error) -> RecordError {
+        RecordError(std::sync::Arc::new(e))
+    }
+}
+
 /// Leases handed to the batch writer, and where to say whether they were written.
 type Batch = (
     Vec<LeaseRecord>,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
+    tokio::sync::oneshot::Sender<Result<(), RecordError>>,
 );
 
 /// Most leases written by one statement (12 parameters each, well under
@@ -100,7 +112,7 @@ impl Leases {
                     records.extend(more);
                     waiters.push(done);
                 }
-                let result = writer.record_now(&records).await.map_err(|e| e.to_string());
+                let result = writer.record_now(&records).await.map_err(RecordError::from);
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
@@ -113,20 +125,17 @@ impl Leases {
     }
 
     /// Records leases just handed out (one row each); see [`Leases::batched`].
-    pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), sqlx::Error> {
+    pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), RecordError> {
         let Some(batcher) = &self.batcher else {
-            return self.record_now(leases).await;
+            return Ok(self.record_now(leases).await?);
         };
         let (done, written) = tokio::sync::oneshot::channel();
-        let gone = || sqlx::Error::Protocol("the lease writer has stopped".into());
+        let gone = || RecordError::from(sqlx::Error::WorkerCrashed);
         batcher
             .send((leases.to_vec(), done))
             .await
             .map_err(|_| gone())?;
-        written
-            .await
-            .map_err(|_| gone())?
-            .map_err(sqlx::Error::Protocol)
+        written.await.map_err(|_| gone())?
     }
 
     /// Writes leases now, with one statement.

@@ -144,7 +144,7 @@ pub struct Aws {
     by_name: HashMap<String, usize>,
     /// The polled value of each Secrets Manager mapping (by mapping index;
     /// `None` for STS ones).
-    sm_slots: Vec<Option<Polled>>,
+    sm_slots: Vec<Option<Polled<AwsError>>>,
     /// Requests sent to AWS, counted as `backend_reads{backend="aws"}`.
     reads: prometheus_client::metrics::counter::Counter,
 }
@@ -401,7 +401,7 @@ impl Aws {
     }
 
     /// The Secrets Manager mapping `name` and its polled value.
-    fn sm_slot(&self, name: &str) -> Option<(&Mapping, &Polled)> {
+    fn sm_slot(&self, name: &str) -> Option<(&Mapping, &Polled<AwsError>)> {
         let i = *self.by_name.get(name)?;
         Some((&self.cfg.secrets[i], self.sm_slots[i].as_ref()?))
     }

@@ -160,7 +160,7 @@ pub struct Vault {
     login_lock: tokio::sync::Mutex<()>,
     by_name: HashMap<String, usize>,
     /// The polled value of each KV mapping (by mapping index; `None` for dynamic ones).
-    kv: Vec<Option<Polled>>,
+    kv: Vec<Option<Polled<VaultError>>>,
     /// Requests sent to Vault, counted as `backend_reads{backend="vault"}`.
     reads: prometheus_client::metrics::counter::Counter,
 }
@@ -505,7 +505,7 @@ impl Vault {
     }
 
     /// The KV mapping `name` and its polled value.
-    fn kv_slot(&self, name: &str) -> Option<(&Mapping, &Polled)> {
+    fn kv_slot(&self, name: &str) -> Option<(&Mapping, &Polled<VaultError>)> {
         let i = *self.by_name.get(name)?;
         Some((&self.cfg.secrets[i], self.kv[i].as_ref()?))
     }
