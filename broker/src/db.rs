@@ -231,7 +231,22 @@ impl Db {
     }
 }
 
+/// SQLite has one writer at a time, and a connection that finds the write
+/// lock taken sleeps in SQLite's busy handler (1, 2, 5, 10… ms). The broker's
+/// hot writers (the lease batcher and the audit writer) take turns here
+/// instead, without sleeping.
+static SQLITE_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Db {
+    /// Held while writing, on SQLite (see [`SQLITE_WRITES`]); `None` on
+    /// PostgreSQL, which has row locks.
+    pub async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+        match self {
+            Db::Sqlite(_) => Some(SQLITE_WRITES.lock().await),
+            Db::Postgres(_) => None,
+        }
+    }
+
     /// Tells every replica listening on `channel` that something changed
     /// (PostgreSQL `NOTIFY`; nothing on SQLite, which has one replica).
     /// Best effort: the others see the change at their next re-read anyway.

@@ -138,6 +138,7 @@ impl Audit {
             })
             .collect();
         let insert = format!("INSERT INTO audit ({COLUMNS}) VALUES {}", rows.join(", "));
+        let _turn = self.db.write_turn().await;
         on_db!(&self.db, pool => {
             // SQLite: take the write lock up front. A deferred transaction
             // reads the chain's end, then fails to upgrade to a write

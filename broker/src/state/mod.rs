@@ -158,6 +158,7 @@ impl Leases {
             "INSERT INTO leases (lease_id, issuer, namespace, service_account, pod_name, pod_uid, role, secret, version, issued_at, expires_at, cluster) VALUES {}",
             rows.join(", ")
         );
+        let _turn = self.db.write_turn().await;
         on_db!(&self.db, pool => {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
             for l in leases {

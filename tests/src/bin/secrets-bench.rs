@@ -306,13 +306,15 @@ fn load_font() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("{path} is not a usable TrueType font"))
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
 ];
 
 /// A CDF plot: one line per series, x on a log scale when `log_x`.
