@@ -10,6 +10,18 @@ use secrets_broker_proto::v1 as pb;
 
 use crate::{AUDIENCE, Proc, Tmpfs, World, percentile, wait_for};
 
+/// The benchmarks' one role: every service account of namespace `bench`
+/// may read `bench/*`, with 10-minute leases.
+pub const BENCH_ROLES: &str = r#"
+[[roles]]
+name = "bench"
+namespaces = ["bench"]
+service_accounts = ["*"]
+secrets = ["bench/*"]
+ttl = "10m"
+max_ttl = "1h"
+"#;
+
 /// min, p50, p90, p99, max and mean of `samples` (sorted in place).
 pub fn summary(samples: &mut [f64]) -> serde_json::Value {
     samples.sort_by(f64::total_cmp);

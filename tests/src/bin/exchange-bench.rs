@@ -17,19 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::bench::cdf;
+use secrets_broker_e2e::bench::{BENCH_ROLES, cdf};
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
-
-const ROLES: &str = r#"
-[[roles]]
-name = "bench"
-namespaces = ["bench"]
-service_accounts = ["*"]
-secrets = ["bench/*"]
-ttl = "10m"
-max_ttl = "1h"
-"#;
 
 struct Row {
     cache: bool,
@@ -50,7 +40,7 @@ struct Row {
 fn main() -> Result<()> {
     let seconds = flag("--seconds", 5);
     let only = flag("--cache-only", 0);
-    let mut world = World::new(ROLES)?;
+    let mut world = World::new(BENCH_ROLES)?;
     world.log_level = "info";
     world.put("bench/s", &"v".repeat(64))?;
     // One identity at concurrency 256 is the point here: no per-workload rate limit.

@@ -18,19 +18,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use secrets_broker_e2e::bench::{cdf, fleet_workload, start_fleet, summary, time_rotations};
+use secrets_broker_e2e::bench::{
+    BENCH_ROLES, cdf, fleet_workload, start_fleet, summary, time_rotations,
+};
 use secrets_broker_e2e::pg::Database;
 use secrets_broker_e2e::{World, flag, free_port, wait_for};
-
-const ROLES: &str = r#"
-[[roles]]
-name = "bench"
-namespaces = ["bench"]
-service_accounts = ["*"]
-secrets = ["bench/*"]
-ttl = "10m"
-max_ttl = "1h"
-"#;
 
 /// The broker's defaults instead of the tests' short intervals.
 fn with_defaults(path: &std::path::Path) -> Result<()> {
@@ -51,13 +43,13 @@ fn main() -> Result<()> {
     let rotations = flag("--rotations", 20) as usize;
     let revocations = flag("--revocations", 100) as usize;
     let db = Database::create().context("PostgreSQL")?;
-    let mut world = World::with_database(ROLES, &db.url)?;
+    let mut world = World::with_database(BENCH_ROLES, &db.url)?;
     world.log_level = "info";
     world.put("bench/secret", "v-0")?;
     let port_b = free_port();
     let admin_b = free_port();
     let cfg_b = world.path("broker-b.toml");
-    let _ops_b = world.write_broker_config(&cfg_b, port_b, admin_b, ROLES)?;
+    let _ops_b = world.write_broker_config(&cfg_b, port_b, admin_b, BENCH_ROLES)?;
     with_defaults(&world.broker_config())?;
     with_defaults(&cfg_b)?;
     let _a = world.start_broker("broker-a.log")?;

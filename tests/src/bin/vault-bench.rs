@@ -19,19 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::bao::{Bao, ROOT_TOKEN};
-use secrets_broker_e2e::bench::{cdf, fetch_load, start_fleet, summary, time_rotations};
+use secrets_broker_e2e::bench::{
+    BENCH_ROLES, cdf, fetch_load, start_fleet, summary, time_rotations,
+};
 use secrets_broker_e2e::{AUDIENCE, World, flag};
 use serde_json::json;
-
-const ROLES: &str = r#"
-[[roles]]
-name = "bench"
-namespaces = ["bench"]
-service_accounts = ["*"]
-secrets = ["bench/*"]
-ttl = "10m"
-max_ttl = "1h"
-"#;
 
 fn main() -> Result<()> {
     let sidecars = flag("--sidecars", 20) as usize;
@@ -39,7 +31,7 @@ fn main() -> Result<()> {
     let fetches = flag("--fetches", 1000) as usize;
     let poll_ms = flag("--poll-ms", 500);
     let load_seconds = flag("--load-seconds", 5);
-    let mut world = World::new(ROLES)?;
+    let mut world = World::new(BENCH_ROLES)?;
     world.log_level = "info";
     let bao = Bao::start(world.path("bao.log"))?;
     let put = |value: &str| {

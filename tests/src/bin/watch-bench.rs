@@ -17,24 +17,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::bench::BENCH_ROLES;
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile, status_kib};
 use secrets_broker_proto::v1 as pb;
-
-const ROLES: &str = r#"
-[[roles]]
-name = "bench"
-namespaces = ["bench"]
-service_accounts = ["*"]
-secrets = ["bench/*"]
-ttl = "10m"
-max_ttl = "1h"
-"#;
 
 fn main() -> Result<()> {
     let streams = flag("--streams", 1000) as usize;
     let connections = flag("--connections", 100) as usize;
     let idle = flag("--idle-seconds", 10);
-    let mut world = World::new(ROLES)?;
+    let mut world = World::new(BENCH_ROLES)?;
     world.log_level = "info";
     // Production heartbeat (30 s) and no per-workload limit on stream opens.
     let text = std::fs::read_to_string(world.broker_config())?.replacen(
