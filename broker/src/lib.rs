@@ -207,6 +207,10 @@ pub async fn run(
             }
         });
     }
+    tokio::spawn(
+        db.clone()
+            .keep_checkpointed(std::time::Duration::from_secs(1), down_rx.clone()),
+    );
     // Ended leases are kept a day for `leases list` and audits, then pruned.
     tokio::spawn({
         let leases = leases.clone();

@@ -7,6 +7,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use secrets_broker::config::Config;
 
+/// mimalloc instead of glibc's malloc: the exchange path allocates many small
+/// short-lived buffers (h2 frames, protobuf, JSON), and glibc's free lists
+/// were a sixth of the broker's CPU per exchange (`perf`, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exchanges Kubernetes workload identity for short-lived secrets.
 #[derive(Parser)]
 #[command(name = "secrets-broker", version, about)]

@@ -102,7 +102,7 @@ pub fn write_token(path: &Path, gid: Option<u32>) -> std::io::Result<Zeroizing<S
     use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Zeroizing::new([0u8; 32]);
     getrandom(&mut bytes[..])?;
-    let token = Zeroizing::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let token = Zeroizing::new(hex::encode(bytes));
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().unwrap_or_default().to_string_lossy()

@@ -122,7 +122,7 @@ impl Client {
         for b in &mut id {
             *b = fastrand::u8(..);
         }
-        let request_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let request_id = hex::encode(id);
         if let Ok(v) = request_id.parse() {
             req.metadata_mut().insert("x-request-id", v);
         }

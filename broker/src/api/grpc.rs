@@ -51,7 +51,7 @@ fn request_id<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| {
             let mut b = [0u8; 8];
             let _ = aws_lc_rs::rand::fill(&mut b);
-            b.iter().map(|x| format!("{x:02x}")).collect()
+            hex::encode(b)
         })
 }
 
@@ -254,7 +254,7 @@ fn new_lease(ttl: Duration) -> Result<pb::Lease, ApiError> {
     aws_lc_rs::rand::fill(&mut id[6..])
         .map_err(|_| ApiError::BadRequest("no randomness".into()))?;
     Ok(pb::Lease {
-        lease_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+        lease_id: hex::encode(id),
         ttl_seconds: ttl.as_secs() as u32,
         expires_at_unix: unix_now() + ttl.as_secs() as i64,
     })

@@ -106,10 +106,7 @@ fn unix_now() -> i64 {
 
 fn pseudo_uid(seed: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, seed.as_bytes());
-    let h: String = d.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let h = hex::encode(&d.as_ref()[..16]);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],

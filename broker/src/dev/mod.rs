@@ -40,7 +40,7 @@ const AUDIENCE: &str = "secrets-broker";
 fn demo_value(n: u64) -> String {
     let mut r = [0u8; 12];
     let _ = aws_lc_rs::rand::fill(&mut r);
-    let token: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let token = hex::encode(r);
     format!("hello from secrets-broker dev, version {n}: {token}\n")
 }
 

@@ -68,8 +68,5 @@ impl fmt::Display for Identity {
 /// revealing it.
 pub fn fingerprint(token: &str) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&digest.as_ref()[..8])
 }

@@ -107,11 +107,10 @@ impl Reviewer {
     /// Reviews a token (cached). `Err` means the API server could not be asked.
     pub async fn review(&self, token: &str) -> Result<Review, String> {
         let key = {
-            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-            d.as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                token.as_bytes(),
+            ))
         };
         if let Some(hit) = self.cache.get(&key).await {
             return Ok(hit);

@@ -94,11 +94,7 @@ fn chain_hash(
         input.extend_from_slice(&(field.len() as u64).to_be_bytes());
         input.extend_from_slice(field.as_bytes());
     }
-    digest(&SHA256, &input)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(digest(&SHA256, &input))
 }
 
 /// The result of checking the chain.
@@ -119,6 +115,29 @@ pub struct Audit {
 
 const COLUMNS: &str = "seq, at_ms, actor, action, result, detail, prev_hash, hash";
 
+/// A chained record as written: one element of a batch's JSON array.
+#[derive(Serialize)]
+struct Chained<'a> {
+    seq: i64,
+    at_ms: i64,
+    actor: &'a str,
+    action: &'a str,
+    result: &'a str,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+const INSERT_SQLITE: &str =
+    "INSERT INTO audit (seq, at_ms, actor, action, result, detail, prev_hash, hash)
+     SELECT value->>'seq', value->>'at_ms', value->>'actor', value->>'action', value->>'result',
+            value->>'detail', value->>'prev_hash', value->>'hash'
+     FROM jsonb_each($1)";
+const INSERT_PG: &str = "INSERT INTO audit (seq, at_ms, actor, action, result, detail, prev_hash, hash)
+     SELECT seq, at_ms, actor, action, result, detail, prev_hash, hash
+     FROM jsonb_to_recordset($1::jsonb) AS r(seq BIGINT, at_ms BIGINT, actor TEXT, action TEXT, result TEXT,
+          detail TEXT, prev_hash TEXT, hash TEXT)";
+
 impl Audit {
     pub fn new(db: Db) -> Audit {
         Audit { db }
@@ -130,14 +149,6 @@ impl Audit {
             return Ok(());
         }
         const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        // One multi-row INSERT per batch (each statement is a round trip).
-        let rows: Vec<String> = (0..entries.len())
-            .map(|r| {
-                let p: Vec<String> = (1..=8).map(|c| format!("${}", r * 8 + c)).collect();
-                format!("({})", p.join(", "))
-            })
-            .collect();
-        let insert = format!("INSERT INTO audit ({COLUMNS}) VALUES {}", rows.join(", "));
         let _turn = self.db.write_turn().await;
         on_db!(&self.db, pool => {
             // SQLite: take the write lock up front. A deferred transaction
@@ -156,26 +167,19 @@ impl Audit {
                 Some(r) => (r.get::<i64, _>(0), r.get::<String, _>(1)),
                 None => (0, GENESIS.to_owned()),
             };
-            let mut chained = Vec::with_capacity(entries.len());
+            // The batch is one JSON array, the statement's one parameter: the
+            // same prepared statement for any batch size.
+            let mut rows = Vec::with_capacity(entries.len());
             for e in entries {
                 seq += 1;
                 let detail = e.detail.to_string();
                 let hash = chain_hash(&prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &detail);
-                chained.push((seq, e, detail, std::mem::replace(&mut prev, hash.clone()), hash));
+                let prev_hash = std::mem::replace(&mut prev, hash.clone());
+                rows.push(Chained { seq, at_ms: e.at_ms, actor: &e.actor, action: &e.action, result: &e.result, detail, prev_hash, hash });
             }
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.as_str()));
-            for (seq, e, detail, prev_hash, hash) in &chained {
-                q = q
-                    .bind(*seq)
-                    .bind(e.at_ms)
-                    .bind(&e.actor)
-                    .bind(&e.action)
-                    .bind(&e.result)
-                    .bind(detail)
-                    .bind(prev_hash)
-                    .bind(hash);
-            }
-            q.execute(&mut *tx).await?;
+            let batch = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            let insert = if self.db.is_postgres() { INSERT_PG } else { INSERT_SQLITE };
+            sqlx::query(insert).bind(&batch).execute(&mut *tx).await?;
             tx.commit().await
         })
     }

@@ -268,10 +268,7 @@ impl Revocations {
 fn random_id() -> String {
     let mut b = [0u8; 8];
     let _ = aws_lc_rs::rand::fill(&mut b);
-    format!(
-        "rv-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    format!("rv-{}", hex::encode(b))
 }
 
 struct Snapshot {

@@ -542,10 +542,7 @@ pub fn session_name(id: &Identity) -> String {
         return full;
     }
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, full.as_bytes());
-    let hash: String = digest.as_ref()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = hex::encode(&digest.as_ref()[..4]);
     format!("{}-{hash}", &full[..55])
 }
 
