@@ -4,7 +4,9 @@
 //! concurrencies and with 1 or 1,000 distinct identities, with the broker's
 //! verification cache on (the default) and off (`verify_cache = "0s"`: every
 //! call verifies the signature). The signature check alone is measured in the
-//! same run for the ratio.
+//! same run for the ratio, and so is the cost of the cheapest call there is
+//! (a gRPC health check over the same TLS connections: no token, no
+//! database), the floor of the transport.
 //!
 //!   cargo build --release --workspace --bins
 //!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2]
@@ -81,6 +83,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
+    let mut rpc_floor: Option<Row> = None;
     for cache in [true, false] {
         if (only == 1 && !cache) || (only == 2 && cache) {
             continue;
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
                     Duration::from_secs(seconds),
                     pid,
                     None,
+                    false,
                 ))?;
                 rows.push(Row {
                     cache,
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
                 Duration::from_secs(seconds),
                 pid,
                 Some(rate),
+                false,
             ))?;
             rows.push(Row {
                 cache,
@@ -145,6 +150,22 @@ fn main() -> Result<()> {
                 identities: 1,
                 ..row
             });
+        }
+        // The floor of any call: a gRPC health check (no token, no
+        // database) over the same TLS connections, 64 callers.
+        if cache {
+            eprintln!("  the floor: grpc.health.v1 Check, concurrency 64…");
+            let row = rt.block_on(run(
+                port,
+                &ca,
+                &tokens[..1],
+                64,
+                Duration::from_secs(seconds),
+                pid,
+                None,
+                true,
+            ))?;
+            rpc_floor = Some(row);
         }
         drop(broker);
     }
@@ -193,11 +214,20 @@ fn main() -> Result<()> {
         );
     }
     println!("ES256 verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs");
+    let rpc_floor_us = rpc_floor.as_ref().map(|r| r.cpu_us_per_exchange);
+    if let Some(r) = &rpc_floor {
+        println!(
+            "gRPC health check over TLS at concurrency 64 (no token, no database): {:.0} calls/s, broker CPU {:.1} µs per call",
+            r.per_second, r.cpu_us_per_exchange
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
             "scenario": "broker_exchange",
             "es256_verify_us": floor_us,
+            "rpc_floor_us": rpc_floor_us,
+            "rpc_floor_per_second": rpc_floor.as_ref().map(|r| r.per_second),
             "rows": rows.iter().map(|r| serde_json::json!({
                 "verify_cache": r.cache, "offered_per_second": r.offered,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
@@ -206,6 +236,7 @@ fn main() -> Result<()> {
                 "cdf_us": r.cdf_us,
                 "cpu_per_10000_exchanges_s": r.cpu_us_per_exchange * 10_000.0 / 1e6,
                 "ratio_to_verify_floor": r.cpu_us_per_exchange / floor_us,
+                "ratio_to_rpc_floor": rpc_floor_us.map(|f| r.cpu_us_per_exchange / f),
             })).collect::<Vec<_>>(),
         })
     );
@@ -220,6 +251,7 @@ async fn run(
     dur: Duration,
     pid: u32,
     rate: Option<f64>,
+    floor: bool,
 ) -> Result<Row> {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
@@ -265,7 +297,12 @@ async fn run(
                     *at += p;
                 }
                 let t = due.map_or_else(Instant::now, |at| at - period.unwrap_or_default());
-                if fetch(&ch, &tokens[i % tokens.len()]).await.is_ok() {
+                let done = if floor {
+                    health_check(&ch).await
+                } else {
+                    fetch(&ch, &tokens[i % tokens.len()]).await
+                };
+                if done.is_ok() {
                     lat.push(t.elapsed().as_secs_f64() * 1e6);
                     let second = start.elapsed().as_secs() as usize;
                     if let Some(n) = seconds.get(second) {
@@ -307,6 +344,16 @@ async fn run(
         cdf_us: cdf(&lat),
         offered: rate,
     })
+}
+
+async fn health_check(ch: &tonic::transport::Channel) -> Result<(), tonic::Status> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
 }
 
 async fn fetch(ch: &tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {
