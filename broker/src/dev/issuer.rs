@@ -1,5 +1,6 @@
 //! A local OIDC token issuer, for `secrets-broker dev` and for tests: it
-//! mints Kubernetes-style service-account tokens (ES256) and serves the same
+//! mints Kubernetes-style service-account tokens (ES256, or RS256 as a
+//! Kubernetes API server signs them by default) and serves the same
 //! documents a Kubernetes API server does, over HTTPS:
 //! `/.well-known/openid-configuration` and `/openid/v1/jwks`.
 
@@ -22,26 +23,72 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
+/// The signature algorithm of an issuer's keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SigningAlgorithm {
+    /// ECDSA P-256 (the default here: small keys, fast to generate).
+    #[default]
+    Es256,
+    /// RSA-2048 with SHA-256: what a Kubernetes API server signs with by
+    /// default, and the cheaper of the two to verify.
+    Rs256,
+}
+
 /// One signing key of the issuer.
 struct SigningKey {
     kid: String,
+    alg: jsonwebtoken::Algorithm,
     key: EncodingKey,
     jwk: Value,
 }
 
-fn new_key(kid: &str) -> Result<SigningKey, rcgen::Error> {
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let raw = kp.public_key_raw();
-    let jwk = json!({
-        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
-        "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
-    });
-    Ok(SigningKey {
-        kid: kid.to_owned(),
-        key: EncodingKey::from_ec_der(&kp.serialize_der()),
-        jwk,
-    })
+fn new_key(kid: &str, alg: SigningAlgorithm) -> Result<SigningKey, rcgen::Error> {
+    match alg {
+        SigningAlgorithm::Es256 => {
+            let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let raw = kp.public_key_raw();
+            let jwk = json!({
+                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+                "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+                "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+            });
+            Ok(SigningKey {
+                kid: kid.to_owned(),
+                alg: jsonwebtoken::Algorithm::ES256,
+                key: EncodingKey::from_ec_der(&kp.serialize_der()),
+                jwk,
+            })
+        }
+        SigningAlgorithm::Rs256 => {
+            use x509_parser::prelude::FromDer;
+            use x509_parser::public_key::PublicKey;
+            let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?;
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+            let Ok((_, info)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki) else {
+                return Err(rcgen::Error::CouldNotParseKeyPair);
+            };
+            let Ok(PublicKey::RSA(rsa)) = info.parsed() else {
+                return Err(rcgen::Error::CouldNotParseKeyPair);
+            };
+            let unsigned = |b: &[u8]| {
+                let skip = b.iter().take_while(|x| **x == 0).count();
+                URL_SAFE_NO_PAD.encode(&b[skip..])
+            };
+            let jwk = json!({
+                "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                "n": unsigned(rsa.modulus),
+                "e": unsigned(rsa.exponent),
+            });
+            let key = EncodingKey::from_rsa_pem(kp.serialize_pem().as_bytes())
+                .map_err(|e| rcgen::Error::PemError(e.to_string()))?;
+            Ok(SigningKey {
+                kid: kid.to_owned(),
+                alg: jsonwebtoken::Algorithm::RS256,
+                key,
+                jwk,
+            })
+        }
+    }
 }
 
 /// How the issuer's HTTPS server misbehaves, for fault tests.
@@ -63,6 +110,8 @@ struct State {
     fault: Fault,
     /// The first key signs; all are published.
     keys: Vec<SigningKey>,
+    /// Of new keys.
+    algorithm: SigningAlgorithm,
     /// Documents are served from this URL (the `iss` of minted tokens).
     issuer: String,
 }
@@ -118,11 +167,17 @@ fn pseudo_uid(seed: &str) -> String {
 }
 
 impl Issuer {
-    /// A new issuer with one fresh key. Its URL is set by [`Issuer::serve`].
+    /// A new issuer with one fresh ES256 key. Its URL is set by [`Issuer::serve`].
     pub fn new() -> Result<Issuer, rcgen::Error> {
+        Self::with_algorithm(SigningAlgorithm::Es256)
+    }
+
+    /// A new issuer whose keys use `algorithm`.
+    pub fn with_algorithm(algorithm: SigningAlgorithm) -> Result<Issuer, rcgen::Error> {
         Ok(Issuer {
             state: Arc::new(Mutex::new(State {
-                keys: vec![new_key("dev-key-1")?],
+                keys: vec![new_key("dev-key-1", algorithm)?],
+                algorithm,
                 fault: Fault::None,
                 issuer: String::new(),
             })),
@@ -149,13 +204,33 @@ impl Issuer {
         self.state().issuer.clone()
     }
 
+    /// From now on, signs with a new key of `algorithm` (the old keys stay
+    /// published). Returns the new key ID.
+    pub fn use_algorithm(&self, algorithm: SigningAlgorithm) -> Result<String, rcgen::Error> {
+        self.state().algorithm = algorithm;
+        self.rotate_key()
+    }
+
     /// Adds a new signing key on top (used for signing from now on); the old
     /// ones stay published. Returns the new key ID.
     pub fn rotate_key(&self) -> Result<String, rcgen::Error> {
         let mut st = self.state();
         let kid = format!("dev-key-{}", st.keys.len() + 1);
-        st.keys.insert(0, new_key(&kid)?);
+        let key = new_key(&kid, st.algorithm)?;
+        st.keys.insert(0, key);
         Ok(kid)
+    }
+
+    /// The algorithms of the published keys, as the discovery document names them.
+    fn algorithms(&self) -> Vec<String> {
+        let mut algs: Vec<String> = Vec::new();
+        for k in &self.state().keys {
+            let name = format!("{:?}", k.alg);
+            if !algs.contains(&name) {
+                algs.push(name);
+            }
+        }
+        algs
     }
 
     /// The published JWKS document.
@@ -193,7 +268,7 @@ impl Issuer {
     pub fn sign(&self, claims: &Value) -> Result<String, jsonwebtoken::errors::Error> {
         let st = self.state();
         let key = &st.keys[0];
-        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        let mut header = Header::new(key.alg);
         header.kid = Some(key.kid.clone());
         jsonwebtoken::encode(&header, claims, &key.key)
     }
@@ -267,7 +342,7 @@ impl Issuer {
                 "jwks_uri": format!("{url}/openid/v1/jwks"),
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["ES256"],
+                "id_token_signing_alg_values_supported": self.algorithms(),
             }),
             "/openid/v1/jwks" => {
                 self.jwks_served.fetch_add(1, Ordering::Relaxed);
@@ -284,5 +359,40 @@ impl Issuer {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token of either algorithm verifies with the key the JWKS publishes
+    /// for its `kid`, and with no other.
+    #[test]
+    fn minted_tokens_verify_with_the_published_key() {
+        crate::install_crypto_provider();
+        let issuer = Issuer::new().unwrap();
+        let es = issuer.mint(&Workload::new("ns", "sa", "aud")).unwrap();
+        issuer.use_algorithm(SigningAlgorithm::Rs256).unwrap();
+        let rs = issuer.mint(&Workload::new("ns", "sa", "aud")).unwrap();
+        assert_eq!(issuer.algorithms(), vec!["RS256", "ES256"]);
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(issuer.jwks()).unwrap();
+        for (token, alg) in [
+            (&es, jsonwebtoken::Algorithm::ES256),
+            (&rs, jsonwebtoken::Algorithm::RS256),
+        ] {
+            let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+            let mut v = jsonwebtoken::Validation::new(alg);
+            v.set_audience(&["aud"]);
+            for jwk in &jwks.keys {
+                let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+                let ok = jsonwebtoken::decode::<Value>(token, &key, &v).is_ok();
+                assert_eq!(
+                    ok,
+                    jwk.common.key_id.as_deref() == Some(kid.as_str()),
+                    "{alg:?}"
+                );
+            }
+        }
     }
 }

@@ -9,7 +9,10 @@
 //! database), the floor of the transport.
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2]
+//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256]
+//!
+//! Tokens are RS256, as a Kubernetes API server signs them by default;
+//! `--es256` signs them with ECDSA P-256 instead.
 //!
 //! `--cache-only 1` runs only with the cache on, `2` only with it off.
 
@@ -18,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use secrets_broker::dev::issuer::Workload;
+use secrets_broker::dev::issuer::{SigningAlgorithm, Workload};
 use secrets_broker_e2e::bench::{BENCH_ROLES, cdf};
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
@@ -45,6 +48,15 @@ fn main() -> Result<()> {
     let mut world = World::new(BENCH_ROLES)?;
     world.log_level = "info";
     world.put("bench/s", &"v".repeat(64))?;
+    // RS256, as a Kubernetes API server signs service-account tokens by
+    // default; `--es256` for ECDSA P-256 tokens.
+    let es256 = std::env::args().any(|a| a == "--es256");
+    let (alg, alg_name) = if es256 {
+        (jsonwebtoken::Algorithm::ES256, "ES256")
+    } else {
+        world.issuer.use_algorithm(SigningAlgorithm::Rs256)?;
+        (jsonwebtoken::Algorithm::RS256, "RS256")
+    };
     // One identity at concurrency 256 is the point here: no per-workload rate limit.
     let config = std::fs::read_to_string(world.broker_config())?.replacen(
         "watch_heartbeat = \"5s\"",
@@ -61,12 +73,12 @@ fn main() -> Result<()> {
     let ca = std::fs::read(&world.tls.ca)?;
     let port = world.broker_port;
 
-    // The floor: one ES256 signature verification, in this process.
+    // The floor: one signature verification, in this process.
     let floor_us = {
         let jwks = world.issuer.jwks();
         let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone())?;
         let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)?;
-        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        let mut v = jsonwebtoken::Validation::new(alg);
         v.validate_aud = false;
         v.validate_exp = false;
         v.required_spec_claims.clear();
@@ -171,7 +183,7 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "broker exchange (Fetch over TLS, ES256 tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)"
+        "broker exchange (Fetch over TLS, {alg_name} tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)"
     );
     println!(
         "{:>12} {:>11} {:>10} {:>12} {:>15} {:>10} {:>10} {:>20}",
@@ -213,7 +225,9 @@ fn main() -> Result<()> {
             r.cpu_us_per_exchange
         );
     }
-    println!("ES256 verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs");
+    println!(
+        "{alg_name} verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs"
+    );
     let rpc_floor_us = rpc_floor.as_ref().map(|r| r.cpu_us_per_exchange);
     if let Some(r) = &rpc_floor {
         println!(
@@ -225,7 +239,8 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "scenario": "broker_exchange",
-            "es256_verify_us": floor_us,
+            "algorithm": alg_name,
+            "verify_us": floor_us,
             "rpc_floor_us": rpc_floor_us,
             "rpc_floor_per_second": rpc_floor.as_ref().map(|r| r.per_second),
             "rows": rows.iter().map(|r| serde_json::json!({
@@ -243,6 +258,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// One row: `concurrency` callers for `dur`, closed loop or paced at `rate`,
+/// sending `Fetch`es, or health checks when `floor`.
+#[allow(clippy::too_many_arguments)] // a bench's knobs, each named at the call
 async fn run(
     port: u16,
     ca: &[u8],
