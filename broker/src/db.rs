@@ -167,14 +167,21 @@ impl Db {
                     // No checkpoint inside a commit: one copies the WAL into
                     // the database file and fsyncs both (5–20 ms here), and
                     // every call waiting on that commit waited for it too.
-                    // The broker checkpoints on a connection of its own
-                    // instead ([`Db::keep_checkpointed`]); SQLite still
-                    // checkpoints when the last connection closes.
+                    // The broker's writer checkpoints instead, mostly
+                    // beside the writes ([`crate::state::writer`]); SQLite
+                    // still checkpoints when the last connection closes.
                     .pragma("wal_autocheckpoint", "0")
+                    // A log that starts over keeps its file; one that grew
+                    // past this under a burst is cut back to it.
+                    .pragma("journal_size_limit", "67108864")
                     .busy_timeout(Duration::from_secs(10));
                 Db::Sqlite(
                     SqlitePoolOptions::new()
                         .max_connections(4)
+                        // A ping before each use is a round trip to the
+                        // connection's thread (a wake-up each way) and proves
+                        // nothing about a local file.
+                        .test_before_acquire(false)
                         .connect_with(options)
                         .await?,
                 )
@@ -251,31 +258,22 @@ impl Db {
 }
 
 impl Db {
-    /// SQLite: copies the write-ahead log into the database file every
-    /// `every`, beside the writers (a passive checkpoint waits for no one and
-    /// blocks no one), until `down` turns true. Nothing on PostgreSQL.
-    pub async fn keep_checkpointed(
-        self,
-        every: Duration,
-        mut down: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let Db::Sqlite(pool) = &self else { return };
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = crate::until_true(&mut down) => return,
-            }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(pool)
-                .await
-            {
-                tracing::warn!(error = %e, "cannot checkpoint the SQLite write-ahead log; retrying");
-            }
+    /// SQLite: copies what the write-ahead log holds into the database file
+    /// on a connection of the pool, beside any writer (a passive checkpoint
+    /// waits for no one and blocks no one). Nothing on PostgreSQL. On its
+    /// own it never lets a log that is written all the time start over; see
+    /// [`crate::state::writer`] for the second step that does.
+    pub async fn checkpoint(&self) {
+        if let Db::Sqlite(pool) = self
+            && let Err(e) = sqlx::query(CHECKPOINT).execute(pool).await
+        {
+            tracing::warn!(error = %e, "cannot checkpoint the SQLite write-ahead log; retrying");
         }
     }
 }
+
+/// A checkpoint that waits for no one.
+pub(crate) const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
 
 /// SQLite has one writer at a time, and a connection that finds the write
 /// lock taken sleeps in SQLite's busy handler (1, 2, 5, 10… ms). The broker's

@@ -45,8 +45,7 @@ use crate::db::Db;
 use crate::identity::jwks::JwksError;
 use crate::identity::verify::Verifiers;
 use crate::policy::Policy;
-use crate::state::Leases;
-use crate::state::audit::{Audit, Auditor};
+use crate::state::audit::Audit;
 use crate::state::revocation::{Revocations, View};
 
 /// Why the broker could not start or stopped with an error.
@@ -107,7 +106,6 @@ pub async fn run(
 
     let db = Db::connect(&config.database).await?;
     let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
-    let leases = Leases::new(db.clone()).batched();
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
     let refreshes = prometheus_client::metrics::family::Family::default();
@@ -149,7 +147,8 @@ pub async fn run(
         })?),
     };
     let audit = Audit::new(db.clone());
-    let (auditor, audit_writer) = Auditor::start(audit.clone());
+    // One task writes the exchange path's rows: leases, then audit records.
+    let (leases, auditor, writer) = state::writer::start(db.clone());
     let poke = Arc::new(tokio::sync::Notify::new());
     // The admin API binds before anything is served, so its errors stop the start.
     let admin = match &config.admin {
@@ -207,10 +206,6 @@ pub async fn run(
             }
         });
     }
-    tokio::spawn(
-        db.clone()
-            .keep_checkpointed(std::time::Duration::from_secs(1), down_rx.clone()),
-    );
     // Ended leases are kept a day for `leases list` and audits, then pruned.
     tokio::spawn({
         let leases = leases.clone();
@@ -343,8 +338,9 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => warn!(grace = ?grace, "drain deadline passed; closing remaining calls"),
     }
-    // The service (and its auditor) is gone: let the audit writer drain.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), audit_writer).await;
+    // The service (and its handles on the writer) is gone: let the writer
+    // drain its queues (the audit records).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     db.close().await;
     info!("broker stopped");
     Ok(())

@@ -240,6 +240,32 @@ fn check_names(names: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A workload as an audit record's actor.
+fn actor(id: &Identity) -> String {
+    format!("{}/{}", id.namespace, id.service_account)
+}
+
+/// A `Fetch`'s audit detail, serialised straight from the call's own
+/// fields. The keys are in the order a `json!` object has them (sorted), so
+/// the records read as the other calls' do.
+#[derive(serde::Serialize)]
+struct FetchAudit<'a> {
+    issuer: &'a str,
+    pod: Option<&'a str>,
+    pod_uid: Option<&'a str>,
+    role: &'a str,
+    secrets: Vec<LeaseAudit<'a>>,
+    ttl_seconds: u64,
+}
+
+/// One secret handed out, in a [`FetchAudit`].
+#[derive(serde::Serialize)]
+struct LeaseAudit<'a> {
+    lease_id: &'a str,
+    name: &'a str,
+    version: u64,
+}
+
 /// A new lease: 128 bits, the first 48 the issue time in milliseconds and
 /// the other 80 random. Time-ordered IDs land at the end of the leases
 /// table's primary-key index, so a batch of new leases writes a few index
@@ -356,12 +382,8 @@ impl BrokerService {
         detail["issuer"] = json!(id.issuer);
         detail["pod"] = json!(id.pod_name);
         detail["pod_uid"] = json!(id.pod_uid);
-        self.auditor.record(Entry::new(
-            format!("{}/{}", id.namespace, id.service_account),
-            action,
-            result,
-            detail,
-        ));
+        self.auditor
+            .record(Entry::new(actor(id), action, result, detail));
     }
 
     /// Whether `held` is a running lease of this workload: only the holder
@@ -646,8 +668,30 @@ impl Broker for BrokerService {
                     lease: Some(lease),
                 });
             }
+            // The audit record is made before the leases move to the writer.
+            let record = Entry::new(
+                actor(&id),
+                "fetch",
+                "ok",
+                FetchAudit {
+                    issuer: &id.issuer,
+                    pod: id.pod_name.as_deref(),
+                    pod_uid: id.pod_uid.as_deref(),
+                    role: &role.name,
+                    secrets: records
+                        .iter()
+                        .map(|l| LeaseAudit {
+                            lease_id: &l.lease_id,
+                            name: &l.secret,
+                            version: l.version,
+                        })
+                        .collect(),
+                    ttl_seconds: ttl.as_secs(),
+                },
+            );
+            let leases = records.len() as u64;
             // A lease that cannot be recorded cannot be revoked: fail instead.
-            if let Err(e) = self.leases.record(&records).await {
+            if let Err(e) = self.leases.record(records).await {
                 self.abandon(&upstreams).await;
                 return Err(e.into());
             }
@@ -657,14 +701,10 @@ impl Broker for BrokerService {
                     return Err(e.into());
                 }
             }
-            self.metrics.leases_issued.inc_by(records.len() as u64);
+            self.metrics.leases_issued.inc_by(leases);
             self.metrics.secrets_served.inc_by(secrets.len() as u64);
             debug!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
-            self.audit(&id, "fetch", "ok", json!({
-                "role": role.name,
-                "secrets": records.iter().map(|l| json!({"name": l.secret, "version": l.version, "lease_id": l.lease_id})).collect::<Vec<_>>(),
-                "ttl_seconds": ttl.as_secs(),
-            }));
+            self.auditor.record(record);
             Ok(Response::new(pb::FetchResponse { secrets }))
         }
         .instrument(span)

@@ -4,11 +4,11 @@
 //!
 //! Records never hold a secret value or a token (a token appears only as its
 //! fingerprint). Calls hand records to [`Auditor::record`], which queues them;
-//! one writer task per replica appends them in batches, each in a transaction
-//! that extends the chain under a lock (`pg_advisory_xact_lock` on
-//! PostgreSQL; SQLite serialises writers itself), so replicas share one chain.
-
-use std::time::Duration;
+//! one writer task per replica ([`super::writer`]) appends them in batches.
+//! On PostgreSQL each batch is a transaction that extends the chain under a
+//! lock (`pg_advisory_xact_lock`), so replicas share one chain; on SQLite (one
+//! replica) the writer remembers the chain's end and each batch is one
+//! statement.
 
 use aws_lc_rs::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
@@ -48,15 +48,18 @@ pub struct Entry {
     pub actor: String,
     pub action: String,
     pub result: String,
-    pub detail: serde_json::Value,
+    /// Details as JSON text, as they are stored and hashed.
+    pub detail: String,
 }
 
 impl Entry {
+    /// A record made now; `detail` is serialised at once (a `json!` value,
+    /// or a struct of borrowed fields on the hot path).
     pub fn new(
         actor: impl Into<String>,
         action: &str,
         result: impl Into<String>,
-        detail: serde_json::Value,
+        detail: impl Serialize,
     ) -> Entry {
         Entry {
             at_ms: std::time::SystemTime::now()
@@ -66,7 +69,8 @@ impl Entry {
             actor: actor.into(),
             action: action.to_owned(),
             result: result.into(),
-            detail,
+            // Only a map with non-string keys fails to serialise; no detail has one.
+            detail: serde_json::to_string(&detail).unwrap_or_else(|_| "{}".to_owned()),
         }
     }
 }
@@ -123,7 +127,7 @@ struct Chained<'a> {
     actor: &'a str,
     action: &'a str,
     result: &'a str,
-    detail: String,
+    detail: &'a str,
     prev_hash: String,
     hash: String,
 }
@@ -138,17 +142,50 @@ const INSERT_PG: &str = "INSERT INTO audit (seq, at_ms, actor, action, result, d
      FROM jsonb_to_recordset($1::jsonb) AS r(seq BIGINT, at_ms BIGINT, actor TEXT, action TEXT, result TEXT,
           detail TEXT, prev_hash TEXT, hash TEXT)";
 
+const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+
+/// The chain's last record: its sequence number and hash.
+pub type ChainEnd = (i64, String);
+
+/// Chains `entries` after `end` (`None`: an empty log). Returns the batch
+/// as one JSON array (the insert statement's one parameter: the same
+/// prepared statement for any batch size) and the new end.
+fn chain(end: Option<ChainEnd>, entries: &[Entry]) -> Result<(String, ChainEnd), sqlx::Error> {
+    let (mut seq, mut prev) = end.unwrap_or_else(|| (0, GENESIS.to_owned()));
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        seq += 1;
+        let hash = chain_hash(
+            &prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &e.detail,
+        );
+        let prev_hash = std::mem::replace(&mut prev, hash.clone());
+        rows.push(Chained {
+            seq,
+            at_ms: e.at_ms,
+            actor: &e.actor,
+            action: &e.action,
+            result: &e.result,
+            detail: &e.detail,
+            prev_hash,
+            hash,
+        });
+    }
+    let batch = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    Ok((batch, (seq, prev)))
+}
+
 impl Audit {
     pub fn new(db: Db) -> Audit {
         Audit { db }
     }
 
-    /// Appends entries to the chain in one transaction.
+    /// Appends entries to the chain in one transaction, reading the chain's
+    /// end inside it (under the chain lock on PostgreSQL, where replicas
+    /// share the chain).
     pub async fn append(&self, entries: &[Entry]) -> Result<(), sqlx::Error> {
         if entries.is_empty() {
             return Ok(());
         }
-        const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
         let _turn = self.db.write_turn().await;
         on_db!(&self.db, pool => {
             // SQLite: take the write lock up front. A deferred transaction
@@ -163,25 +200,43 @@ impl Audit {
             if self.db.is_postgres() {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
             }
-            let (mut seq, mut prev) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
-                Some(r) => (r.get::<i64, _>(0), r.get::<String, _>(1)),
-                None => (0, GENESIS.to_owned()),
-            };
-            // The batch is one JSON array, the statement's one parameter: the
-            // same prepared statement for any batch size.
-            let mut rows = Vec::with_capacity(entries.len());
-            for e in entries {
-                seq += 1;
-                let detail = e.detail.to_string();
-                let hash = chain_hash(&prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &detail);
-                let prev_hash = std::mem::replace(&mut prev, hash.clone());
-                rows.push(Chained { seq, at_ms: e.at_ms, actor: &e.actor, action: &e.action, result: &e.result, detail, prev_hash, hash });
-            }
-            let batch = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            let end = sqlx::query(LAST).fetch_optional(&mut *tx).await?.map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)));
+            let (batch, _) = chain(end, entries)?;
             let insert = if self.db.is_postgres() { INSERT_PG } else { INSERT_SQLITE };
             sqlx::query(insert).bind(&batch).execute(&mut *tx).await?;
             tx.commit().await
         })
+    }
+
+    /// SQLite, on a connection the caller holds: appends entries with one
+    /// statement (atomic on its own, so no transaction around it), chained
+    /// from `end`, the chain's last record as this writer last wrote it;
+    /// `None` reads it first. On success `end` is the new last record; on
+    /// failure it is `None`, so the next call reads it again. A stale `end`
+    /// (another process appended) cannot fork the chain: its sequence
+    /// numbers are taken, and the insert fails on the primary key.
+    pub async fn append_sqlite(
+        conn: &mut sqlx::SqliteConnection,
+        end: &mut Option<ChainEnd>,
+        entries: &[Entry],
+    ) -> Result<(), sqlx::Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let from = match end.take() {
+            Some(e) => Some(e),
+            None => sqlx::query(LAST)
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1))),
+        };
+        let (batch, last) = chain(from, entries)?;
+        sqlx::query(INSERT_SQLITE)
+            .bind(&batch)
+            .execute(&mut *conn)
+            .await?;
+        *end = Some(last);
+        Ok(())
     }
 
     /// Records after `after_seq`, oldest first, at most `limit`.
@@ -278,30 +333,9 @@ pub struct Auditor {
 }
 
 impl Auditor {
-    /// Starts the writer task; it drains the queue when every `Auditor` is
-    /// dropped, then `done` completes.
-    pub fn start(audit: Audit) -> (Auditor, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Entry>(65_536);
-        let task = tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(256);
-            while rx.recv_many(&mut batch, 256).await > 0 {
-                let mut delay = Duration::from_millis(100);
-                while let Err(e) = audit.append(&batch).await {
-                    warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    if rx.is_closed() && delay >= Duration::from_secs(5) {
-                        warn!(
-                            records = batch.len(),
-                            "dropping audit records at shutdown: database unreachable"
-                        );
-                        break;
-                    }
-                }
-                batch.clear();
-            }
-        });
-        (Auditor { tx }, task)
+    /// A handle on the queue that [`super::writer`] drains.
+    pub(super) fn new(tx: mpsc::Sender<Entry>) -> Auditor {
+        Auditor { tx }
     }
 
     /// Queues a record; never blocks a call. A full queue drops the record with a warning.

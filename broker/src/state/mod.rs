@@ -5,9 +5,12 @@
 //! - [`revocation`]: the rules and the in-memory view every call is checked
 //!   against, kept fresh (PostgreSQL `LISTEN/NOTIFY` plus a periodic re-read).
 //! - [`audit`]: the hash-chained audit log.
+//! - [`writer`]: the one task that writes the exchange path's rows (leases
+//!   and audit records) in batches.
 
 pub mod audit;
 pub mod revocation;
+pub mod writer;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -75,9 +78,6 @@ type Batch = (
     tokio::sync::oneshot::Sender<Result<(), RecordError>>,
 );
 
-/// Most leases written by one statement.
-const MAX_BATCH: usize = 500;
-
 /// A batch of leases (a JSON array of [`LeaseRecord`]s) into the leases table.
 /// `jsonb_each` hands each element over in SQLite's binary JSON, so the
 /// twelve `->>` look-ups do not parse its text twelve times.
@@ -90,11 +90,16 @@ const INSERT_LEASES_PG: &str = "INSERT INTO leases (lease_id, issuer, namespace,
      FROM jsonb_to_recordset($1::jsonb) AS r(lease_id TEXT, issuer TEXT, namespace TEXT, service_account TEXT, pod_name TEXT, pod_uid TEXT,
           role TEXT, secret TEXT, version BIGINT, issued_at BIGINT, expires_at BIGINT, cluster TEXT)";
 
+/// A batch of leases as the insert statements' one parameter.
+fn lease_batch(leases: &[LeaseRecord]) -> Result<String, sqlx::Error> {
+    serde_json::to_string(leases).map_err(|e| sqlx::Error::Encode(e.into()))
+}
+
 /// Leases, in the shared database.
 #[derive(Clone, Debug)]
 pub struct Leases {
     db: Db,
-    /// With [`Leases::batched`]: concurrent calls' leases are written together.
+    /// Set by [`writer::start`]: concurrent calls' leases are written together.
     batcher: Option<tokio::sync::mpsc::Sender<Batch>>,
 }
 
@@ -103,49 +108,26 @@ impl Leases {
         Leases { db, batcher: None }
     }
 
-    /// Leases whose [`Leases::record`] joins whatever other calls are
-    /// recording at that moment: one writer task takes everything queued and
-    /// writes it with one statement, then answers each caller. A caller still
-    /// returns only once its leases are in the database (a lease that cannot
-    /// be recorded cannot be revoked), but under load many calls share one
-    /// database round trip instead of queueing for one each.
-    pub fn batched(self) -> Leases {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4096);
-        let writer = self.clone();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut records = first.0;
-                let mut waiters = vec![first.1];
-                while records.len() < MAX_BATCH {
-                    let Ok((more, done)) = rx.try_recv() else {
-                        break;
-                    };
-                    records.extend(more);
-                    waiters.push(done);
-                }
-                let result = writer.record_now(&records).await.map_err(RecordError::from);
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
-            }
-        });
+    /// Leases whose [`Leases::record`] hands its rows to the batch writer
+    /// ([`writer`]) listening on `batcher`.
+    fn with_batcher(db: Db, batcher: tokio::sync::mpsc::Sender<Batch>) -> Leases {
         Leases {
-            db: self.db,
-            batcher: Some(tx),
+            db,
+            batcher: Some(batcher),
         }
     }
 
-    /// Records leases just handed out (one row each); see [`Leases::batched`].
-    pub async fn record(&self, leases: &[LeaseRecord]) -> Result<(), RecordError> {
+    /// Records leases just handed out (one row each). Batched (see
+    /// [`writer`]), it joins whatever other calls are recording at that
+    /// moment, and still returns only once its leases are in the database (a
+    /// lease that cannot be recorded cannot be revoked).
+    pub async fn record(&self, leases: Vec<LeaseRecord>) -> Result<(), RecordError> {
         let Some(batcher) = &self.batcher else {
-            return Ok(self.record_now(leases).await?);
+            return Ok(self.record_now(&leases).await?);
         };
         let (done, written) = tokio::sync::oneshot::channel();
         let gone = || RecordError::from(sqlx::Error::WorkerCrashed);
-        batcher
-            .send((leases.to_vec(), done))
-            .await
-            .map_err(|_| gone())?;
+        batcher.send((leases, done)).await.map_err(|_| gone())?;
         written.await.map_err(|_| gone())?
     }
 
@@ -158,12 +140,28 @@ impl Leases {
         if leases.is_empty() {
             return Ok(());
         }
-        let batch = serde_json::to_string(leases).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let batch = lease_batch(leases)?;
         let _turn = self.db.write_turn().await;
         on_db!(&self.db, pool => {
             let sql = if self.db.is_postgres() { INSERT_LEASES_PG } else { INSERT_LEASES_SQLITE };
             sqlx::query(sql).bind(&batch).execute(pool).await.map(|_| ())
         })
+    }
+
+    /// [`Leases::record_now`] on an SQLite connection the caller holds.
+    async fn insert_sqlite(
+        conn: &mut sqlx::SqliteConnection,
+        leases: &[LeaseRecord],
+    ) -> Result<(), sqlx::Error> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let batch = lease_batch(leases)?;
+        sqlx::query(INSERT_LEASES_SQLITE)
+            .bind(&batch)
+            .execute(conn)
+            .await
+            .map(|_| ())
     }
 
     /// Moves a lease's end; returns false when the lease is unknown.

@@ -1,0 +1,377 @@
+//! The one task that writes the exchange path's rows: the leases of every
+//! `Fetch` (the caller waits until they are in the database) and the audit
+//! records of every call (queued; no caller waits for them).
+//!
+//! Under load many calls share each write. The task takes everything
+//! queued, writes the leases with one statement and answers their callers,
+//! then appends the queued audit records with one more. On SQLite both
+//! statements go over one connection with no transaction around them (each
+//! statement is atomic on its own), and the audit chain's end is remembered
+//! from one batch to the next instead of read again inside a transaction:
+//! two round trips to the connection's thread per batch where separate lease
+//! and audit writers made seven, and each round trip wakes that thread and
+//! then this task. On PostgreSQL, whose replicas share one chain, each audit
+//! batch is a transaction under the chain lock ([`Audit::append`]).
+//!
+//! The writer also keeps SQLite's write-ahead log from growing without end.
+//! A log starts over only when a checkpoint has copied all of it into the
+//! database file and no write came in between, which a checkpoint beside
+//! writes that never stop never achieves (the log grew by gigabytes in a
+//! minute of load). So every second a passive checkpoint copies the bulk
+//! beside the writes, then the writer, between two batches, copies the rest
+//! (what came in meanwhile: a short pause, not a whole checkpoint's), and its
+//! next write starts the log over.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::audit::{Audit, Auditor, ChainEnd, Entry};
+use super::{Batch, LeaseRecord, Leases, RecordError};
+use crate::db::Db;
+
+/// Most leases written by one statement.
+const MAX_LEASES: usize = 500;
+/// Most audit records written by one statement.
+const MAX_RECORDS: usize = 256;
+/// Calls' lease batches that may wait for the writer (each caller waits too).
+const LEASE_QUEUE: usize = 4096;
+/// Audit records that may wait; [`Auditor::record`] drops (and logs) beyond.
+const AUDIT_QUEUE: usize = 65_536;
+/// Backoff between attempts at an audit batch the database refused.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How often the write-ahead log is checkpointed and started over.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a caller learns whether its leases were written.
+type Waiter = oneshot::Sender<Result<(), RecordError>>;
+
+/// Starts the writer on `db` and returns the handles calls use. The task
+/// ends once every handle is dropped and what they queued is written; audit
+/// records the database refuses are retried with backoff, and dropped with
+/// a warning only at shutdown, once the backoff has reached its maximum.
+pub fn start(db: Db) -> (Leases, Auditor, tokio::task::JoinHandle<()>) {
+    let (lease_tx, lease_rx) = mpsc::channel(LEASE_QUEUE);
+    let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+    let writer = Writer {
+        leases: Leases::new(db.clone()),
+        audit: Audit::new(db.clone()),
+        db: db.clone(),
+        conn: None,
+        end: None,
+    };
+    let task = tokio::spawn(writer.run(lease_rx, audit_rx));
+    (
+        Leases::with_batcher(db, lease_tx),
+        Auditor::new(audit_tx),
+        task,
+    )
+}
+
+struct Writer {
+    db: Db,
+    /// Unbatched, for PostgreSQL.
+    leases: Leases,
+    audit: Audit,
+    /// SQLite: the writer's own connection, out of the pool, so its page
+    /// cache holds the pages it writes (a pool connection another one wrote
+    /// through since re-reads them from the log).
+    conn: Option<sqlx::SqliteConnection>,
+    /// SQLite: the audit chain's last record as this task wrote it (`None`:
+    /// read it before the next append).
+    end: Option<ChainEnd>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut lease_rx: mpsc::Receiver<Batch>,
+        mut audit_rx: mpsc::Receiver<Entry>,
+    ) {
+        let mut leases: Vec<LeaseRecord> = Vec::new();
+        let mut waiters: Vec<Waiter> = Vec::new();
+        let mut records: Vec<Entry> = Vec::with_capacity(MAX_RECORDS);
+        let (mut leases_open, mut audit_open) = (true, true);
+        // After a refused audit batch: when to try it again, and the wait after that.
+        let mut retry: Option<Instant> = None;
+        let mut backoff = FIRST_BACKOFF;
+        let sqlite = matches!(self.db, Db::Sqlite(_));
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A checkpoint running beside the writes; when it is done, the writer
+        // copies the rest.
+        let mut checkpoint: Option<oneshot::Receiver<()>> = None;
+        loop {
+            // Records wait in the queue while a refused batch waits for its retry.
+            let take_records = audit_open && records.is_empty();
+            tokio::select! {
+                batch = lease_rx.recv(), if leases_open => match batch {
+                    Some((mut more, done)) => {
+                        leases.append(&mut more);
+                        waiters.push(done);
+                    }
+                    None => leases_open = false,
+                },
+                n = audit_rx.recv_many(&mut records, MAX_RECORDS), if take_records => {
+                    audit_open = n > 0;
+                }
+                () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                    retry = None;
+                }
+                _ = tick.tick(), if sqlite && checkpoint.is_none() && (leases_open || audit_open) => {
+                    let (done, finished) = oneshot::channel();
+                    let db = self.db.clone();
+                    tokio::spawn(async move {
+                        db.checkpoint().await;
+                        let _ = done.send(());
+                    });
+                    checkpoint = Some(finished);
+                }
+                _ = async { checkpoint.as_mut().expect("enabled only when running").await }, if checkpoint.is_some() => {
+                    checkpoint = None;
+                    self.finish_checkpoint().await;
+                }
+                else => break,
+            }
+            // Calls already running get to queue their leases for this write:
+            // none at low load (the yield costs a poll), many under load.
+            if !leases.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            // Whatever else is queued joins this write.
+            while leases.len() < MAX_LEASES
+                && let Ok((mut more, done)) = lease_rx.try_recv()
+            {
+                leases.append(&mut more);
+                waiters.push(done);
+            }
+            let write_records = retry.is_none() && !records.is_empty();
+            if write_records {
+                while records.len() < MAX_RECORDS
+                    && let Ok(e) = audit_rx.try_recv()
+                {
+                    records.push(e);
+                }
+            }
+            if leases.is_empty() && !write_records {
+                continue;
+            }
+            let audited = self
+                .write(
+                    &leases,
+                    &mut waiters,
+                    if write_records { &records } else { &[] },
+                )
+                .await;
+            leases.clear();
+            if !write_records {
+                continue;
+            }
+            match audited {
+                Ok(()) => {
+                    records.clear();
+                    backoff = FIRST_BACKOFF;
+                }
+                Err(e) if audit_rx.is_closed() && backoff >= MAX_BACKOFF => {
+                    warn!(error = %e, records = records.len(), "dropping audit records at shutdown: database unreachable");
+                    records.clear();
+                }
+                Err(e) => {
+                    warn!(error = %e, records = records.len(), "cannot write audit records; retrying");
+                    retry = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Writes `leases` and answers their callers, then appends `records`;
+    /// returns how the append went.
+    async fn write(
+        &mut self,
+        leases: &[LeaseRecord],
+        waiters: &mut Vec<Waiter>,
+        records: &[Entry],
+    ) -> Result<(), RecordError> {
+        let answer = |waiters: &mut Vec<Waiter>, result: Result<(), RecordError>| {
+            for w in waiters.drain(..) {
+                let _ = w.send(result.clone());
+            }
+        };
+        let pool = match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(_) => {
+                answer(
+                    waiters,
+                    self.leases
+                        .record_now(leases)
+                        .await
+                        .map_err(RecordError::from),
+                );
+                return self.audit.append(records).await.map_err(RecordError::from);
+            }
+        };
+        let _turn = self.db.write_turn().await;
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => match pool.acquire().await {
+                Ok(conn) => self.conn.insert(conn.detach()),
+                Err(e) => {
+                    let e = RecordError::from(e);
+                    answer(waiters, Err(e.clone()));
+                    return Err(e);
+                }
+            },
+        };
+        let written = Leases::insert_sqlite(conn, leases)
+            .await
+            .map_err(RecordError::from);
+        let failed = written.is_err();
+        answer(waiters, written);
+        let audited = Audit::append_sqlite(conn, &mut self.end, records)
+            .await
+            .map_err(RecordError::from);
+        if failed || audited.is_err() {
+            // Whatever went wrong, the next batch starts on a new connection.
+            self.conn = None;
+        }
+        audited
+    }
+
+    /// SQLite, after a checkpoint beside the writes: copies the frames
+    /// written meanwhile, between two batches, so that the next write starts
+    /// the log over.
+    async fn finish_checkpoint(&mut self) {
+        let Some(conn) = &mut self.conn else { return };
+        let _turn = self.db.write_turn().await;
+        if let Err(e) = sqlx::query(crate::db::CHECKPOINT).execute(conn).await {
+            tracing::warn!(error = %e, "cannot checkpoint the SQLite write-ahead log; retrying");
+            self.conn = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use sqlx::Row;
+
+    async fn sqlite(dir: &tempfile::TempDir) -> Db {
+        Db::connect(&crate::db::DatabaseConfig::Sqlite {
+            path: dir.path().join("w.db"),
+        })
+        .await
+        .unwrap()
+    }
+
+    fn lease(id: &str) -> LeaseRecord {
+        LeaseRecord {
+            lease_id: id.to_owned(),
+            cluster: Some("c".into()),
+            issuer: "https://issuer".into(),
+            namespace: "payments".into(),
+            service_account: "api".into(),
+            pod_name: Some("api-0".into()),
+            pod_uid: Some("uid-0".into()),
+            role: "payments".into(),
+            secret: "payments/db".into(),
+            version: 1,
+            issued_at: 1,
+            expires_at: i64::MAX,
+        }
+    }
+
+    /// Polls until the audit log holds `n` records (the writer is asynchronous).
+    async fn wait_for_records(audit: &Audit, n: usize) -> Vec<super::super::audit::Record> {
+        for _ in 0..500 {
+            let tail = audit.tail(100).await.unwrap();
+            if tail.len() >= n {
+                return tail;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the writer did not write {n} audit records");
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_fails_its_callers_and_the_next_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let (leases, _auditor, _task) = start(db.clone());
+        leases.record(vec![lease("l1")]).await.unwrap();
+        // The same lease again breaks the primary key: its caller is told.
+        let e = leases.record(vec![lease("l1")]).await.unwrap_err();
+        assert!(e.to_string().contains("UNIQUE"), "{e}");
+        // The writer goes on, on a new connection.
+        leases.record(vec![lease("l2")]).await.unwrap();
+        for id in ["l1", "l2"] {
+            assert_eq!(leases.get(id).await.unwrap(), Some(lease(id)));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chain_survives_an_append_the_writer_did_not_make() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let audit = Audit::new(db.clone());
+        let (_leases, auditor, _task) = start(db.clone());
+        auditor.record(Entry::new("a/b", "fetch", "ok", json!({"n": 1})));
+        wait_for_records(&audit, 1).await;
+        // Another process appends: the writer's remembered end is stale, its
+        // next insert collides on the sequence number, and it re-reads the end.
+        audit
+            .append(&[Entry::new("admin", "admin.revoke", "ok", json!({"n": 2}))])
+            .await
+            .unwrap();
+        auditor.record(Entry::new("a/b", "fetch", "ok", json!({"n": 3})));
+        let records = wait_for_records(&audit, 3).await;
+        let details: Vec<&str> = records.iter().map(|r| r.detail.as_str()).collect();
+        assert_eq!(details, [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+        let report = audit.verify().await.unwrap();
+        assert!(report.ok && report.records == 3, "{report:?}");
+    }
+
+    /// Frames in the write-ahead log, as a passive checkpoint reports them.
+    async fn log_frames(db: &Db) -> i64 {
+        let Db::Sqlite(pool) = db else { unreachable!() };
+        let row = sqlx::query(crate::db::CHECKPOINT)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        row.get::<i64, _>(1)
+    }
+
+    #[tokio::test]
+    async fn after_the_writers_checkpoint_the_log_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let mut writer = Writer {
+            leases: Leases::new(db.clone()),
+            audit: Audit::new(db.clone()),
+            db: db.clone(),
+            conn: None,
+            end: None,
+        };
+        let mut none = Vec::new();
+        for i in 0..20 {
+            writer
+                .write(&[lease(&format!("a{i}"))], &mut none, &[])
+                .await
+                .unwrap();
+        }
+        let grown = log_frames(&db).await;
+        assert!(grown >= 20, "{grown} frames after 20 commits");
+        writer.finish_checkpoint().await;
+        writer.write(&[lease("b")], &mut none, &[]).await.unwrap();
+        let restarted = log_frames(&db).await;
+        assert!(
+            restarted < grown,
+            "the log did not start over: {restarted} frames, {grown} before"
+        );
+    }
+}
