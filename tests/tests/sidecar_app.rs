@@ -83,11 +83,14 @@ fn an_application_sees_whole_generations_once_and_is_notified_after_each() {
     let cmdlog = world.path("command.log");
     let hup_log = world.path("hup.log");
     let pid_file = world.path("app.pid");
-    // An "application" that appends a line per SIGHUP.
-    let mut app = Command::new("sh")
-        .arg("-c")
+    // An "application" that appends a line per SIGHUP. The trap is set
+    // before the pid file appears: a SIGHUP that came first would kill it.
+    // SIGHUP back to its default first: a shell cannot trap a signal ignored
+    // when it started, as it is under `nohup`.
+    let mut app = Command::new("env")
+        .args(["--default-signal=HUP", "sh", "-c"])
         .arg(format!(
-            "echo $$ > {pid}; trap 'echo hup >> {log}' HUP; while :; do sleep 0.05; done",
+            "trap 'echo hup >> {log}' HUP; echo $$ > {pid}; while :; do sleep 0.05; done",
             pid = pid_file.display(),
             log = hup_log.display()
         ))
