@@ -115,7 +115,11 @@ fn schema(postgres: bool) -> Vec<String> {
             expires_at BIGINT NOT NULL){leases_sqlite}"
         ),
         "CREATE INDEX IF NOT EXISTS leases_expires ON leases (expires_at)".into(),
-        "CREATE INDEX IF NOT EXISTS leases_namespace ON leases (namespace, service_account)".into(),
+        // Dropped: an index on (namespace, service_account) that no query
+        // used (their `$n IS NULL OR namespace = $n` filters search by
+        // expiry, which the leases_expires index serves), yet every lease
+        // written updated it, a page of its own per workload in a batch.
+        "DROP INDEX IF EXISTS leases_namespace".into(),
         // Version 3: upstream credentials (Vault leases, certificate serials)
         // of pod leases, revoked when the pod lease ends.
         "CREATE TABLE IF NOT EXISTS upstream_leases (
