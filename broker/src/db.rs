@@ -280,9 +280,9 @@ impl Db {
 pub(crate) const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
 
 /// SQLite has one writer at a time, and a connection that finds the write
-/// lock taken sleeps in SQLite's busy handler (1, 2, 5, 10… ms). The broker's
-/// hot writers (the lease batcher and the audit writer) take turns here
-/// instead, without sleeping.
+/// lock taken sleeps in SQLite's busy handler (1, 2, 5, 10… ms). Writers of
+/// batches (the writer task, [`crate::state::writer`], and unbatched lease
+/// and audit writes) take turns here instead, without sleeping.
 static SQLITE_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Db {
