@@ -114,20 +114,17 @@ fn main() -> Result<()> {
         } else {
             "broker-nocache.log"
         })?;
-        let pid = broker.child.id();
+        let target = Target {
+            port,
+            ca: &ca,
+            dur: Duration::from_secs(seconds),
+            pid: broker.child.id(),
+        };
         for identities in [1usize, 1000] {
             for concurrency in [1usize, 16, 64, 256] {
                 eprintln!("  cache {cache}, concurrency {concurrency}, {identities} identities…");
-                let row = rt.block_on(run(
-                    port,
-                    &ca,
-                    &tokens[..identities],
-                    concurrency,
-                    Duration::from_secs(seconds),
-                    pid,
-                    None,
-                    false,
-                ))?;
+                let row =
+                    rt.block_on(target.run(&tokens[..identities], concurrency, None, false))?;
                 rows.push(Row {
                     cache,
                     concurrency,
@@ -146,16 +143,7 @@ fn main() -> Result<()> {
         for share in [0.25, 0.5] {
             let rate = (saturated * share).round();
             eprintln!("  cache {cache}, 64 paced callers offering {rate}/s…");
-            let row = rt.block_on(run(
-                port,
-                &ca,
-                &tokens[..1],
-                64,
-                Duration::from_secs(seconds),
-                pid,
-                Some(rate),
-                false,
-            ))?;
+            let row = rt.block_on(target.run(&tokens[..1], 64, Some(rate), false))?;
             rows.push(Row {
                 cache,
                 concurrency: 64,
@@ -167,16 +155,7 @@ fn main() -> Result<()> {
         // database) over the same TLS connections, 64 callers.
         if cache {
             eprintln!("  the floor: grpc.health.v1 Check, concurrency 64…");
-            let row = rt.block_on(run(
-                port,
-                &ca,
-                &tokens[..1],
-                64,
-                Duration::from_secs(seconds),
-                pid,
-                None,
-                true,
-            ))?;
+            let row = rt.block_on(target.run(&tokens[..1], 64, None, true))?;
             rpc_floor = Some(row);
         }
         drop(broker);
@@ -260,124 +239,132 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// One row: `concurrency` callers for `dur`, closed loop or paced at `rate`,
-/// sending `Fetch`es, or health checks when `floor`.
-#[allow(clippy::too_many_arguments)] // a bench's knobs, each named at the call
-async fn run(
+/// The broker under test: where it listens, its CA, how long a row runs,
+/// and the process whose CPU is counted.
+struct Target<'a> {
     port: u16,
-    ca: &[u8],
-    tokens: &[String],
-    concurrency: usize,
+    ca: &'a [u8],
     dur: Duration,
     pid: u32,
-    rate: Option<f64>,
-    floor: bool,
-) -> Result<Row> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost");
-    let mut channels = Vec::new();
-    for _ in 0..concurrency.clamp(1, 4) {
-        channels.push(
-            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-                .tls_config(tls.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        );
-    }
-    let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
-    // Warm up: TLS, keys, cache.
-    for (i, t) in tokens.iter().take(50).enumerate() {
-        fetch(&channels[i % channels.len()], t).await?;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    // Completions per whole second of the run, for its spread.
-    let seconds: Arc<Vec<AtomicU64>> =
-        Arc::new((0..dur.as_secs() + 2).map(|_| AtomicU64::new(0)).collect());
-    let cpu0 = cpu_seconds(pid);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..concurrency {
-        let (ch, tokens, stop, seconds) = (
-            channels[c % channels.len()].clone(),
-            tokens.clone(),
-            stop.clone(),
-            seconds.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = c;
-            // Paced: this caller's k-th call is due at start + (k + c/n) * n/rate.
-            let period = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
-            let mut due = period.map(|p| start + p.mul_f64(c as f64 / concurrency as f64));
-            while !stop.load(Ordering::Relaxed) {
-                // A paced call's latency runs from its scheduled time when
-                // the caller is behind schedule (the last call came back
-                // late: that wait is the broker's), else from when the
-                // caller's timer fired (tokio's timer fires up to ~2 ms after
-                // the deadline, the load generator's slack, not the broker's).
-                let t = match (due.as_mut(), period) {
-                    (Some(at), Some(p)) => {
-                        let scheduled = *at;
-                        *at += p;
-                        if Instant::now() >= scheduled {
-                            scheduled
-                        } else {
-                            tokio::time::sleep_until(tokio::time::Instant::from_std(scheduled))
-                                .await;
-                            Instant::now()
+}
+
+impl Target<'_> {
+    /// One row: `concurrency` callers for `dur`, closed loop or paced at `rate`,
+    /// sending `Fetch`es, or health checks when `floor`.
+    async fn run(
+        &self,
+        tokens: &[String],
+        concurrency: usize,
+        rate: Option<f64>,
+        floor: bool,
+    ) -> Result<Row> {
+        let Target { port, ca, dur, pid } = *self;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        let mut channels = Vec::new();
+        for _ in 0..concurrency.clamp(1, 4) {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+                    .tls_config(tls.clone())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?,
+            );
+        }
+        let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
+        // Warm up: TLS, keys, cache.
+        for (i, t) in tokens.iter().take(50).enumerate() {
+            fetch(&channels[i % channels.len()], t).await?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        // Completions per whole second of the run, for its spread.
+        let seconds: Arc<Vec<AtomicU64>> =
+            Arc::new((0..dur.as_secs() + 2).map(|_| AtomicU64::new(0)).collect());
+        let cpu0 = cpu_seconds(pid);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..concurrency {
+            let (ch, tokens, stop, seconds) = (
+                channels[c % channels.len()].clone(),
+                tokens.clone(),
+                stop.clone(),
+                seconds.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = c;
+                // Paced: this caller's k-th call is due at start + (k + c/n) * n/rate.
+                let period = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+                let mut due = period.map(|p| start + p.mul_f64(c as f64 / concurrency as f64));
+                while !stop.load(Ordering::Relaxed) {
+                    // A paced call's latency runs from its scheduled time when
+                    // the caller is behind schedule (the last call came back
+                    // late: that wait is the broker's), else from when the
+                    // caller's timer fired (tokio's timer fires up to ~2 ms after
+                    // the deadline, the load generator's slack, not the broker's).
+                    let t = match (due.as_mut(), period) {
+                        (Some(at), Some(p)) => {
+                            let scheduled = *at;
+                            *at += p;
+                            if Instant::now() >= scheduled {
+                                scheduled
+                            } else {
+                                tokio::time::sleep_until(tokio::time::Instant::from_std(scheduled))
+                                    .await;
+                                Instant::now()
+                            }
+                        }
+                        _ => Instant::now(),
+                    };
+                    let done = if floor {
+                        health_check(&ch).await
+                    } else {
+                        fetch(&ch, &tokens[i % tokens.len()]).await
+                    };
+                    if done.is_ok() {
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                        let second = start.elapsed().as_secs() as usize;
+                        if let Some(n) = seconds.get(second) {
+                            n.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    _ => Instant::now(),
-                };
-                let done = if floor {
-                    health_check(&ch).await
-                } else {
-                    fetch(&ch, &tokens[i % tokens.len()]).await
-                };
-                if done.is_ok() {
-                    lat.push(t.elapsed().as_secs_f64() * 1e6);
-                    let second = start.elapsed().as_secs() as usize;
-                    if let Some(n) = seconds.get(second) {
-                        n.fetch_add(1, Ordering::Relaxed);
-                    }
+                    i += concurrency;
                 }
-                i += concurrency;
-            }
-            lat
-        }));
+                lat
+            }));
+        }
+        tokio::time::sleep(dur).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await?);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu_used = cpu_seconds(pid) - cpu0;
+        lat.sort_by(f64::total_cmp);
+        let n = lat.len().max(1);
+        let whole: Vec<f64> = seconds[..dur.as_secs() as usize]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed) as f64)
+            .collect();
+        let spread = (
+            whole.iter().copied().fold(f64::INFINITY, f64::min),
+            whole.iter().copied().fold(0.0, f64::max),
+        );
+        Ok(Row {
+            cache: true,
+            concurrency,
+            identities: tokens.len(),
+            per_second: n as f64 / elapsed,
+            p50_us: percentile(&lat, 0.5),
+            p99_us: percentile(&lat, 0.99),
+            cpu_us_per_exchange: cpu_used * 1e6 / n as f64,
+            spread,
+            cdf_us: cdf(&lat),
+            offered: rate,
+        })
     }
-    tokio::time::sleep(dur).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu_used = cpu_seconds(pid) - cpu0;
-    lat.sort_by(f64::total_cmp);
-    let n = lat.len().max(1);
-    let whole: Vec<f64> = seconds[..dur.as_secs() as usize]
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed) as f64)
-        .collect();
-    let spread = (
-        whole.iter().copied().fold(f64::INFINITY, f64::min),
-        whole.iter().copied().fold(0.0, f64::max),
-    );
-    Ok(Row {
-        cache: true,
-        concurrency,
-        identities: tokens.len(),
-        per_second: n as f64 / elapsed,
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        cpu_us_per_exchange: cpu_used * 1e6 / n as f64,
-        spread,
-        cdf_us: cdf(&lat),
-        offered: rate,
-    })
 }
 
 async fn health_check(ch: &tonic::transport::Channel) -> Result<(), tonic::Status> {
