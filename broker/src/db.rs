@@ -264,14 +264,26 @@ impl Db {
 impl Db {
     /// SQLite: copies what the write-ahead log holds into the database file
     /// on a connection of the pool, beside any writer (a passive checkpoint
-    /// waits for no one and blocks no one). Nothing on PostgreSQL. On its
+    /// waits for no one and blocks no one), then syncs that file. Nothing on
+    /// PostgreSQL. On its
     /// own it never lets a log that is written all the time start over; see
     /// [`crate::state::writer`] for the second step that does.
     pub async fn checkpoint(&self) {
-        if let Db::Sqlite(pool) = self
-            && let Err(e) = sqlx::query(CHECKPOINT).execute(pool).await
-        {
+        let Db::Sqlite(pool) = self else { return };
+        if let Err(e) = sqlx::query(CHECKPOINT).execute(pool).await {
             tracing::warn!(error = %e, "cannot checkpoint the SQLite write-ahead log; retrying");
+            return;
+        }
+        // SQLite syncs the database file only after a checkpoint that
+        // copied the whole log, which one beside the writes never does: the
+        // writer's checkpoint would then flush a second of copied pages while
+        // every write waits for it. Flushing them here leaves it the few
+        // pages it copies itself.
+        let path = pool.connect_options().get_filename().to_owned();
+        let synced =
+            tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_data()).await;
+        if let Ok(Err(e)) = synced {
+            tracing::warn!(error = %e, "cannot sync the SQLite database file");
         }
     }
 }

@@ -10,10 +10,12 @@
 //! replica) the writer remembers the chain's end and each batch is one
 //! statement.
 
+use std::time::Duration;
+
 use aws_lc_rs::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::db::{Db, on_db};
@@ -326,23 +328,49 @@ impl Audit {
     }
 }
 
+/// What calls queue for the writer task: records, and a reader's request
+/// to be told once the records queued before it are written.
+#[derive(Debug)]
+pub(super) enum Queued {
+    Record(Entry),
+    Flush(oneshot::Sender<()>),
+}
+
 /// The handle calls use: queues records for the writer task.
 #[derive(Clone, Debug)]
 pub struct Auditor {
-    tx: mpsc::Sender<Entry>,
+    tx: mpsc::Sender<Queued>,
 }
+
+/// Longest [`Auditor::flush`] waits (the database may be down).
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 impl Auditor {
     /// A handle on the queue that [`super::writer`] drains.
-    pub(super) fn new(tx: mpsc::Sender<Entry>) -> Auditor {
+    pub(super) fn new(tx: mpsc::Sender<Queued>) -> Auditor {
         Auditor { tx }
     }
 
     /// Queues a record; never blocks a call. A full queue drops the record with a warning.
     pub fn record(&self, entry: Entry) {
-        if let Err(e) = self.tx.try_send(entry) {
+        if let Err(e) = self.tx.try_send(Queued::Record(entry)) {
             warn!(error = %e, "audit queue full; record dropped");
         }
+    }
+
+    /// Waits until the records queued before this call are written (the
+    /// writer holds records back to write many at once), for readers of the
+    /// log: an operator's `audit tail` shows the call made a moment ago.
+    /// Gives up after [`FLUSH_WAIT`], so that a reader still gets what the
+    /// log holds while the database refuses writes.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        let _ = tokio::time::timeout(FLUSH_WAIT, async {
+            if self.tx.send(Queued::Flush(done)).await.is_ok() {
+                let _ = written.await;
+            }
+        })
+        .await;
     }
 }
 
