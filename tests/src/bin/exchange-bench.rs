@@ -9,12 +9,14 @@
 //! database), the floor of the transport.
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256]
+//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256] [--paced-only]
 //!
 //! Tokens are RS256, as a Kubernetes API server signs them by default;
 //! `--es256` signs them with ECDSA P-256 instead.
 //!
 //! `--cache-only 1` runs only with the cache on, `2` only with it off.
+//! `--paced-only` runs, of the closed-loop rows, only concurrency 64 with one
+//! identity (the rate the paced rows offer a share of), then the paced rows.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +53,7 @@ fn main() -> Result<()> {
     // RS256, as a Kubernetes API server signs service-account tokens by
     // default; `--es256` for ECDSA P-256 tokens.
     let es256 = std::env::args().any(|a| a == "--es256");
+    let paced_only = std::env::args().any(|a| a == "--paced-only");
     let (alg, alg_name) = if es256 {
         (jsonwebtoken::Algorithm::ES256, "ES256")
     } else {
@@ -120,8 +123,13 @@ fn main() -> Result<()> {
             dur: Duration::from_secs(seconds),
             pid: broker.child.id(),
         };
-        for identities in [1usize, 1000] {
-            for concurrency in [1usize, 16, 64, 256] {
+        let (identities, concurrencies): (&[usize], &[usize]) = if paced_only {
+            (&[1], &[64])
+        } else {
+            (&[1, 1000], &[1, 16, 64, 256])
+        };
+        for &identities in identities {
+            for &concurrency in concurrencies {
                 eprintln!("  cache {cache}, concurrency {concurrency}, {identities} identities…");
                 let row =
                     rt.block_on(target.run(&tokens[..identities], concurrency, None, false))?;
