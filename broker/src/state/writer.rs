@@ -22,10 +22,9 @@
 //! minute of load). So every second a passive checkpoint copies the bulk
 //! beside the writes and syncs the database file, a second one copies what
 //! came in during the first, then the writer, between two batches, copies
-//! the rest (what came in during the second: a pause of about a
-//! millisecond under load, where copying all that came in since the first
-//! and syncing a second's copied pages was 4–20 ms), and its next write
-//! starts the log over.
+//! the rest (what came in during the second: a pause of 1–5 ms under load,
+//! where copying all that came in since the first and syncing a second's
+//! copied pages was 5–22 ms), and its next write starts the log over.
 
 use std::time::Duration;
 
@@ -61,6 +60,11 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// pauses only for what came in during the second.
 const BESIDE_ROUNDS: u32 = 2;
 
+/// Where a caller learns whether its leases were written.
+type Waiter = oneshot::Sender<Result<(), RecordError>>;
+/// Where a reader of the audit log learns that what was queued before it is written.
+type Flush = oneshot::Sender<()>;
+
 /// Moves what came off the audit queue into records and readers' flushes.
 fn split_queued(incoming: &mut Vec<Queued>, records: &mut Vec<Entry>, flushes: &mut Vec<Flush>) {
     for q in incoming.drain(..) {
@@ -70,11 +74,6 @@ fn split_queued(incoming: &mut Vec<Queued>, records: &mut Vec<Entry>, flushes: &
         }
     }
 }
-
-/// Where a caller learns whether its leases were written.
-type Waiter = oneshot::Sender<Result<(), RecordError>>;
-/// Where a reader of the audit log learns that what was queued before it is written.
-type Flush = oneshot::Sender<()>;
 
 /// Starts the writer on `db` and returns the handles calls use. The task
 /// ends once every handle is dropped and what they queued is written; audit
@@ -408,9 +407,9 @@ mod tests {
         let (_leases, auditor, _task) = start(db.clone());
         // Nothing queued: a flush returns at once.
         auditor.flush().await;
-        // Fewer records than a batch, well within AUDIT_DELAY: the writer
-        // holds them back until the flush asks (it would write them after
-        // 100 ms), and the flush returns only once they are in the log.
+        // A batch and a bit: the full batch goes out at once, the other 44
+        // records would wait AUDIT_DELAY (100 ms) for more, and the flush
+        // returns only once they are in the log.
         let queued = std::time::Instant::now();
         for n in 0..300 {
             auditor.record(Entry::new("a/b", "fetch", "ok", json!({ "n": n })));
