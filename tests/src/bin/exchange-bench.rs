@@ -6,7 +6,8 @@
 //! call verifies the signature). The signature check alone is measured in the
 //! same run for the ratio, and so is the cost of the cheapest call there is
 //! (a gRPC health check over the same TLS connections: no token, no
-//! database), the floor of the transport.
+//! database), the floor of the transport, closed loop and paced like the
+//! paced rows (their latency floor).
 //!
 //!   cargo build --release --workspace --bins
 //!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256] [--paced-only]
@@ -99,6 +100,7 @@ fn main() -> Result<()> {
         .build()?;
     let mut rows = Vec::new();
     let mut rpc_floor: Option<Row> = None;
+    let mut rpc_floor_paced: Option<Row> = None;
     for cache in [true, false] {
         if (only == 1 && !cache) || (only == 2 && cache) {
             continue;
@@ -165,6 +167,14 @@ fn main() -> Result<()> {
             eprintln!("  the floor: grpc.health.v1 Check, concurrency 64…");
             let row = rt.block_on(target.run(&tokens[..1], 64, None, true))?;
             rpc_floor = Some(row);
+            // The latency floor of the paced rows: the same 64 paced
+            // callers at the quarter rate, sending health checks. What the
+            // transport, the two processes' wake-ups on two vCPUs and the
+            // load generator's timers add to any call.
+            let rate = (saturated * 0.25).round();
+            eprintln!("  the floor: 64 paced callers sending health checks, {rate}/s…");
+            let row = rt.block_on(target.run(&tokens[..1], 64, Some(rate), true))?;
+            rpc_floor_paced = Some(row);
         }
         drop(broker);
     }
@@ -224,6 +234,14 @@ fn main() -> Result<()> {
             r.per_second, r.cpu_us_per_exchange
         );
     }
+    if let Some(r) = &rpc_floor_paced {
+        println!(
+            "the same, 64 paced callers offering {:.0}/s: p50 {:.0} µs, p99 {:.0} µs",
+            r.offered.unwrap_or_default(),
+            r.p50_us,
+            r.p99_us
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -232,6 +250,9 @@ fn main() -> Result<()> {
             "verify_us": floor_us,
             "rpc_floor_us": rpc_floor_us,
             "rpc_floor_per_second": rpc_floor.as_ref().map(|r| r.per_second),
+            "rpc_floor_paced": rpc_floor_paced.as_ref().map(|r| serde_json::json!({
+                "offered_per_second": r.offered, "p50_us": r.p50_us, "p99_us": r.p99_us,
+            })),
             "rows": rows.iter().map(|r| serde_json::json!({
                 "verify_cache": r.cache, "offered_per_second": r.offered,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
