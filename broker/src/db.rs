@@ -265,9 +265,8 @@ impl Db {
     /// SQLite: copies what the write-ahead log holds into the database file
     /// on a connection of the pool, beside any writer (a passive checkpoint
     /// waits for no one and blocks no one), then syncs that file. Nothing on
-    /// PostgreSQL. On its
-    /// own it never lets a log that is written all the time start over; see
-    /// [`crate::state::writer`] for the second step that does.
+    /// PostgreSQL. On its own it never lets a log that is written all the
+    /// time start over; see [`crate::state::writer`] for the step that does.
     pub async fn checkpoint(&self) {
         let Db::Sqlite(pool) = self else { return };
         if let Err(e) = sqlx::query(CHECKPOINT).execute(pool).await {

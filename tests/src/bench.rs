@@ -136,6 +136,29 @@ pub fn time_rotations(
     Ok(samples)
 }
 
+/// `n` TLS connections to the broker on loopback `port` (certificate for
+/// `localhost`, signed by `ca`), with Nagle off as a sidecar has it.
+pub async fn broker_channels(
+    port: u16,
+    ca: &[u8],
+    n: usize,
+) -> Result<Vec<tonic::transport::Channel>> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+                .tls_config(tls.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
 /// Backend load: 50 workers fetch `name` over one TLS connection to the
 /// broker on `port` for `seconds`, cycling through `tokens` (one per pod), so
 /// many poll intervals pass under load. Returns the fetches served.
@@ -149,13 +172,7 @@ pub fn fetch_load(
     let ca = std::fs::read(&world.tls.ca)?;
     let name = name.to_owned();
     world.runtime.block_on(async move {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name("localhost");
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-            .tls_config(tls)?
-            .connect()
-            .await?;
+        let channel = broker_channels(port, &ca, 1).await?.remove(0);
         let client = pb::broker_client::BrokerClient::new(channel);
         let tokens = std::sync::Arc::new(tokens);
         let deadline = Instant::now() + Duration::from_secs(seconds);

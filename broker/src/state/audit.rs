@@ -202,7 +202,7 @@ impl Audit {
             if self.db.is_postgres() {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
             }
-            let end = sqlx::query(LAST).fetch_optional(&mut *tx).await?.map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1)));
+            let end: Option<ChainEnd> = sqlx::query_as(LAST).fetch_optional(&mut *tx).await?;
             let (batch, _) = chain(end, entries)?;
             let insert = if self.db.is_postgres() { INSERT_PG } else { INSERT_SQLITE };
             sqlx::query(insert).bind(&batch).execute(&mut *tx).await?;
@@ -227,10 +227,7 @@ impl Audit {
         }
         let from = match end.take() {
             Some(e) => Some(e),
-            None => sqlx::query(LAST)
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1))),
+            None => sqlx::query_as(LAST).fetch_optional(&mut *conn).await?,
         };
         let (batch, last) = chain(from, entries)?;
         sqlx::query(INSERT_SQLITE)

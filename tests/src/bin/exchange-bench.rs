@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::{SigningAlgorithm, Workload};
-use secrets_broker_e2e::bench::{BENCH_ROLES, cdf};
+use secrets_broker_e2e::bench::{BENCH_ROLES, broker_channels, cdf};
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
 
@@ -288,19 +288,7 @@ impl Target<'_> {
         floor: bool,
     ) -> Result<Row> {
         let Target { port, ca, dur, pid } = *self;
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name("localhost");
-        let mut channels = Vec::new();
-        for _ in 0..concurrency.clamp(1, 4) {
-            channels.push(
-                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-                    .tls_config(tls.clone())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?,
-            );
-        }
+        let channels = broker_channels(port, ca, concurrency.clamp(1, 4)).await?;
         let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
         // Warm up: TLS, keys, cache.
         for (i, t) in tokens.iter().take(50).enumerate() {

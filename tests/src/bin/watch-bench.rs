@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use secrets_broker::dev::issuer::Workload;
-use secrets_broker_e2e::bench::BENCH_ROLES;
+use secrets_broker_e2e::bench::{BENCH_ROLES, broker_channels};
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile, status_kib};
 use secrets_broker_proto::v1 as pb;
 
@@ -59,19 +59,7 @@ fn main() -> Result<()> {
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let open_start = Instant::now();
     rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name("localhost");
-        let mut channels = Vec::new();
-        for _ in 0..connections {
-            channels.push(
-                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
-                    .tls_config(tls.clone())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?,
-            );
-        }
+        let channels = broker_channels(port, &ca, connections).await?;
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         for (i, t) in tokens.iter().enumerate() {
             let mut c = pb::broker_client::BrokerClient::new(channels[i % connections].clone());
