@@ -149,7 +149,6 @@ pub async fn run(
     let audit = Audit::new(db.clone());
     // One task writes the exchange path's rows: leases, then audit records.
     let (leases, auditor, writer) = state::writer::start(db.clone());
-    let poke = Arc::new(tokio::sync::Notify::new());
     // The admin API binds before anything is served, so its errors stop the start.
     let admin = match &config.admin {
         None => None,
@@ -229,7 +228,6 @@ pub async fn run(
         revocations.clone(),
         db.clone(),
         config.revocation.refresh_interval,
-        poke.clone(),
         down_rx.clone(),
     ));
     if let Some((listener, tls, clients)) = admin {
@@ -239,7 +237,7 @@ pub async fn run(
             audit,
             auditor: auditor.clone(),
             store: store.clone(),
-            poke,
+            view: view.clone(),
         };
         tokio::spawn(api::admin::serve(
             listener,

@@ -29,7 +29,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
@@ -38,7 +38,7 @@ use crate::config::{AdminClient, AdminConfig, AdminRole};
 use crate::db::unix_now;
 use crate::state::Leases;
 use crate::state::audit::{Audit, Auditor, Entry};
-use crate::state::revocation::{NewRule, Revocations, RuleError};
+use crate::state::revocation::{NewRule, Revocations, RuleError, View};
 
 /// Who is calling, from the TLS handshake.
 #[derive(Debug, Clone)]
@@ -73,8 +73,9 @@ pub struct AdminState {
     pub audit: Audit,
     pub auditor: Auditor,
     pub store: EmbeddedStore,
-    /// Wakes the local revocation view after a change.
-    pub poke: Arc<Notify>,
+    /// This replica's view of the rules, re-read after a change so that the
+    /// change is in force here when the call returns.
+    pub view: Arc<View>,
 }
 
 /// An error answer: a status and a message a person can act on.
@@ -221,7 +222,7 @@ async fn create_revocation(
             RuleError::UnknownLease(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             RuleError::Database(e) => e.into(),
         })?;
-    s.poke.notify_one();
+    enforce_here(&s).await;
     let ended = s.leases.end_matching(&rule, unix_now()).await?;
     info!(rule = %rule.id, by = %c.actor(), reason = %rule.reason, leases_ended = ended, "revocation rule created");
     s.auditor.record(Entry::new(
@@ -234,6 +235,14 @@ async fn create_revocation(
         StatusCode::CREATED,
         Json(json!({ "rule": rule, "leases_ended": ended })),
     ))
+}
+
+/// Re-reads the rules into this replica's view after a change. The change is
+/// stored either way; when the read fails the view's own loop catches up.
+async fn enforce_here(s: &AdminState) {
+    if let Err(e) = s.view.refresh(&s.revocations).await {
+        warn!(error = %e, "cannot re-read the revocation rules after a change; the next refresh will");
+    }
 }
 
 async fn delete_revocation(
@@ -254,7 +263,7 @@ async fn delete_revocation(
             format!("revocation rule {id:?} does not exist"),
         ));
     }
-    s.poke.notify_one();
+    enforce_here(&s).await;
     info!(rule = %id, by = %c.actor(), "revocation rule deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -282,6 +282,9 @@ pub struct View {
     max_staleness: Duration,
     /// New rules, for watch streams to push to sidecars.
     added: broadcast::Sender<Rule>,
+    /// One read of the rules at a time, so that a read which began before a
+    /// change cannot replace the view after a read which saw it.
+    reading: tokio::sync::Mutex<()>,
 }
 
 impl View {
@@ -293,7 +296,17 @@ impl View {
             }),
             max_staleness,
             added: broadcast::channel(1024).0,
+            reading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Reads the rules from the database and replaces the view with them.
+    /// The admin API calls this after a change, so that the replica which
+    /// made it enforces it before the call returns.
+    pub async fn refresh(&self, rules: &Revocations) -> Result<(), sqlx::Error> {
+        let _one = self.reading.lock().await;
+        self.replace(rules.list().await?);
+        Ok(())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Rule> {
@@ -364,13 +377,12 @@ impl View {
 }
 
 /// Keeps `view` fresh until `shutdown`: re-reads every `interval`, and at
-/// once on a PostgreSQL notification or a local change (`poke`).
+/// once on a PostgreSQL notification (a change through any replica).
 pub async fn keep_fresh(
     view: Arc<View>,
     rules: Revocations,
     db: Db,
     interval: Duration,
-    poke: Arc<tokio::sync::Notify>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut notes = crate::db::Notifications::new(&db, NOTIFY_CHANNEL);
@@ -378,13 +390,11 @@ pub async fn keep_fresh(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         notes.connect().await;
-        match rules.list().await {
-            Ok(list) => view.replace(list),
-            Err(e) => warn!(error = %e, age = ?view.age(), "cannot read revocation rules"),
+        if let Err(e) = view.refresh(&rules).await {
+            warn!(error = %e, age = ?view.age(), "cannot read revocation rules");
         }
         tokio::select! {
             _ = tick.tick() => {}
-            _ = poke.notified() => {}
             _ = notes.recv() => {}
             _ = crate::until_true(&mut shutdown) => return,
         }
