@@ -442,6 +442,38 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_refresh_after_a_change_puts_it_in_force_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
+            path: dir.path().join("r.db"),
+        })
+        .await
+        .unwrap();
+        let (rules, leases) = (Revocations::new(db.clone()), super::super::Leases::new(db));
+        let view = View::new(Duration::from_secs(5));
+        let mut announced = view.subscribe();
+        let id = Identity::for_test("payments", "api");
+        view.refresh(&rules).await.unwrap();
+        assert!(view.check(&id, &[]).is_ok());
+        let new = NewRule {
+            namespace: Some("payments".into()),
+            reason: "INC-1".into(),
+            ..NewRule::default()
+        };
+        let rule = rules.create(new, "oncall", &leases).await.unwrap();
+        view.refresh(&rules).await.unwrap();
+        assert_eq!(view.check(&id, &[]).unwrap_err().rule_id, rule.id);
+        assert_eq!(
+            announced.try_recv().unwrap().id,
+            rule.id,
+            "watch streams hear of it"
+        );
+        assert!(rules.delete(&rule.id).await.unwrap());
+        view.refresh(&rules).await.unwrap();
+        assert!(view.check(&id, &[]).is_ok(), "lifted at once too");
+    }
+
     #[test]
     fn view_checks_and_fails_closed_when_stale() {
         let view = View::new(Duration::from_secs(5));
