@@ -101,19 +101,14 @@ impl SecretCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::{DatabaseConfig, Db};
+    use crate::db::Db;
 
     #[tokio::test]
     async fn concurrent_reads_of_one_secret_coalesce_into_one_backend_read() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k");
         crate::backend::embedded::generate_key_file(&key, "k1").unwrap();
-        let db = Db::connect(&DatabaseConfig::Sqlite {
-            path: dir.path().join("db"),
-        })
-        .await
-        .unwrap();
-        let store = EmbeddedStore::new(db, &key).unwrap();
+        let store = EmbeddedStore::new(Db::sqlite_in(dir.path()).await, &key).unwrap();
         store.put("a", b"value").await.unwrap();
         let metrics = Arc::new(Metrics::new(Default::default()));
         let cache = SecretCache::new(store.clone(), Duration::from_secs(60), metrics.clone());

@@ -145,6 +145,19 @@ fn schema(postgres: bool) -> Vec<String> {
     ]
 }
 
+#[cfg(test)]
+impl Db {
+    /// The SQLite database `state.db` in `dir` (made and migrated when new),
+    /// for unit tests.
+    pub(crate) async fn sqlite_in(dir: &std::path::Path) -> Db {
+        Db::connect(&DatabaseConfig::Sqlite {
+            path: dir.join("state.db"),
+        })
+        .await
+        .unwrap()
+    }
+}
+
 impl Db {
     /// Connects and migrates the schema.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Db, sqlx::Error> {

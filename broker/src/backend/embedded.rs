@@ -315,12 +315,7 @@ mod tests {
         if !key.exists() {
             generate_key_file(&key, "k1").unwrap();
         }
-        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
-            path: dir.join("store.db"),
-        })
-        .await
-        .unwrap();
-        EmbeddedStore::new(db, &key).unwrap()
+        EmbeddedStore::new(Db::sqlite_in(dir).await, &key).unwrap()
     }
 
     #[tokio::test]
@@ -346,7 +341,11 @@ mod tests {
         let s = store(dir.path()).await;
         s.put("db/password", b"plaintext-marker-123").await.unwrap();
         s.db.close().await;
-        for file in ["store.db", "store.db-wal"] {
+        assert!(
+            dir.path().join("state.db").exists(),
+            "the test reads the real file"
+        );
+        for file in ["state.db", "state.db-wal"] {
             if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
                 assert!(
                     !bytes.windows(20).any(|w| w == b"plaintext-marker-123"),

@@ -379,11 +379,7 @@ mod tests {
     #[tokio::test]
     async fn chain_detects_alteration_and_removal() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
-            path: dir.path().join("a.db"),
-        })
-        .await
-        .unwrap();
+        let db = Db::sqlite_in(dir.path()).await;
         let audit = Audit::new(db.clone());
         let entries: Vec<Entry> = (0..5)
             .map(|i| Entry::new("payments/api", "fetch", "ok", json!({"n": i})))

@@ -445,11 +445,7 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_after_a_change_puts_it_in_force_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&crate::db::DatabaseConfig::Sqlite {
-            path: dir.path().join("r.db"),
-        })
-        .await
-        .unwrap();
+        let db = Db::sqlite_in(dir.path()).await;
         let (rules, leases) = (Revocations::new(db.clone()), super::super::Leases::new(db));
         let view = View::new(Duration::from_secs(5));
         let mut announced = view.subscribe();

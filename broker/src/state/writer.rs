@@ -324,14 +324,6 @@ mod tests {
     use serde_json::json;
     use sqlx::Row;
 
-    async fn sqlite(dir: &tempfile::TempDir) -> Db {
-        Db::connect(&crate::db::DatabaseConfig::Sqlite {
-            path: dir.path().join("w.db"),
-        })
-        .await
-        .unwrap()
-    }
-
     fn lease(id: &str) -> LeaseRecord {
         LeaseRecord {
             lease_id: id.to_owned(),
@@ -364,7 +356,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_batch_fails_its_callers_and_the_next_one_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sqlite(&dir).await;
+        let db = Db::sqlite_in(dir.path()).await;
         let (leases, _auditor, _task) = start(db.clone());
         leases.record(vec![lease("l1")]).await.unwrap();
         // The same lease again breaks the primary key: its caller is told.
@@ -380,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn the_chain_survives_an_append_the_writer_did_not_make() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sqlite(&dir).await;
+        let db = Db::sqlite_in(dir.path()).await;
         let audit = Audit::new(db.clone());
         let (_leases, auditor, _task) = start(db.clone());
         auditor.record(Entry::new("a/b", "fetch", "ok", json!({"n": 1})));
@@ -402,7 +394,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_waits_for_the_records_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sqlite(&dir).await;
+        let db = Db::sqlite_in(dir.path()).await;
         let audit = Audit::new(db.clone());
         let (_leases, auditor, _task) = start(db.clone());
         // Nothing queued: a flush returns at once.
@@ -439,7 +431,7 @@ mod tests {
     #[tokio::test]
     async fn after_the_writers_checkpoint_the_log_starts_over() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sqlite(&dir).await;
+        let db = Db::sqlite_in(dir.path()).await;
         let mut writer = Writer {
             leases: Leases::new(db.clone()),
             audit: Audit::new(db.clone()),
