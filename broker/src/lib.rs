@@ -38,7 +38,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::api::grpc::{BrokerService, poll_rotations};
+use crate::api::grpc::{BrokerService, Rotations, poll_rotations};
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::config::Config;
 use crate::db::Db;
@@ -230,6 +230,12 @@ pub async fn run(
         config.revocation.refresh_interval,
         down_rx.clone(),
     ));
+    let rotations = Arc::new(Rotations::new(
+        store.clone(),
+        versions.clone(),
+        cache.clone(),
+        rot_tx.clone(),
+    ));
     if let Some((listener, tls, clients)) = admin {
         let state = api::admin::AdminState {
             revocations: revocations.clone(),
@@ -238,6 +244,7 @@ pub async fn run(
             auditor: auditor.clone(),
             store: store.clone(),
             view: view.clone(),
+            rotations: rotations.clone(),
         };
         tokio::spawn(api::admin::serve(
             listener,
@@ -248,11 +255,8 @@ pub async fn run(
         ));
     }
     tokio::spawn(poll_rotations(
-        store.clone(),
+        rotations.clone(),
         config.store.poll_interval,
-        versions.clone(),
-        cache.clone(),
-        rot_tx.clone(),
         down_rx.clone(),
     ));
 

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use crate::api::grpc::Rotations;
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::config::{AdminClient, AdminConfig, AdminRole};
 use crate::db::unix_now;
@@ -76,6 +77,9 @@ pub struct AdminState {
     /// This replica's view of the rules, re-read after a change so that the
     /// change is in force here when the call returns.
     pub view: Arc<View>,
+    /// This replica's record of secret versions, brought up to date after a
+    /// write so that a fetch here serves the new value when the call returns.
+    pub rotations: Arc<Rotations>,
 }
 
 /// An error answer: a status and a message a person can act on.
@@ -245,6 +249,13 @@ async fn enforce_here(s: &AdminState) {
     }
 }
 
+/// Puts a secret write in force on this replica before the call returns.
+async fn serve_here(s: &AdminState) {
+    if let Err(e) = s.rotations.refresh().await {
+        warn!(error = %e, "cannot re-read secret versions after a write; the next poll will");
+    }
+}
+
 async fn delete_revocation(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -405,6 +416,7 @@ async fn put_secret(
         })?);
     drop(zeroize::Zeroizing::new(body.value_base64));
     let version = s.store.put(&name, &value).await?;
+    serve_here(&s).await;
     s.auditor.record(Entry::new(
         c.actor(),
         "secrets.version",
@@ -427,6 +439,7 @@ async fn delete_secret(
         &json!({ "secret": name }),
     )?;
     let n = s.store.delete(&name).await?;
+    serve_here(&s).await;
     if n == 0 {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
