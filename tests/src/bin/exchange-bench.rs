@@ -18,6 +18,13 @@
 //! `--cache-only 1` runs only with the cache on, `2` only with it off.
 //! `--paced-only` runs, of the closed-loop rows, only concurrency 64 with one
 //! identity (the rate the paced rows offer a share of), then the paced rows.
+//!
+//! `--pairs N` (cache on) measures the paced tail against its floor with the
+//! VM's drift taken out: after the closed-loop row it alternates, N times,
+//! 64 paced callers sending `Fetch`es and the same callers sending health
+//! checks, `--seconds` each, at `--rate` calls/s (default a quarter of the
+//! closed-loop rate), and prints each pair and the median, least and most of
+//! each figure and of the exchange's p99 over its pair's floor.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,7 +61,8 @@ fn main() -> Result<()> {
     // RS256, as a Kubernetes API server signs service-account tokens by
     // default; `--es256` for ECDSA P-256 tokens.
     let es256 = std::env::args().any(|a| a == "--es256");
-    let paced_only = std::env::args().any(|a| a == "--paced-only");
+    let pairs = flag("--pairs", 0) as usize;
+    let paced_only = pairs > 0 || std::env::args().any(|a| a == "--paced-only");
     let (alg, alg_name) = if es256 {
         (jsonwebtoken::Algorithm::ES256, "ES256")
     } else {
@@ -101,8 +109,10 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut rpc_floor: Option<Row> = None;
     let mut rpc_floor_paced: Option<Row> = None;
+    // (exchange, health check) rows, run one after the other.
+    let mut paired: Vec<(Row, Row)> = Vec::new();
     for cache in [true, false] {
-        if (only == 1 && !cache) || (only == 2 && cache) {
+        if (only == 1 && !cache) || (only == 2 && cache) || (pairs > 0 && !cache) {
             continue;
         }
         let setting = if cache {
@@ -150,6 +160,19 @@ fn main() -> Result<()> {
             .iter()
             .find(|r| r.cache == cache && r.concurrency == 64 && r.identities == 1)
             .map_or(1000.0, |r| r.per_second);
+        if pairs > 0 {
+            let rate = flag("--rate", (saturated * 0.25).round() as u64) as f64;
+            for i in 1..=pairs {
+                eprintln!(
+                    "  pair {i}/{pairs}: 64 paced callers, {rate}/s, Fetch then health check…"
+                );
+                let exchange = rt.block_on(target.run(&tokens[..1], 64, Some(rate), false))?;
+                let floor = rt.block_on(target.run(&tokens[..1], 64, Some(rate), true))?;
+                paired.push((exchange, floor));
+            }
+            drop(broker);
+            continue;
+        }
         for share in [0.25, 0.5] {
             let rate = (saturated * share).round();
             eprintln!("  cache {cache}, 64 paced callers offering {rate}/s…");
@@ -206,14 +229,17 @@ fn main() -> Result<()> {
             r.cpu_us_per_exchange
         );
     }
-    println!(
-        "64 paced callers (latency from the scheduled time when behind it, else from the timer firing):"
-    );
-    println!(
-        "{:>12} {:>12} {:>12} {:>10} {:>10} {:>20}",
-        "verify cache", "offered/s", "served/s", "p50", "p99", "broker CPU/exchange"
-    );
-    for r in rows.iter().filter(|r| r.offered.is_some()) {
+    let paced: Vec<&Row> = rows.iter().filter(|r| r.offered.is_some()).collect();
+    if !paced.is_empty() {
+        println!(
+            "64 paced callers (latency from the scheduled time when behind it, else from the timer firing):"
+        );
+        println!(
+            "{:>12} {:>12} {:>12} {:>10} {:>10} {:>20}",
+            "verify cache", "offered/s", "served/s", "p50", "p99", "broker CPU/exchange"
+        );
+    }
+    for r in paced {
         println!(
             "{:>12} {:>12.0} {:>12.0} {:>7.0} µs {:>7.0} µs {:>16.0} µs",
             if r.cache { "on" } else { "off" },
@@ -223,6 +249,9 @@ fn main() -> Result<()> {
             r.p99_us,
             r.cpu_us_per_exchange
         );
+    }
+    if !paired.is_empty() {
+        print_pairs(&paired);
     }
     println!(
         "{alg_name} verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs"
@@ -253,6 +282,13 @@ fn main() -> Result<()> {
             "rpc_floor_paced": rpc_floor_paced.as_ref().map(|r| serde_json::json!({
                 "offered_per_second": r.offered, "p50_us": r.p50_us, "p99_us": r.p99_us,
             })),
+            "pairs": paired.iter().map(|(e, f)| serde_json::json!({
+                "offered_per_second": e.offered,
+                "exchange": { "per_second": e.per_second, "p50_us": e.p50_us, "p99_us": e.p99_us,
+                              "broker_cpu_us_per_exchange": e.cpu_us_per_exchange },
+                "health_check": { "per_second": f.per_second, "p50_us": f.p50_us, "p99_us": f.p99_us },
+                "p99_over_floor_us": e.p99_us - f.p99_us,
+            })).collect::<Vec<_>>(),
             "rows": rows.iter().map(|r| serde_json::json!({
                 "verify_cache": r.cache, "offered_per_second": r.offered,
                 "concurrency": r.concurrency, "identities": r.identities, "per_second": r.per_second,
@@ -266,6 +302,54 @@ fn main() -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Each pair's figures, then the median, least and most of each column.
+fn print_pairs(paired: &[(Row, Row)]) {
+    println!(
+        "paired, 64 paced callers offering {:.0}/s: Fetch, then health checks, in turn (cache on):",
+        paired[0].0.offered.unwrap_or_default()
+    );
+    println!(
+        "{:>6} {:>12} {:>12} {:>12} {:>14} {:>14} {:>14} {:>18}",
+        "pair",
+        "served/s",
+        "Fetch p50",
+        "Fetch p99",
+        "broker CPU/call",
+        "health p50",
+        "health p99",
+        "Fetch p99 − health"
+    );
+    let cols = |e: &Row, f: &Row| {
+        [
+            e.per_second,
+            e.p50_us,
+            e.p99_us,
+            e.cpu_us_per_exchange,
+            f.p50_us,
+            f.p99_us,
+            e.p99_us - f.p99_us,
+        ]
+    };
+    let line = |label: &str, c: [f64; 7]| {
+        println!(
+            "{label:>6} {:>12.0} {:>9.0} µs {:>9.0} µs {:>11.0} µs {:>11.0} µs {:>11.0} µs {:>15.0} µs",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+        );
+    };
+    let all: Vec<[f64; 7]> = paired.iter().map(|(e, f)| cols(e, f)).collect();
+    for (i, c) in all.iter().enumerate() {
+        line(&(i + 1).to_string(), *c);
+    }
+    let column = |k: usize| {
+        let mut v: Vec<f64> = all.iter().map(|c| c[k]).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    for (label, p) in [("median", 0.5), ("least", 0.0), ("most", 1.0)] {
+        line(label, std::array::from_fn(|k| percentile(&column(k), p)));
+    }
 }
 
 /// The broker under test: where it listens, its CA, how long a row runs,
