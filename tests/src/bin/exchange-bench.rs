@@ -112,7 +112,13 @@ fn main() -> Result<()> {
     // (exchange, health check) rows, run one after the other.
     let mut paired: Vec<(Row, Row)> = Vec::new();
     for cache in [true, false] {
-        if (only == 1 && !cache) || (only == 2 && cache) || (pairs > 0 && !cache) {
+        // `--pairs` runs with the cache on only.
+        let wanted = if cache {
+            only != 2
+        } else {
+            only != 1 && pairs == 0
+        };
+        if !wanted {
             continue;
         }
         let setting = if cache {
