@@ -5,11 +5,11 @@
 //! Under load many calls share each write. The task takes every lease
 //! queued, writes them with one statement and answers their callers. Audit
 //! records wait until 256 are queued or the oldest has waited 100 ms (or a
-//! reader of the log asks, [`Auditor::flush`]), then go out with a few more
-//! statements of 32 records: a commit costs SQLite a few pages of log however
-//! few rows it holds, and a lease batch queued meanwhile is written between
-//! two of them, so its caller waits for 32 records at most, not 256. On SQLite both statements go over one connection with no
-//! transaction around them (each statement is atomic on its own), and the
+//! reader of the log asks, [`Auditor::flush`]), then go out in statements of
+//! 32 records: a commit costs SQLite a few pages of log however few rows it
+//! holds, and a lease batch queued meanwhile is written between two of them,
+//! so its caller waits for 32 records at most, not 256. On SQLite all these
+//! statements go over one connection with no transaction around them (each statement is atomic on its own), and the
 //! audit chain's end is remembered from one batch to the next instead of
 //! read again inside a transaction; each round trip to the connection's
 //! thread wakes that thread and then this task. On PostgreSQL, whose
@@ -39,13 +39,13 @@ use crate::db::Db;
 
 /// Most leases written by one statement.
 const MAX_LEASES: usize = 500;
-/// Most audit records written by one statement.
+/// Most audit records in one batch.
 const MAX_RECORDS: usize = 256;
 /// Most audit records written by one statement. A lease batch that comes in
 /// while audit records are written waits for the statement running, and a
-/// statement of 256 records took the connection 1.5 ms at the median and
-/// 2.5 ms at the 90th percentile at 6,100 exchanges/s (a tenth of that for
-/// 32), which put the writes of a full batch in the paced p99.
+/// statement of 256 records held the connection 1.5 ms at the median and
+/// 2.5 ms at the 90th percentile at 6,100 exchanges/s, which put the writes
+/// of a full batch in the paced p99.
 const AUDIT_CHUNK: usize = 32;
 /// Calls' lease batches that may wait for the writer (each caller waits too).
 const LEASE_QUEUE: usize = 4096;
@@ -385,6 +385,17 @@ mod tests {
         }
     }
 
+    /// A writer on `db` that no task runs: the tests call its steps.
+    fn writer_on(db: &Db) -> Writer {
+        Writer {
+            leases: Leases::new(db.clone()),
+            audit: Audit::new(db.clone()),
+            db: db.clone(),
+            conn: None,
+            end: None,
+        }
+    }
+
     /// Polls until the audit log holds `n` records (the writer is asynchronous).
     async fn wait_for_records(audit: &Audit, n: usize) -> Vec<super::super::audit::Record> {
         for _ in 0..500 {
@@ -468,13 +479,7 @@ mod tests {
         let db = Db::sqlite_in(dir.path()).await;
         let audit = Audit::new(db.clone());
         let leases = Leases::new(db.clone());
-        let mut writer = Writer {
-            leases: Leases::new(db.clone()),
-            audit: Audit::new(db.clone()),
-            db: db.clone(),
-            conn: None,
-            end: None,
-        };
+        let mut writer = writer_on(&db);
         let mut records: Vec<Entry> = (0..AUDIT_CHUNK * 3 + 5)
             .map(|n| Entry::new("a/b", "fetch", "ok", json!({ "n": n })))
             .collect();
@@ -515,13 +520,7 @@ mod tests {
     async fn after_the_writers_checkpoint_the_log_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::sqlite_in(dir.path()).await;
-        let mut writer = Writer {
-            leases: Leases::new(db.clone()),
-            audit: Audit::new(db.clone()),
-            db: db.clone(),
-            conn: None,
-            end: None,
-        };
+        let mut writer = writer_on(&db);
         let mut none = Vec::new();
         for i in 0..20 {
             writer
