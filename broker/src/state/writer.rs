@@ -79,6 +79,21 @@ fn answer(waiters: &mut Vec<Waiter>, result: Result<(), RecordError>) {
     }
 }
 
+/// Moves the lease batches queued on `rx` into `leases` (up to
+/// [`MAX_LEASES`]) and their callers into `waiters`, without waiting.
+fn take_queued(
+    rx: &mut mpsc::Receiver<Batch>,
+    leases: &mut Vec<LeaseRecord>,
+    waiters: &mut Vec<Waiter>,
+) {
+    while leases.len() < MAX_LEASES
+        && let Ok((mut more, done)) = rx.try_recv()
+    {
+        leases.append(&mut more);
+        waiters.push(done);
+    }
+}
+
 /// Moves what came off the audit queue into records and readers' flushes.
 fn split_queued(incoming: &mut Vec<Queued>, records: &mut Vec<Entry>, flushes: &mut Vec<Flush>) {
     for q in incoming.drain(..) {
@@ -199,12 +214,7 @@ impl Writer {
                 tokio::task::yield_now().await;
             }
             // Whatever else is queued joins this write.
-            while leases.len() < MAX_LEASES
-                && let Ok((mut more, done)) = lease_rx.try_recv()
-            {
-                leases.append(&mut more);
-                waiters.push(done);
-            }
+            take_queued(&mut lease_rx, &mut leases, &mut waiters);
             // Audit records go out in batches: when a batch is full, when the
             // oldest has waited AUDIT_DELAY, when a reader waits, at shutdown.
             let write_records = retry.is_none()
@@ -305,23 +315,7 @@ impl Writer {
         let mut failed = written.is_err();
         answer(waiters, written);
         let mut audited = Ok(());
-        let mut first = true;
         while !records.is_empty() {
-            if !first && let Some(more) = more.as_deref_mut() {
-                let (mut late, mut late_waiters) = (Vec::new(), Vec::new());
-                while late.len() < MAX_LEASES
-                    && let Ok((mut l, w)) = more.try_recv()
-                {
-                    late.append(&mut l);
-                    late_waiters.push(w);
-                }
-                let written = Leases::insert_sqlite(conn, &late)
-                    .await
-                    .map_err(RecordError::from);
-                failed |= written.is_err();
-                answer(&mut late_waiters, written);
-            }
-            first = false;
             let n = records.len().min(AUDIT_CHUNK);
             audited = Audit::append_sqlite(conn, &mut self.end, &records[..n])
                 .await
@@ -330,6 +324,17 @@ impl Writer {
                 break;
             }
             records.drain(..n);
+            if let Some(more) = more.as_deref_mut()
+                && !records.is_empty()
+            {
+                let (mut late, mut late_waiters) = (Vec::new(), Vec::new());
+                take_queued(more, &mut late, &mut late_waiters);
+                let written = Leases::insert_sqlite(conn, &late)
+                    .await
+                    .map_err(RecordError::from);
+                failed |= written.is_err();
+                answer(&mut late_waiters, written);
+            }
         }
         if failed || audited.is_err() {
             // Whatever went wrong, the next batch starts on a new connection.
