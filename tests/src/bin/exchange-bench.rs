@@ -11,6 +11,7 @@
 //!
 //!   cargo build --release --workspace --bins
 //!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256] [--paced-only]
+//!   target/release/exchange-bench --pairs N [--rate R | --sweep]
 //!
 //! Tokens are RS256, as a Kubernetes API server signs them by default;
 //! `--es256` signs them with ECDSA P-256 instead.
@@ -25,6 +26,12 @@
 //! checks, `--seconds` each, at `--rate` calls/s (default a quarter of the
 //! closed-loop rate), and prints each pair and the median, least and most of
 //! each figure and of the exchange's p99 over its pair's floor.
+//!
+//! `--sweep` does the same at several rates, a sixteenth to a half of the
+//! closed-loop rate ([`SWEEP_SHARES`]), `--pairs` rounds (default 3), each
+//! round going through every rate once so the VM's drift falls on all of
+//! them alike: the p99 at concurrency 64 as a function of the offered load,
+//! and the highest offered rate whose p99 stayed under [`P99_TARGET_US`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +42,11 @@ use secrets_broker::dev::issuer::{SigningAlgorithm, Workload};
 use secrets_broker_e2e::bench::{BENCH_ROLES, broker_channels, cdf};
 use secrets_broker_e2e::{AUDIENCE, World, cpu_seconds, flag, percentile};
 use secrets_broker_proto::v1 as pb;
+
+/// Shares of the closed-loop rate (concurrency 64) that `--sweep` offers.
+const SWEEP_SHARES: [f64; 6] = [0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5];
+/// The target for the exchange's p99 at concurrency 64.
+const P99_TARGET_US: f64 = 2000.0;
 
 struct Row {
     cache: bool,
@@ -50,6 +62,8 @@ struct Row {
     /// Calls per second offered by paced callers; `None`: closed loop (each
     /// caller sends its next call when the last one returns).
     offered: Option<f64>,
+    /// Every call's latency (µs), sorted.
+    lat: Vec<f64>,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +75,8 @@ fn main() -> Result<()> {
     // RS256, as a Kubernetes API server signs service-account tokens by
     // default; `--es256` for ECDSA P-256 tokens.
     let es256 = std::env::args().any(|a| a == "--es256");
-    let pairs = flag("--pairs", 0) as usize;
+    let sweep = std::env::args().any(|a| a == "--sweep");
+    let pairs = flag("--pairs", if sweep { 3 } else { 0 }) as usize;
     let paced_only = pairs > 0 || std::env::args().any(|a| a == "--paced-only");
     let (alg, alg_name) = if es256 {
         (jsonwebtoken::Algorithm::ES256, "ES256")
@@ -109,8 +124,9 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut rpc_floor: Option<Row> = None;
     let mut rpc_floor_paced: Option<Row> = None;
-    // (exchange, health check) rows, run one after the other.
+    // (exchange, health check) rows, run one after the other, at each rate.
     let mut paired: Vec<(Row, Row)> = Vec::new();
+    let mut rates: Vec<f64> = Vec::new();
     for cache in [true, false] {
         // `--pairs` runs with the cache on only.
         let wanted = if cache {
@@ -167,14 +183,23 @@ fn main() -> Result<()> {
             .find(|r| r.cache == cache && r.concurrency == 64 && r.identities == 1)
             .map_or(1000.0, |r| r.per_second);
         if pairs > 0 {
-            let rate = flag("--rate", (saturated * 0.25).round() as u64) as f64;
+            rates = if sweep {
+                SWEEP_SHARES
+                    .iter()
+                    .map(|s| (saturated * s).round())
+                    .collect()
+            } else {
+                vec![flag("--rate", (saturated * 0.25).round() as u64) as f64]
+            };
             for i in 1..=pairs {
-                eprintln!(
-                    "  pair {i}/{pairs}: 64 paced callers, {rate}/s, Fetch then health check…"
-                );
-                let exchange = rt.block_on(target.run(&tokens[..1], 64, Some(rate), false))?;
-                let floor = rt.block_on(target.run(&tokens[..1], 64, Some(rate), true))?;
-                paired.push((exchange, floor));
+                for &rate in &rates {
+                    eprintln!(
+                        "  round {i}/{pairs}: 64 paced callers, {rate}/s, Fetch then health check…"
+                    );
+                    let exchange = rt.block_on(target.run(&tokens[..1], 64, Some(rate), false))?;
+                    let floor = rt.block_on(target.run(&tokens[..1], 64, Some(rate), true))?;
+                    paired.push((exchange, floor));
+                }
             }
             drop(broker);
             continue;
@@ -256,8 +281,21 @@ fn main() -> Result<()> {
             r.cpu_us_per_exchange
         );
     }
-    if !paired.is_empty() {
-        print_pairs(&paired);
+    if !sweep {
+        for &rate in &rates {
+            print_pairs(&at_rate(&paired, rate));
+        }
+    }
+    let sweep_rows: Vec<SweepRow> = rates
+        .iter()
+        .map(|&rate| SweepRow::of(&at_rate(&paired, rate)))
+        .collect();
+    let saturated = rows
+        .iter()
+        .find(|r| r.cache && r.concurrency == 64 && r.identities == 1 && r.offered.is_none())
+        .map(|r| r.per_second);
+    if sweep {
+        print_sweep(&sweep_rows, saturated);
     }
     println!(
         "{alg_name} verification alone (jsonwebtoken, aws-lc-rs, this process): {floor_us:.1} µs"
@@ -288,6 +326,15 @@ fn main() -> Result<()> {
             "rpc_floor_paced": rpc_floor_paced.as_ref().map(|r| serde_json::json!({
                 "offered_per_second": r.offered, "p50_us": r.p50_us, "p99_us": r.p99_us,
             })),
+            "sweep": sweep.then(|| serde_json::json!({
+                "rounds": pairs,
+                "closed_loop_per_second": saturated,
+                "target_p99_us": P99_TARGET_US,
+                "max_rate_under_target_every_round": SweepRow::highest(&sweep_rows, |r| r.fetch_p99.2),
+                "max_rate_under_target_median": SweepRow::highest(&sweep_rows, |r| r.fetch_p99.0),
+                "max_rate_under_target_all_rounds": SweepRow::highest(&sweep_rows, |r| r.pooled_p99),
+                "rates": sweep_rows.iter().map(SweepRow::json).collect::<Vec<_>>(),
+            })),
             "pairs": paired.iter().map(|(e, f)| serde_json::json!({
                 "offered_per_second": e.offered,
                 "exchange": { "per_second": e.per_second, "p50_us": e.p50_us, "p99_us": e.p99_us,
@@ -310,8 +357,151 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The pairs run at `rate`.
+fn at_rate(paired: &[(Row, Row)], rate: f64) -> Vec<&(Row, Row)> {
+    paired
+        .iter()
+        .filter(|(e, _)| e.offered == Some(rate))
+        .collect()
+}
+
+/// (median, least, most) of `values`.
+fn spread_of(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    (
+        percentile(&v, 0.5),
+        percentile(&v, 0.0),
+        percentile(&v, 1.0),
+    )
+}
+
+/// One offered rate of `--sweep`, over its rounds.
+struct SweepRow {
+    offered: f64,
+    served: f64,
+    fetch_p50: f64,
+    /// (median, least, most) over the rounds.
+    fetch_p99: (f64, f64, f64),
+    /// Over every round's calls together.
+    pooled_p99: f64,
+    health_p99: (f64, f64, f64),
+    cpu_us: f64,
+    under_target: usize,
+    rounds: usize,
+}
+
+impl SweepRow {
+    fn of(pairs: &[&(Row, Row)]) -> SweepRow {
+        let median = |f: fn(&Row) -> f64, health: bool| {
+            spread_of(pairs.iter().map(|(e, h)| if health { f(h) } else { f(e) }))
+        };
+        SweepRow {
+            offered: pairs[0].0.offered.unwrap_or_default(),
+            served: median(|r| r.per_second, false).0,
+            fetch_p50: median(|r| r.p50_us, false).0,
+            fetch_p99: median(|r| r.p99_us, false),
+            pooled_p99: {
+                let mut all: Vec<f64> = pairs
+                    .iter()
+                    .flat_map(|(e, _)| e.lat.iter().copied())
+                    .collect();
+                all.sort_by(f64::total_cmp);
+                percentile(&all, 0.99)
+            },
+            health_p99: median(|r| r.p99_us, true),
+            cpu_us: median(|r| r.cpu_us_per_exchange, false).0,
+            under_target: pairs
+                .iter()
+                .filter(|(e, _)| e.p99_us < P99_TARGET_US)
+                .count(),
+            rounds: pairs.len(),
+        }
+    }
+
+    /// The highest offered rate at which `p99` (a figure of the row) and
+    /// that of every lower rate were under the target.
+    fn highest(rows: &[SweepRow], p99: fn(&SweepRow) -> f64) -> Option<f64> {
+        rows.iter()
+            .take_while(|r| p99(r) < P99_TARGET_US)
+            .last()
+            .map(|r| r.offered)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let s = |(median, least, most): (f64, f64, f64)| serde_json::json!({ "median": median, "least": least, "most": most });
+        serde_json::json!({
+            "offered_per_second": self.offered,
+            "served_per_second": self.served,
+            "fetch_p50_us": self.fetch_p50,
+            "fetch_p99_us": s(self.fetch_p99),
+            "fetch_p99_all_rounds_us": self.pooled_p99,
+            "health_p99_us": s(self.health_p99),
+            "broker_cpu_us_per_exchange": self.cpu_us,
+            "rounds_under_target": self.under_target,
+            "rounds": self.rounds,
+        })
+    }
+}
+
+/// The p99 by offered rate, and the highest rate that met the target.
+fn print_sweep(rows: &[SweepRow], saturated: Option<f64>) {
+    let share =
+        |rate: f64| saturated.map_or(String::new(), |s| format!("{:.0} %", rate / s * 100.0));
+    println!(
+        "p99 at concurrency 64 by offered rate (64 paced callers, cache on; median of the rounds, least–most):"
+    );
+    println!(
+        "{:>10} {:>9} {:>10} {:>10} {:>22} {:>14} {:>20} {:>16} {:>11}",
+        "offered/s",
+        "share",
+        "served/s",
+        "Fetch p50",
+        "Fetch p99",
+        "p99 all rounds",
+        "health p99",
+        "broker CPU/call",
+        "under 2 ms"
+    );
+    let ms =
+        |(m, l, h): (f64, f64, f64)| format!("{:.2} ({:.2}–{:.2}) ms", m / 1e3, l / 1e3, h / 1e3);
+    for r in rows {
+        println!(
+            "{:>10.0} {:>9} {:>10.0} {:>7.0} µs {:>22} {:>11.2} ms {:>20} {:>13.0} µs {:>11}",
+            r.offered,
+            share(r.offered),
+            r.served,
+            r.fetch_p50,
+            ms(r.fetch_p99),
+            r.pooled_p99 / 1e3,
+            ms(r.health_p99),
+            r.cpu_us,
+            format!("{} of {}", r.under_target, r.rounds)
+        );
+    }
+    for (label, p99) in [
+        (
+            "in every round",
+            (|r: &SweepRow| r.fetch_p99.2) as fn(&SweepRow) -> f64,
+        ),
+        ("in the median round", |r: &SweepRow| r.fetch_p99.0),
+        ("over all rounds' calls", |r: &SweepRow| r.pooled_p99),
+    ] {
+        match SweepRow::highest(rows, p99) {
+            Some(rate) => println!(
+                "highest offered rate with the Fetch p99 under 2 ms {label} (and at every lower rate): {rate:.0}/s ({})",
+                share(rate)
+            ),
+            None => println!("the Fetch p99 was over 2 ms {label} at the lowest rate offered"),
+        }
+    }
+}
+
 /// Each pair's figures, then the median, least and most of each column.
-fn print_pairs(paired: &[(Row, Row)]) {
+fn print_pairs(paired: &[&(Row, Row)]) {
+    if paired.is_empty() {
+        return;
+    }
     println!(
         "paired, 64 paced callers offering {:.0}/s: Fetch, then health checks, in turn (cache on):",
         paired[0].0.offered.unwrap_or_default()
@@ -470,6 +660,7 @@ impl Target<'_> {
             spread,
             cdf_us: cdf(&lat),
             offered: rate,
+            lat,
         })
     }
 }
@@ -496,4 +687,37 @@ async fn fetch(ch: &tonic::transport::Channel, token: &str) -> Result<(), tonic:
         format!("Bearer {token}").parse().expect("ascii"),
     );
     client.fetch(req).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(offered: f64, median: f64, most: f64) -> SweepRow {
+        SweepRow {
+            offered,
+            served: offered,
+            fetch_p50: 500.0,
+            fetch_p99: (median, median, most),
+            pooled_p99: median,
+            health_p99: (800.0, 800.0, 800.0),
+            cpu_us: 100.0,
+            under_target: 0,
+            rounds: 1,
+        }
+    }
+
+    #[test]
+    fn the_highest_rate_under_target_stops_at_the_first_rate_over_it() {
+        let rows = [
+            row(1000.0, 1200.0, 1500.0),
+            row(2000.0, 1600.0, 2100.0),
+            row(3000.0, 2500.0, 2600.0),
+            // Under again at a higher rate: noise, not headroom.
+            row(4000.0, 1900.0, 1950.0),
+        ];
+        assert_eq!(SweepRow::highest(&rows, |r| r.fetch_p99.2), Some(1000.0));
+        assert_eq!(SweepRow::highest(&rows, |r| r.fetch_p99.0), Some(2000.0));
+        assert_eq!(SweepRow::highest(&rows[2..], |r| r.fetch_p99.0), None);
+    }
 }

@@ -7,8 +7,10 @@
 //!
 //!   bash scripts/bench.sh                 # builds, runs `cargo bench`, then this
 //!   target/release/secrets-bench [--quick] [--out bench-results] [--only exchange,propagation]
+//!   target/release/secrets-bench --replot bench-results/summary.json --out bench-results
 //!
-//! Scenarios: exchange, watch, sidecar, propagation, vault (needs
+//! Scenarios: exchange, sweep (the exchange's p99 at concurrency 64 by
+//! offered rate), watch, sidecar, propagation, vault (needs
 //! SECRETS_BROKER_BAO), aws (needs SECRETS_BROKER_MOTO); `bash scripts/test.sh`
 //! installs OpenBao and moto and `scripts/bench.sh` exports both. A scenario
 //! whose server is missing is reported as skipped. `--quick` shortens every
@@ -39,6 +41,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             name: "exchange",
             bin: "exchange-bench",
             args: pick(vec!["--seconds", "5"], vec!["--seconds", "1"]),
+            needs: None,
+        },
+        Scenario {
+            name: "sweep",
+            bin: "exchange-bench",
+            args: pick(
+                vec!["--sweep", "--pairs", "3", "--seconds", "4"],
+                vec!["--sweep", "--pairs", "1", "--seconds", "1"],
+            ),
             needs: None,
         },
         Scenario {
@@ -144,6 +155,17 @@ fn main() -> Result<()> {
         .context("the binary's directory")?
         .to_owned();
 
+    // Draws the plots again from a saved summary, running nothing.
+    if let Some(saved) = arg_value("--replot") {
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(&saved).with_context(|| format!("reading {saved}"))?,
+        )
+        .with_context(|| format!("{saved} is not a summary"))?;
+        for f in plots(&out, &report)? {
+            eprintln!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     let all = scenarios(quick);
     if let Some(only) = &only
         && let Some(bad) = only
@@ -446,6 +468,115 @@ fn throughput_plot(path: &Path, rows: &[Value]) -> Result<()> {
     Ok(())
 }
 
+/// The exchange's p99 at concurrency 64 by offered rate (`exchange-bench
+/// --sweep`): the median round with the least and most as a bar, the
+/// health checks' p99 at the same rates (the transport's floor), and the
+/// 2 ms target.
+fn sweep_plot(path: &Path, sweep: &Value) -> Result<()> {
+    let rates = sweep["rates"].as_array().context("sweep without rates")?;
+    let figure = |r: &Value, key: &str, which: &str| -> Option<(f64, f64)> {
+        Some((
+            r["offered_per_second"].as_f64()?,
+            r[key][which].as_f64()? / 1e3,
+        ))
+    };
+    let fetch: Vec<(f64, f64)> = rates
+        .iter()
+        .filter_map(|r| figure(r, "fetch_p99_us", "median"))
+        .collect();
+    let pooled: Vec<(f64, f64)> = rates
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["offered_per_second"].as_f64()?,
+                r["fetch_p99_all_rounds_us"].as_f64()? / 1e3,
+            ))
+        })
+        .collect();
+    let health: Vec<(f64, f64)> = rates
+        .iter()
+        .filter_map(|r| figure(r, "health_p99_us", "median"))
+        .collect();
+    let bars: Vec<(f64, f64, f64)> = rates
+        .iter()
+        .filter_map(|r| {
+            let (x, lo) = figure(r, "fetch_p99_us", "least")?;
+            Some((x, lo, figure(r, "fetch_p99_us", "most")?.1))
+        })
+        .collect();
+    let target = sweep["target_p99_us"].as_f64().unwrap_or(2000.0) / 1e3;
+    let x_top = fetch.iter().map(|p| p.0).fold(0f64, f64::max);
+    let y_top = bars
+        .iter()
+        .map(|b| b.2)
+        .fold(target, f64::max)
+        .min(target * 5.0);
+    if fetch.is_empty() {
+        bail!("an empty sweep");
+    }
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Exchange p99 at concurrency 64 by offered rate (64 paced callers)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_top * 1.08, 0f64..y_top * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("offered Fetch calls per second")
+        .y_desc("p99 latency (ms)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let (blue, grey, red) = (COLORS[0], RGBColor(120, 120, 120), COLORS[3]);
+    chart.draw_series(bars.iter().map(|&(x, lo, hi)| {
+        PathElement::new(
+            vec![(x, lo.min(y_top * 1.1)), (x, hi.min(y_top * 1.1))],
+            blue,
+        )
+    }))?;
+    chart
+        .draw_series(LineSeries::new(fetch.iter().copied(), blue.stroke_width(2)))?
+        .label("Fetch p99 (median round; bar: least–most)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart.draw_series(fetch.iter().map(|&p| Circle::new(p, 4, blue.filled())))?;
+    let green = COLORS[2];
+    chart
+        .draw_series(LineSeries::new(
+            pooled.iter().copied(),
+            green.stroke_width(2),
+        ))?
+        .label("Fetch p99 over all rounds' calls together")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            health.iter().copied(),
+            grey.stroke_width(2),
+        ))?
+        .label("gRPC health check p99 at the same rate (floor)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, target), (x_top * 1.08, target)],
+            red.stroke_width(1),
+        ))?
+        .label("target: 2 ms")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(1)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 fn plots(out: &Path, report: &Value) -> Result<Vec<PathBuf>> {
     load_font()?;
     let s = &report["scenarios"];
@@ -481,6 +612,12 @@ fn plots(out: &Path, report: &Value) -> Result<Vec<PathBuf>> {
         }
         let path = out.join("exchange-throughput.png");
         throughput_plot(&path, rows)?;
+        written.push(path);
+    }
+    let sweep = &s["sweep"]["summary"]["sweep"];
+    if sweep.is_object() {
+        let path = out.join("exchange-p99-by-rate.png");
+        sweep_plot(&path, sweep)?;
         written.push(path);
     }
     let p = &s["propagation"]["summary"];
