@@ -77,6 +77,8 @@ fn main() -> Result<()> {
     let es256 = std::env::args().any(|a| a == "--es256");
     let sweep = std::env::args().any(|a| a == "--sweep");
     let pairs = flag("--pairs", if sweep { 3 } else { 0 }) as usize;
+    // A sweep is made of rounds: at least one.
+    let pairs = if sweep { pairs.max(1) } else { pairs };
     let paced_only = pairs > 0 || std::env::args().any(|a| a == "--paced-only");
     let (alg, alg_name) = if es256 {
         (jsonwebtoken::Algorithm::ES256, "ES256")
