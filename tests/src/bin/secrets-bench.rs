@@ -339,6 +339,11 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// A legend entry: a short line in the series' colour and width.
+fn legend_line(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
 /// A CDF plot: one line per series, x on a log scale when `log_x`.
 fn cdf_plot(
     path: &Path,
@@ -376,9 +381,7 @@ fn cdf_plot(
                 chart
                     .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
                     .label(name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
+                    .legend(legend_line(color.stroke_width(2)));
             }
             chart
                 .configure_series_labels()
@@ -452,9 +455,7 @@ fn throughput_plot(path: &Path, rows: &[Value]) -> Result<()> {
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     chart
@@ -542,7 +543,7 @@ fn sweep_plot(path: &Path, sweep: &Value) -> Result<()> {
     chart
         .draw_series(LineSeries::new(fetch.iter().copied(), blue.stroke_width(2)))?
         .label("Fetch p99 (median round; bar: least–most)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+        .legend(legend_line(blue.stroke_width(2)));
     chart.draw_series(fetch.iter().map(|&p| Circle::new(p, 4, blue.filled())))?;
     let green = COLORS[2];
     chart
@@ -551,21 +552,21 @@ fn sweep_plot(path: &Path, sweep: &Value) -> Result<()> {
             green.stroke_width(2),
         ))?
         .label("Fetch p99 over all rounds' calls together")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2)));
+        .legend(legend_line(green.stroke_width(2)));
     chart
         .draw_series(LineSeries::new(
             health.iter().copied(),
             grey.stroke_width(2),
         ))?
         .label("gRPC health check p99 at the same rate (floor)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(2)));
+        .legend(legend_line(grey.stroke_width(2)));
     chart
         .draw_series(LineSeries::new(
             [(0.0, target), (x_top * 1.08, target)],
             red.stroke_width(1),
         ))?
         .label("target: 2 ms")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(1)));
+        .legend(legend_line(red.stroke_width(1)));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
