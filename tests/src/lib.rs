@@ -73,8 +73,33 @@ pub fn wait_for<T>(
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, taken from below the kernel's
+/// ephemeral range. A port the kernel hands out for `bind(0)` comes from the
+/// range it also uses for outgoing connections, so between this call and the
+/// server binding it any client on the machine could take it as its local
+/// port (CI saw a broker fail with "Address already in use"). Below that range
+/// only a server that binds the very number can, and each test process walks
+/// its own stretch of it, two ports a step: the one above each port handed
+/// out stays free, for servers that also take it (an OpenBao dev server's
+/// cluster listener is its port + 1).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_start.clamp(12_000, 65_535));
+    let pairs = (high - low) / 2;
+    let base = std::process::id().wrapping_mul(7_919) % pairs;
+    let free = |port: u32| StdListener::bind(("127.0.0.1", port as u16)).is_ok();
+    for _ in 0..pairs {
+        let port = low + 2 * ((base + NEXT.fetch_add(1, Ordering::Relaxed)) % pairs);
+        if free(port) && free(port + 1) {
+            return port as u16;
+        }
+    }
+    // Nothing free below the ephemeral range: take the kernel's.
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -375,18 +400,25 @@ max_staleness = "3s"
 
     /// Starts a broker with another config file (a second replica).
     pub fn start_broker_with(&self, config: &Path, log_name: &str) -> Result<Proc> {
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             Command::new(bin("secrets-broker"))
                 .args(["serve", "--config"])
                 .arg(config)
                 .env("RUST_LOG", self.log_level),
             self.path(log_name),
         )?;
+        // A broker that exits (a config it refuses, a port it cannot bind)
+        // fails the wait at once instead of after the whole timeout.
         wait_for("broker ready", Duration::from_secs(30), || {
-            proc.log_text()
-                .contains("signing keys loaded")
-                .then_some(())
+            if proc.log_text().contains("signing keys loaded") {
+                return Some(Ok(()));
+            }
+            let exited = proc.child.try_wait().ok().flatten()?;
+            Some(Err(anyhow::anyhow!(
+                "the broker exited ({exited}) before it was ready"
+            )))
         })
+        .and_then(|ready| ready)
         .with_context(|| format!("broker log:\n{}", proc.log_text()))?;
         Ok(proc)
     }
