@@ -7,6 +7,10 @@
 //! tokens is the broker's own verification (a refused token never reaches
 //! the proxy).
 //!
+//! The proxy can also stand in for an AWS outage ([`Fault`]): an endpoint
+//! that drops connections, answers too slowly, or answers every call with
+//! AWS's own 500 error, while moto itself keeps its state.
+//!
 //! The server comes from `~/.cache/secrets-broker-test/moto-venv` (the test
 //! command installs it there and exports `SECRETS_BROKER_MOTO`).
 
@@ -62,6 +66,24 @@ pub fn venv() -> PathBuf {
 /// Calls that reached moto, by action (`AssumeRole`, `GetSecretValue`, ...).
 pub type Counts = Arc<Mutex<HashMap<String, u64>>>;
 
+/// What the proxy does with the calls it takes (they are counted either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every call goes to moto and its answer comes back.
+    None,
+    /// Every connection is closed without an answer, as by an endpoint
+    /// that went away (the SDK sees a dispatch failure).
+    Down,
+    /// Every answer is held back this long first.
+    Slow(Duration),
+    /// Every call is answered with AWS's `500 InternalFailure`, without
+    /// reaching moto, in the JSON protocols' error shape (Secrets Manager's;
+    /// STS, a query protocol, would not parse it).
+    Failing,
+}
+
+type SharedFault = Arc<Mutex<Fault>>;
+
 /// A running moto server and its counting proxy.
 pub struct Moto {
     /// moto itself (for the tests' own setup calls, not counted).
@@ -69,6 +91,7 @@ pub struct Moto {
     /// The counting proxy in front of it: what the broker is pointed at.
     pub port: u16,
     counts: Counts,
+    fault: SharedFault,
     _proc: Proc,
     pub rt: tokio::runtime::Runtime,
 }
@@ -98,16 +121,30 @@ impl Moto {
         })
         .with_context(|| format!("moto log:\n{}", proc.log_text()))?;
         let counts = Counts::default();
+        let fault = Arc::new(Mutex::new(Fault::None));
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let port = listener.local_addr()?.port();
-        rt.spawn(proxy(listener, moto_port, http, counts.clone()));
+        rt.spawn(proxy(
+            listener,
+            moto_port,
+            http,
+            counts.clone(),
+            fault.clone(),
+        ));
         Ok(Moto {
             moto_port,
             port,
             counts,
+            fault,
             _proc: proc,
             rt,
         })
+    }
+
+    /// What the proxy does from now on, to calls on connections already
+    /// open and new ones alike.
+    pub fn set_fault(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
     }
 
     /// The endpoint the broker uses (through the counting proxy).
@@ -230,18 +267,25 @@ async fn proxy(
     moto_port: u16,
     http: reqwest::Client,
     counts: Counts,
+    fault: SharedFault,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if *fault.lock().unwrap() == Fault::Down {
+            drop(stream);
+            continue;
+        }
         let http = http.clone();
         let counts = counts.clone();
+        let fault = fault.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let http = http.clone();
                     let counts = counts.clone();
+                    let fault = fault.clone();
                     async move {
                         let (parts, body) = req.into_parts();
                         let body = body
@@ -262,6 +306,15 @@ async fn proxy(
                             }
                             *c.entry(act).or_default() += 1;
                         }
+                        let now = *fault.lock().unwrap();
+                        match now {
+                            Fault::None => {}
+                            // An error from the service makes hyper close
+                            // the connection without writing an answer.
+                            Fault::Down => return Err("endpoint down".to_owned()),
+                            Fault::Slow(delay) => tokio::time::sleep(delay).await,
+                            Fault::Failing => return Ok(internal_failure()),
+                        }
                         let path = parts
                             .uri
                             .path_and_query()
@@ -279,7 +332,7 @@ async fn proxy(
                         let resp = match fwd.body(body).send().await {
                             Ok(r) => r,
                             Err(e) => {
-                                return Ok::<_, std::convert::Infallible>(
+                                return Ok::<_, String>(
                                     hyper::Response::builder()
                                         .status(502)
                                         .body(Full::new(Bytes::from(e.to_string())))
@@ -304,4 +357,17 @@ async fn proxy(
                 .await;
         });
     }
+}
+
+/// AWS's answer to a call it failed on its side (JSON protocols:
+/// `x-amzn-ErrorType` and `__type` name the error; SDKs retry it).
+fn internal_failure() -> hyper::Response<Full<Bytes>> {
+    hyper::Response::builder()
+        .status(500)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-errortype", "InternalFailure")
+        .body(Full::new(Bytes::from_static(
+            br#"{"__type":"InternalFailure","message":"We encountered an internal error. Please try again."}"#,
+        )))
+        .unwrap()
 }

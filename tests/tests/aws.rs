@@ -565,3 +565,155 @@ poll_interval = "1h"
         assert!(!logs.contains(leak), "{leak} leaked into a log");
     }
 }
+
+/// Secrets Manager down (connections dropped), slow (answers held past the
+/// timeout) and failing (AWS's 500): each time the broker refuses the secret
+/// with a reason a person can act on, within its timeout, while the embedded
+/// store is served; the sidecar, asked to fetch by a rotation meanwhile,
+/// keeps its last good generation whole; when AWS is back, both are served
+/// again by themselves.
+#[test]
+fn secrets_manager_down_slow_or_failing_is_refused_clearly_and_recovers() {
+    use moto::Fault;
+    use std::time::Instant;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let moto =
+        Moto::start(std::env::temp_dir().join(format!("moto-faults-{}.log", std::process::id())))
+            .unwrap();
+    moto.create_secret("prod/app/db", "sm-fault-pw-0").unwrap();
+    // A value is served for poll_interval + max_stale after its last good
+    // read (1.5 s here); then a fetch reads Secrets Manager itself.
+    let world = world_with_aws(&format!(
+        r#"[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+timeout = "{timeout}s"
+poll_interval = "500ms"
+max_stale = "1s"
+[[aws.secrets]]
+name = "app/password"
+kind = "secretsmanager"
+secret_id = "prod/app/db"
+"#,
+        endpoint = moto.endpoint(),
+        timeout = TIMEOUT.as_secs(),
+    ));
+    // Leases long enough that no renewal falls inside the test: the sidecar
+    // fetches when a rotation tells it to.
+    let path = world.broker_config();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("ttl = \"6s\"", "ttl = \"10m\"")).unwrap();
+    world.put("app/key", "emb-fault-val-0").unwrap();
+    let broker = start_broker(&world);
+    let (sidecar, fs) = start_sidecar(
+        &world,
+        "app",
+        &pod("app-0", AUDIENCE),
+        "",
+        &[("app/password", "password"), ("app/key", "key")],
+    );
+    let (password, key) = (fs.path.join("password"), fs.path.join("key"));
+    let logs = || format!("{}\n{}", broker.log_text(), sidecar.log_text());
+    wait_for("both files written", LONG, || {
+        (read(&password).as_deref() == Some("sm-fault-pw-0")
+            && read(&key).as_deref() == Some("emb-fault-val-0"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let token = world.issuer.mint(&pod("probe", AUDIENCE)).unwrap();
+    let mut generation = 0;
+    for (fault, reason) in [
+        (Fault::Down, "unreachable"),
+        (Fault::Slow(TIMEOUT * 30), "unreachable"),
+        (Fault::Failing, "InternalFailure"),
+    ] {
+        moto.set_fault(fault);
+        let (err, took) = wait_for(
+            &format!("{fault:?}: the held value goes stale"),
+            LONG,
+            || {
+                let start = Instant::now();
+                let r = fetch(&world, &token, &["app/password"]);
+                r.err().map(|e| (e, start.elapsed()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        eprintln!("{fault:?}: refused after {took:?}: {}", err.message());
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{fault:?}: {err:?}");
+        assert!(
+            err.message().contains("app/password")
+                && err.message().contains("aws")
+                && err.message().contains(reason),
+            "{fault:?}: names the secret, the backend and {reason:?}: {err:?}"
+        );
+        // A liveness bound, not a speed claim: a slow AWS costs a caller a
+        // few timeouts (two attempts, perhaps behind the poller's read), not
+        // the 30 s AWS takes to answer.
+        assert!(
+            took < TIMEOUT * 10,
+            "{fault:?}: a call waited {took:?} with a {TIMEOUT:?} timeout\n{}",
+            logs()
+        );
+        let embedded = fetch(&world, &token, &["app/key"])
+            .unwrap_or_else(|e| panic!("{fault:?}: the embedded store is served: {e:?}"));
+        assert_eq!(
+            embedded[0].value,
+            format!("emb-fault-val-{generation}").as_bytes()
+        );
+        let (code, body) = secrets_broker_e2e::http_get(world.ops_port, "/readyz").unwrap();
+        assert_eq!(
+            code, 200,
+            "one failing backend does not take the replica out: {body}"
+        );
+
+        // A rotation of the embedded secret sends the sidecar to fetch both:
+        // the fetch fails, and the last good generation stays whole.
+        let failures_before = sidecar.log_text().matches("fetch failed").count();
+        generation += 1;
+        world
+            .put("app/key", &format!("emb-fault-val-{generation}"))
+            .unwrap();
+        wait_for(
+            &format!("{fault:?}: the sidecar's fetch fails"),
+            LONG,
+            || (sidecar.log_text().matches("fetch failed").count() > failures_before).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        assert_eq!(
+            read(&password).as_deref(),
+            Some(format!("sm-fault-pw-{}", generation - 1).as_str()),
+            "{fault:?}: the last good password stays"
+        );
+        assert_eq!(
+            read(&key).as_deref(),
+            Some(format!("emb-fault-val-{}", generation - 1).as_str()),
+            "{fault:?}: the files change together or not at all"
+        );
+
+        // AWS is back, with a version put meanwhile: the sidecar's retries
+        // write both new values in one generation, by themselves.
+        moto.set_fault(Fault::None);
+        moto.put_secret("prod/app/db", &format!("sm-fault-pw-{generation}"))
+            .unwrap();
+        wait_for(&format!("{fault:?}: recovered on disk"), LONG, || {
+            (read(&password) == Some(format!("sm-fault-pw-{generation}"))
+                && read(&key) == Some(format!("emb-fault-val-{generation}")))
+            .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        let served = fetch(&world, &token, &["app/password"])
+            .unwrap_or_else(|e| panic!("{fault:?}: served again: {e:?}\n{}", logs()));
+        assert_eq!(
+            served[0].value,
+            format!("sm-fault-pw-{generation}").as_bytes()
+        );
+    }
+    let (code, body) = secrets_broker_e2e::http_get(world.ops_port, "/readyz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("degraded"), "recovered: {body}");
+    let logs = logs();
+    for leak in ["sm-fault-pw-", "emb-fault-val-"] {
+        assert!(!logs.contains(leak), "{leak} leaked into a log");
+    }
+}
