@@ -400,11 +400,23 @@ max_staleness = "3s"
 
     /// Starts a broker with another config file (a second replica).
     pub fn start_broker_with(&self, config: &Path, log_name: &str) -> Result<Proc> {
+        self.start_broker_env(config, log_name, &[])
+    }
+
+    /// Starts a broker with these environment variables too (e.g. the AWS
+    /// credentials of its own calls), and waits until it is ready.
+    pub fn start_broker_env(
+        &self,
+        config: &Path,
+        log_name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let mut proc = Proc::spawn(
             Command::new(bin("secrets-broker"))
                 .args(["serve", "--config"])
                 .arg(config)
-                .env("RUST_LOG", self.log_level),
+                .env("RUST_LOG", self.log_level)
+                .envs(env.iter().copied()),
             self.path(log_name),
         )?;
         // A broker that exits (a config it refuses, a port it cannot bind)

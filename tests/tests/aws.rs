@@ -47,26 +47,19 @@ fn world_with_aws(aws_toml: &str) -> World {
 /// `secrets-broker serve` with static AWS credentials for its own calls (the
 /// default AWS chain reads them from the environment).
 fn start_broker(world: &World) -> Proc {
-    let proc = Proc::spawn(
-        Command::new(bin("secrets-broker"))
-            .args(["serve", "--config"])
-            .arg(world.broker_config())
-            .env("RUST_LOG", world.log_level)
-            .env("AWS_ACCESS_KEY_ID", "broker-key-id")
-            .env("AWS_SECRET_ACCESS_KEY", "broker-secret-key")
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("AWS_EC2_METADATA_DISABLED", "true"),
-        world.path("broker.log"),
-    )
-    .unwrap();
-    wait_for("broker ready", Duration::from_secs(30), || {
-        proc.log_text()
-            .contains("signing keys loaded")
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
-    proc
+    world
+        .start_broker_env(
+            &world.broker_config(),
+            "broker.log",
+            &[
+                ("AWS_ACCESS_KEY_ID", "broker-key-id"),
+                ("AWS_SECRET_ACCESS_KEY", "broker-secret-key"),
+                ("AWS_CONFIG_FILE", "/nonexistent"),
+                ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+                ("AWS_EC2_METADATA_DISABLED", "true"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 fn pod(name: &str, audience: &str) -> Workload {
@@ -570,8 +563,8 @@ poll_interval = "1h"
 /// timeout) and failing (AWS's 500): each time the broker refuses the secret
 /// with a reason a person can act on, within its timeout, while the embedded
 /// store is served; the sidecar, asked to fetch by a rotation meanwhile,
-/// keeps its last good generation whole; when AWS is back, both are served
-/// again by themselves.
+/// keeps its last good generation whole; when AWS is back, both secrets'
+/// new values are served and written again by themselves.
 #[test]
 fn secrets_manager_down_slow_or_failing_is_refused_clearly_and_recovers() {
     use moto::Fault;
@@ -692,7 +685,8 @@ secret_id = "prod/app/db"
         );
 
         // AWS is back, with a version put meanwhile: the sidecar's retries
-        // write both new values in one generation, by themselves.
+        // (and the rotation the poller then announces) bring both new
+        // values to disk by themselves.
         moto.set_fault(Fault::None);
         moto.put_secret("prod/app/db", &format!("sm-fault-pw-{generation}"))
             .unwrap();
