@@ -18,7 +18,8 @@ libfuzzer_sys::fuzz_target!(|input: (String, Vec<u8>)| {
         gid: None,
     };
     if let Ok(t) = Templates::new(&[spec]) {
-        let secrets: HashMap<&str, &[u8]> = HashMap::from([("a/b", &value[..]), ("db", &b"{\"u\":1}"[..])]);
+        let secrets: HashMap<&str, &[u8]> =
+            HashMap::from([("a/b", &value[..]), ("db", &b"{\"u\":1}"[..])]);
         let _ = t.render(&secrets);
     }
 });
