@@ -75,6 +75,12 @@ struct RawServer {
     rate_per_identity: u32,
     #[serde(default = "default_burst_per_identity")]
     burst_per_identity: u32,
+    /// Off (0) by default: a replica's capacity depends on its CPU, so only
+    /// the operator can size it; unset, only `max_in_flight` bounds the total.
+    #[serde(default)]
+    rate_global: u32,
+    /// Unset: one second's worth of `rate_global`.
+    burst_global: Option<u32>,
 }
 
 fn default_max_in_flight() -> usize {
@@ -328,6 +334,11 @@ pub struct ServerConfig {
     /// Calls per second per workload (0: unlimited) and its burst.
     pub rate_per_identity: u32,
     pub burst_per_identity: u32,
+    /// Calls per second over all workloads together (0: unlimited) and its
+    /// burst, so many workloads each within their own rate cannot together
+    /// push the replica past what it serves well.
+    pub rate_global: u32,
+    pub burst_global: u32,
 }
 
 /// Where keys come from: the issuer's discovery document (the default) or a
@@ -470,6 +481,14 @@ impl Config {
                 ));
             } else {
                 raw.server.burst_per_identity
+            },
+            rate_global: raw.server.rate_global,
+            burst_global: match raw.server.burst_global {
+                None => raw.server.rate_global,
+                Some(b) if raw.server.rate_global > 0 && b < raw.server.rate_global => {
+                    return Err(v.err("server.burst_global", "must be at least server.rate_global"));
+                }
+                Some(b) => b,
             },
             watch_heartbeat: v.bounded(
                 "server.watch_heartbeat",
@@ -1069,6 +1088,27 @@ ttl = "5m"
     }
 
     #[test]
+    fn global_rate_is_off_unless_set_and_its_burst_defaults_to_one_second() {
+        let off = parse(GOOD).unwrap().server;
+        assert_eq!((off.rate_global, off.burst_global), (0, 0));
+        let with = |keys: &str| {
+            parse(&GOOD.replace(
+                "tls_key_file = \"tls.key\"",
+                &format!("tls_key_file = \"tls.key\"\n{keys}"),
+            ))
+            .unwrap()
+            .server
+        };
+        let set = with("rate_global = 2000");
+        assert_eq!((set.rate_global, set.burst_global), (2000, 2000));
+        let set = with("rate_global = 2000\nburst_global = 5000");
+        assert_eq!((set.rate_global, set.burst_global), (2000, 5000));
+        // 0 is off whatever the burst says, as for the per-workload rate.
+        let set = with("rate_global = 0\nburst_global = 0");
+        assert_eq!(set.rate_global, 0);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = GOOD.replace("[store]", "[store]\npaht = \"x\"");
         let err = parse(&text).unwrap_err().to_string();
@@ -1102,6 +1142,11 @@ ttl = "5m"
                 "[store]",
                 "[revocation]\nmax_staleness = \"10ms\"\n[store]",
                 "revocation.max_staleness",
+            ),
+            (
+                "tls_key_file = \"tls.key\"",
+                "tls_key_file = \"tls.key\"\nrate_global = 100\nburst_global = 50",
+                "server.burst_global",
             ),
         ];
         for (from, to, key) in cases {

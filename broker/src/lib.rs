@@ -274,8 +274,14 @@ pub async fn run(
     let limits = Arc::new(api::limits::Limits::new(
         config.server.max_in_flight,
         config.server.max_watch_streams,
-        config.server.rate_per_identity,
-        config.server.burst_per_identity,
+        api::limits::Rate {
+            per_second: config.server.rate_per_identity,
+            burst: config.server.burst_per_identity,
+        },
+        api::limits::Rate {
+            per_second: config.server.rate_global,
+            burst: config.server.burst_global,
+        },
     ));
     tokio::spawn({
         let limits = limits.clone();

@@ -137,7 +137,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Overloaded(_) => "overloaded",
+            ApiError::Overloaded(e) => e.class(),
             ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
             ApiError::Database(_)
             | ApiError::LeaseRecord(_)

@@ -6,13 +6,21 @@
 //! - a rate per workload (namespace + service account + pod), a GCRA token
 //!   bucket (`server.rate_per_identity` per second, bursts of
 //!   `server.burst_per_identity`), so one misbehaving pod cannot starve the
-//!   others. Watch streams are long-lived and counted separately
-//!   (`server.max_watch_streams`).
+//!   others;
+//! - a global rate over all workloads together (`server.rate_global` per
+//!   second, bursts of `server.burst_global`; off unless set), so many
+//!   workloads each within their own rate cannot together drive the replica
+//!   past what it can serve. It is checked after the per-workload rate, so a
+//!   noisy workload refused by its own bucket does not spend the others'
+//!   share of the global one.
+//!
+//! Watch streams are long-lived and counted separately
+//! (`server.max_watch_streams`).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::identity::Identity;
@@ -24,6 +32,24 @@ pub struct Limits {
     streams: Arc<Semaphore>,
     max_streams: usize,
     per_identity: Option<(DefaultKeyedRateLimiter<String>, u32)>,
+    global: Option<(DefaultDirectRateLimiter, u32)>,
+}
+
+/// A GCRA rate: calls per second (0: no limit) and the burst allowed above it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The quota, or `None` when the rate is 0 (no limit). A burst below the
+    /// rate is raised to it (config validation refuses that anyway).
+    fn quota(self) -> Option<Quota> {
+        let r = NonZeroU32::new(self.per_second)?;
+        let burst = NonZeroU32::new(self.burst.max(self.per_second)).unwrap_or(r);
+        Some(Quota::per_second(r).allow_burst(burst))
+    }
 }
 
 /// Why a call was refused for load.
@@ -35,24 +61,48 @@ pub enum Overloaded {
     Streams(usize),
     #[error("{identity} exceeds {rate} calls per second; retry with backoff")]
     Rate { identity: String, rate: u32 },
+    /// All workloads together are over the replica's global rate: the
+    /// replica is busy, not the caller misbehaving.
+    #[error(
+        "the broker is at its global limit of {0} calls per second (all workloads together); retry with backoff"
+    )]
+    GlobalRate(u32),
+}
+
+impl Overloaded {
+    /// Which limit refused, a bounded label for the calls metric: an
+    /// operator tells a runaway workload (`overloaded`, its own rate) from a
+    /// replica at its global rate (`overloaded_global_rate`), which needs
+    /// more replicas or a higher `server.rate_global`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Overloaded::InFlight(_) | Overloaded::Streams(_) | Overloaded::Rate { .. } => {
+                "overloaded"
+            }
+            Overloaded::GlobalRate(_) => "overloaded_global_rate",
+        }
+    }
 }
 
 impl Limits {
-    /// `rate` 0 disables the per-identity limit.
-    pub fn new(max_in_flight: usize, max_streams: usize, rate: u32, burst: u32) -> Limits {
-        let per_identity = NonZeroU32::new(rate).map(|r| {
-            let burst = NonZeroU32::new(burst.max(rate)).unwrap_or(r);
-            (
-                RateLimiter::keyed(Quota::per_second(r).allow_burst(burst)),
-                rate,
-            )
-        });
+    /// A rate of 0 disables that limit (per identity, or global).
+    pub fn new(
+        max_in_flight: usize,
+        max_streams: usize,
+        per_identity: Rate,
+        global: Rate,
+    ) -> Limits {
         Limits {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             streams: Arc::new(Semaphore::new(max_streams)),
             max_streams,
-            per_identity,
+            per_identity: per_identity
+                .quota()
+                .map(|q| (RateLimiter::keyed(q), per_identity.per_second)),
+            global: global
+                .quota()
+                .map(|q| (RateLimiter::direct(q), global.per_second)),
         }
     }
 
@@ -72,8 +122,17 @@ impl Limits {
             .map_err(|_| Overloaded::Streams(self.max_streams))
     }
 
-    /// Counts a call against the workload's rate.
+    /// Counts a call against the workload's rate, then against the global
+    /// rate.
     pub fn check(&self, id: &Identity) -> Result<(), Overloaded> {
+        self.check_identity(id)?;
+        match &self.global {
+            Some((limiter, rate)) => limiter.check().map_err(|_| Overloaded::GlobalRate(*rate)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_identity(&self, id: &Identity) -> Result<(), Overloaded> {
         let Some((limiter, rate)) = &self.per_identity else {
             return Ok(());
         };
@@ -103,9 +162,18 @@ impl Limits {
 mod tests {
     use super::*;
 
+    const OFF: Rate = Rate {
+        per_second: 0,
+        burst: 0,
+    };
+
+    fn rate(per_second: u32, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+
     #[test]
     fn in_flight_is_bounded_and_released() {
-        let l = Limits::new(2, 1, 0, 0);
+        let l = Limits::new(2, 1, OFF, OFF);
         let a = l.admit().unwrap();
         let _b = l.admit().unwrap();
         assert!(matches!(l.admit(), Err(Overloaded::InFlight(2))));
@@ -117,7 +185,7 @@ mod tests {
 
     #[test]
     fn rate_is_per_workload() {
-        let l = Limits::new(10, 10, 2, 3);
+        let l = Limits::new(10, 10, rate(2, 3), OFF);
         let noisy = Identity::for_test("payments", "api");
         let quiet = Identity::for_test("payments", "worker");
         let admitted = (0..10).filter(|_| l.check(&noisy).is_ok()).count();
@@ -129,5 +197,51 @@ mod tests {
         );
         assert!(l.check(&quiet).is_ok(), "another workload is not affected");
         l.forget_idle();
+    }
+
+    #[test]
+    fn global_rate_bounds_all_workloads_together() {
+        let l = Limits::new(10, 10, rate(2, 2), rate(5, 5));
+        let workloads: Vec<_> = (0..10)
+            .map(|i| Identity::for_test("payments", &format!("api-{i}")))
+            .collect();
+        // Each workload is within its own rate, yet only the global burst
+        // is admitted; the rest are refused naming the global limit.
+        let results: Vec<_> = workloads.iter().map(|id| l.check(id)).collect();
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 5);
+        for e in results.into_iter().filter_map(Result::err) {
+            assert!(matches!(e, Overloaded::GlobalRate(5)), "{e:?}");
+            assert_eq!(e.class(), "overloaded_global_rate");
+            let msg = e.to_string();
+            assert!(msg.contains("global limit of 5 calls per second"), "{msg}");
+            assert!(!msg.contains("payments"), "not blamed on a workload: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_workload_over_its_own_rate_does_not_spend_the_global_rate() {
+        let l = Limits::new(10, 10, rate(2, 2), rate(3, 3));
+        let noisy = Identity::for_test("payments", "api");
+        let refusals: Vec<_> = (0..20).filter_map(|_| l.check(&noisy).err()).collect();
+        assert_eq!(refusals.len(), 18, "its own burst, then refused");
+        assert!(
+            refusals
+                .iter()
+                .all(|e| matches!(e, Overloaded::Rate { .. }) && e.class() == "overloaded"),
+            "{refusals:?}"
+        );
+        // The global bucket spent only the 2 admitted calls: one is left.
+        assert!(l.check(&Identity::for_test("payments", "worker")).is_ok());
+        assert!(matches!(
+            l.check(&Identity::for_test("payments", "cron")),
+            Err(Overloaded::GlobalRate(3))
+        ));
+    }
+
+    #[test]
+    fn a_global_rate_of_zero_is_no_limit() {
+        let l = Limits::new(10, 10, OFF, OFF);
+        let id = Identity::for_test("payments", "api");
+        assert!((0..10_000).all(|_| l.check(&id).is_ok()));
     }
 }
