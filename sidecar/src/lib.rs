@@ -194,6 +194,9 @@ impl Keeper {
         let mut fresh = HashMap::with_capacity(secrets.len());
         for s in secrets {
             let lease = s.lease.unwrap_or_default();
+            // A lease ID is no credential (every call that uses one carries
+            // the pod's token too); logged so a lost lease can be traced.
+            debug!(secret = %s.name, version = s.version, lease_id = %lease.lease_id, "lease received");
             changed |= self
                 .held
                 .get(&s.name)

@@ -7,9 +7,10 @@
 //! tokens is the broker's own verification (a refused token never reaches
 //! the proxy).
 //!
-//! The proxy can also stand in for an AWS outage ([`Fault`]): an endpoint
-//! that drops connections, answers too slowly, or answers every call with
-//! AWS's own 500 error, while moto itself keeps its state.
+//! The proxy (a [`FaultProxy`]) can also stand in for an AWS outage
+//! ([`Fault`]): an endpoint that drops connections, answers too slowly, or
+//! answers every call with AWS's own 500 error, while moto itself keeps its
+//! state.
 //!
 //! The server comes from `~/.cache/secrets-broker-test/moto-venv` (the test
 //! command installs it there and exports `SECRETS_BROKER_MOTO`).
@@ -21,9 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 
+pub use crate::proxy::Fault;
+use crate::proxy::FaultProxy;
 use crate::{Proc, free_port, wait_for};
 
 /// The account moto answers for.
@@ -66,24 +69,6 @@ pub fn venv() -> PathBuf {
 /// Calls that reached moto, by action (`AssumeRole`, `GetSecretValue`, ...).
 pub type Counts = Arc<Mutex<HashMap<String, u64>>>;
 
-/// What the proxy does with the calls it takes (they are counted either way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// Every call goes to moto and its answer comes back.
-    None,
-    /// Every connection is closed without an answer, as by an endpoint
-    /// that went away (the SDK sees a dispatch failure).
-    Down,
-    /// Every answer is held back this long first.
-    Slow(Duration),
-    /// Every call is answered with AWS's `500 InternalFailure`, without
-    /// reaching moto, in the JSON protocols' error shape (Secrets Manager's;
-    /// STS, a query protocol, would not parse it).
-    Failing,
-}
-
-type SharedFault = Arc<Mutex<Fault>>;
-
 /// A running moto server and its counting proxy.
 pub struct Moto {
     /// moto itself (for the tests' own setup calls, not counted).
@@ -91,7 +76,7 @@ pub struct Moto {
     /// The counting proxy in front of it: what the broker is pointed at.
     pub port: u16,
     counts: Counts,
-    fault: SharedFault,
+    proxy: FaultProxy,
     _proc: Proc,
     pub rt: tokio::runtime::Runtime,
 }
@@ -121,21 +106,18 @@ impl Moto {
         })
         .with_context(|| format!("moto log:\n{}", proc.log_text()))?;
         let counts = Counts::default();
-        let fault = Arc::new(Mutex::new(Fault::None));
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-        let port = listener.local_addr()?.port();
-        rt.spawn(proxy(
-            listener,
+        let counted = counts.clone();
+        let proxy = FaultProxy::start(
+            &rt,
             moto_port,
-            http,
-            counts.clone(),
-            fault.clone(),
-        ));
+            move |parts, body| count(&counted, parts, body),
+            internal_failure,
+        )?;
         Ok(Moto {
             moto_port,
-            port,
+            port: proxy.port,
             counts,
-            fault,
+            proxy,
             _proc: proc,
             rt,
         })
@@ -144,7 +126,7 @@ impl Moto {
     /// What the proxy does from now on, to calls on connections already
     /// open and new ones alike.
     pub fn set_fault(&self, fault: Fault) {
-        *self.fault.lock().unwrap() = fault;
+        self.proxy.set_fault(fault);
     }
 
     /// The endpoint the broker uses (through the counting proxy).
@@ -262,105 +244,25 @@ fn action(headers: &hyper::HeaderMap, query: &str, body: &[u8]) -> String {
     "other".into()
 }
 
-async fn proxy(
-    listener: tokio::net::TcpListener,
-    moto_port: u16,
-    http: reqwest::Client,
-    counts: Counts,
-    fault: SharedFault,
-) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        if *fault.lock().unwrap() == Fault::Down {
-            drop(stream);
-            continue;
-        }
-        let http = http.clone();
-        let counts = counts.clone();
-        let fault = fault.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let http = http.clone();
-                    let counts = counts.clone();
-                    let fault = fault.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let query = parts.uri.query().unwrap_or_default().to_owned();
-                        let act = action(&parts.headers, &query, &body);
-                        {
-                            let mut c = counts.lock().unwrap();
-                            // JSON protocols name their target: count per secret too.
-                            if let Some(id) = serde_json::from_slice::<serde_json::Value>(&body)
-                                .ok()
-                                .and_then(|v| v["SecretId"].as_str().map(str::to_owned))
-                            {
-                                *c.entry(format!("{act}:{id}")).or_default() += 1;
-                            }
-                            *c.entry(act).or_default() += 1;
-                        }
-                        let now = *fault.lock().unwrap();
-                        match now {
-                            Fault::None => {}
-                            // An error from the service makes hyper close
-                            // the connection without writing an answer.
-                            Fault::Down => return Err("endpoint down".to_owned()),
-                            Fault::Slow(delay) => tokio::time::sleep(delay).await,
-                            Fault::Failing => return Ok(internal_failure()),
-                        }
-                        let path = parts
-                            .uri
-                            .path_and_query()
-                            .map(|p| p.as_str().to_owned())
-                            .unwrap_or_else(|| "/".into());
-                        let mut fwd = http.request(
-                            parts.method.clone(),
-                            format!("http://127.0.0.1:{moto_port}{path}"),
-                        );
-                        for (k, v) in &parts.headers {
-                            if k != hyper::header::CONTENT_LENGTH {
-                                fwd = fwd.header(k, v);
-                            }
-                        }
-                        let resp = match fwd.body(body).send().await {
-                            Ok(r) => r,
-                            Err(e) => {
-                                return Ok::<_, String>(
-                                    hyper::Response::builder()
-                                        .status(502)
-                                        .body(Full::new(Bytes::from(e.to_string())))
-                                        .unwrap(),
-                                );
-                            }
-                        };
-                        let mut out = hyper::Response::builder().status(resp.status().as_u16());
-                        for (k, v) in resp.headers() {
-                            if k != hyper::header::CONTENT_LENGTH
-                                && k != hyper::header::TRANSFER_ENCODING
-                            {
-                                out = out.header(k, v);
-                            }
-                        }
-                        let bytes = resp.bytes().await.unwrap_or_default();
-                        Ok(out.body(Full::new(bytes)).unwrap())
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
+/// Counts a call that reached the proxy by action and, for the JSON
+/// protocols (which name their target), by action and secret too.
+fn count(counts: &Counts, parts: &hyper::http::request::Parts, body: &Bytes) {
+    let query = parts.uri.query().unwrap_or_default();
+    let act = action(&parts.headers, query, body);
+    let mut c = counts.lock().unwrap();
+    if let Some(id) = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["SecretId"].as_str().map(str::to_owned))
+    {
+        *c.entry(format!("{act}:{id}")).or_default() += 1;
     }
+    *c.entry(act).or_default() += 1;
 }
 
-/// AWS's answer to a call it failed on its side (JSON protocols:
-/// `x-amzn-ErrorType` and `__type` name the error; SDKs retry it).
+/// AWS's answer to a call it failed on its side (`500 InternalFailure`), in
+/// the JSON protocols' error shape: `x-amzn-ErrorType` and `__type` name
+/// the error; SDKs retry it. (Secrets Manager's shape; STS, a query
+/// protocol, would not parse it.)
 fn internal_failure() -> hyper::Response<Full<Bytes>> {
     hyper::Response::builder()
         .status(500)

@@ -61,11 +61,13 @@ fn fetch(world: &World, token: &str) -> Result<Vec<u8>, tonic::Status> {
 
 #[test]
 fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
+    // The broker's bound on each request to the issuer.
+    const HTTP_TIMEOUT_S: u64 = 1;
     let world = World::new(ROLES).unwrap();
     let path = world.broker_config();
     let text = std::fs::read_to_string(&path).unwrap().replacen(
         "leeway = \"5s\"",
-        "leeway = \"5s\"\nhttp_timeout = \"1s\"",
+        &format!("leeway = \"5s\"\nhttp_timeout = \"{HTTP_TIMEOUT_S}s\""),
         1,
     );
     std::fs::write(&path, text).unwrap();
@@ -79,9 +81,51 @@ fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
         .map(|i| world.issuer.mint(&pod(&format!("known-{i}"))).unwrap())
         .collect();
     assert_eq!(fetch(&world, &known[0]).unwrap(), b"jwks-fault-secret");
+
+    // The issuer rotates while it is up: a new key (new kid) signs from now
+    // on, published next to the old one. Its tokens are refused as signed by
+    // an unknown key until the broker refetches the keys (at most once per
+    // `jwks_refresh_min_interval`, 2 s here), then accepted; the old key's
+    // tokens keep working after the refetch.
+    let old_kid = jsonwebtoken::decode_header(&known[0]).unwrap().kid.unwrap();
+    let up_kid = world.issuer.rotate_key().unwrap();
+    let published = world.issuer.jwks().to_string();
+    assert!(
+        published.contains(&format!("\"{old_kid}\""))
+            && published.contains(&format!("\"{up_kid}\"")),
+        "both keys are published: {published}"
+    );
+    let mut n = 0;
+    wait_for(
+        "the key rotated in while the issuer is up accepted",
+        LONG,
+        || {
+            n += 1;
+            let token = world.issuer.mint(&pod(&format!("up-{n}"))).unwrap();
+            match fetch(&world, &token) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+                    assert!(e.message().contains(&up_kid), "names the key: {e:?}");
+                    None
+                }
+            }
+        },
+    )
+    .map(|v| assert_eq!(v, b"jwks-fault-secret"))
+    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_text()));
+    assert_eq!(
+        fetch(&world, &known[4]).unwrap(),
+        b"jwks-fault-secret",
+        "a token of the old key, still published, keeps working after the rotation"
+    );
+    // Tokens of the key learned mid-run, for the outages below.
+    let learned: Vec<String> = (0..3)
+        .map(|i| world.issuer.mint(&pod(&format!("learned-{i}"))).unwrap())
+        .collect();
     let threads_before = status_kib(pid, "Threads:");
 
-    // The issuer goes down and rotates its key meanwhile.
+    // The issuer goes down and rotates its key again meanwhile.
     world.issuer.set_fault(Fault::Unavailable);
     let new_kid = world.issuer.rotate_key().unwrap();
     let rotated = |i: usize| world.issuer.mint(&pod(&format!("rotated-{i}"))).unwrap();
@@ -97,6 +141,11 @@ fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
             b"jwks-fault-secret",
             "{fault:?}: a known key keeps working"
         );
+        assert_eq!(
+            fetch(&world, &learned[k]).unwrap(),
+            b"jwks-fault-secret",
+            "{fault:?}: the key learned mid-run keeps working"
+        );
         // Many calls with the unknown key at once: each fails clearly and
         // promptly (one refresh at a time, bounded by http_timeout).
         let tokens: Vec<String> = (0..20).map(rotated).collect();
@@ -104,14 +153,37 @@ fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
             let world = &world;
             let handles: Vec<_> = tokens
                 .iter()
-                .map(|t| s.spawn(move || fetch(world, t)))
+                .map(|t| {
+                    s.spawn(move || {
+                        let started = std::time::Instant::now();
+                        (fetch(world, t), started.elapsed())
+                    })
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for r in calls {
+        // Promptly: a call waits for at most the one refresh in flight, which
+        // gives up after `http_timeout` (1 s) on the discovery document, and
+        // a second refresh if it arrived past the rate limit: about 1-2 s
+        // while the issuer hangs, far less otherwise. 10x the timeout leaves
+        // room for 20 TLS handshakes at once on a slow 2-vCPU VM, and still
+        // fails a call that waits for the hanging issuer itself.
+        let bound = Duration::from_secs(10 * HTTP_TIMEOUT_S);
+        let slowest = calls.iter().map(|(_, t)| *t).max().unwrap();
+        eprintln!("{fault:?}: the slowest of 20 calls with an unknown key took {slowest:?}");
+        for ((r, took), token) in calls.into_iter().zip(&tokens) {
             let e = r.expect_err("a token signed with a key the broker cannot load");
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{fault:?}: {e:?}");
             assert!(e.message().contains(&new_kid), "{fault:?}: {e:?}");
+            let parts: Vec<&str> = token.split('.').collect();
+            assert!(
+                !e.message().contains(parts[1]) && !e.message().contains(parts[2]),
+                "{fault:?}: the error echoes no token: {e:?}"
+            );
+            assert!(
+                took <= bound,
+                "{fault:?}: a call with an unknown key took {took:?} (bound {bound:?}): it waited on the issuer"
+            );
         }
         let (code, body) = http_get(world.ops_port, "/readyz").unwrap();
         assert_eq!(
@@ -132,6 +204,111 @@ fn jwks_outages_keep_known_keys_working_and_unknown_keys_fail_clearly() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_text()));
     assert!(!broker.log_text().contains("jwks-fault-secret"));
+}
+
+/// The issuer's clock ahead of or behind the broker's, with the real broker
+/// process: tokens are minted with all their times shifted, as an issuer
+/// whose clock is off mints them. Within `identity.leeway` they are
+/// accepted; beyond it refused with UNAUTHENTICATED naming the problem, and
+/// neither the answer nor the broker's log holds the token.
+#[test]
+fn clock_skew_within_the_leeway_is_accepted_and_beyond_it_refused_by_name() {
+    // Wide enough that "within" (a third of it) and "beyond" (three times
+    // it) stay on their side however slowly this VM runs between minting a
+    // token and the broker checking it.
+    const LEEWAY_S: i64 = 60;
+    let world = World::new(ROLES).unwrap();
+    let path = world.broker_config();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("leeway = \"5s\""),
+        "the world's config changed"
+    );
+    std::fs::write(
+        &path,
+        text.replacen("leeway = \"5s\"", &format!("leeway = \"{LEEWAY_S}s\""), 1),
+    )
+    .unwrap();
+    world.put("app/key", "skew-secret").unwrap();
+    let broker = world.start_broker("broker.log").unwrap();
+
+    // A token for pod `name` from an issuer whose clock is `shift` seconds
+    // ahead of ours (behind when negative); `claims` shifts only those.
+    let skewed = |name: &str, shift: i64, claims: &[&str]| {
+        let mut c = world.issuer.claims(&pod(name));
+        for k in claims {
+            c[*k] = (c[*k].as_i64().unwrap() + shift).into();
+        }
+        world.issuer.sign(&c).unwrap()
+    };
+    const ALL: &[&str] = &["iat", "nbf", "exp"];
+    // The workload's tokens live 600 s (Workload::new).
+    let ttl = 600;
+    let within = LEEWAY_S / 3;
+    let beyond = 3 * LEEWAY_S;
+    let mut tokens = Vec::new();
+
+    // Accepted: issued `within` ahead; expired `within` ago.
+    for (name, token) in [
+        ("ahead-within", skewed("ahead-within", within, ALL)),
+        (
+            "expired-within",
+            skewed("expired-within", -(ttl + within), ALL),
+        ),
+    ] {
+        assert_eq!(
+            fetch(&world, &token).unwrap_or_else(|e| panic!("{name}: {e:?}")),
+            b"skew-secret",
+            "{name}"
+        );
+        tokens.push(token);
+    }
+
+    // Refused, each naming its problem.
+    for (name, token, problem) in [
+        (
+            "ahead-beyond",
+            skewed("ahead-beyond", beyond, ALL),
+            "not valid before",
+        ),
+        (
+            "issued-ahead-beyond",
+            skewed("issued-ahead-beyond", beyond, &["iat"]),
+            "issued in the future",
+        ),
+        (
+            "expired-beyond",
+            skewed("expired-beyond", -(ttl + beyond), ALL),
+            "expired",
+        ),
+    ] {
+        let e = fetch(&world, &token).expect_err(name);
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{name}: {e:?}");
+        assert!(
+            e.message().contains(problem),
+            "{name}: the answer names the problem ({problem:?}): {e:?}"
+        );
+        let parts: Vec<&str> = token.split('.').collect();
+        assert!(
+            !e.message().contains(parts[1]) && !e.message().contains(parts[2]),
+            "{name}: the answer echoes the token: {e:?}"
+        );
+        tokens.push(token);
+    }
+
+    let log = broker.log_text();
+    assert!(
+        log.contains("not valid before"),
+        "the refusals are logged:\n{log}"
+    );
+    for token in &tokens {
+        let parts: Vec<&str> = token.split('.').collect();
+        assert!(
+            !log.contains(parts[1]) && !log.contains(parts[2]),
+            "the broker's log holds a token"
+        );
+    }
+    assert!(!log.contains("skew-secret"));
 }
 
 #[test]
@@ -239,12 +416,75 @@ fn service_proxy(world: &World, backends: Vec<u16>) -> u16 {
     port
 }
 
+/// The lease IDs a sidecar logged as received (its `lease received` debug
+/// lines): every lease it got from any replica, initial fetches and
+/// rotations alike.
+fn leases_received(p: &Proc) -> Vec<String> {
+    p.log_text()
+        .lines()
+        .filter(|l| l.contains("lease received"))
+        .filter_map(|l| {
+            let rest = &l[l.find("lease_id=")? + "lease_id=".len()..];
+            Some(rest.split_whitespace().next()?.to_owned())
+        })
+        .collect()
+}
+
+/// A status's message and the chain of errors under it: a client-side
+/// "transport error" says why only there (connection reset, broken pipe).
+fn with_causes(s: &tonic::Status) -> String {
+    let mut out = s.message().to_owned();
+    let mut cur = std::error::Error::source(s);
+    while let Some(e) = cur {
+        out.push_str(&format!(": {e}"));
+        cur = e.source();
+    }
+    out
+}
+
+/// Fetches `app/key` in a loop over `clients` in turn, one call every
+/// 100 ms (10 a second: half the default per-workload rate, so one replica
+/// alone serves them all without refusing any), until `stop`, noting each call's outcome and the phase it began
+/// in. Runs on a thread of its own; a call must never hang (30 s liveness
+/// bound, far beyond any reconnection).
+fn fetch_loop(
+    mut clients: Vec<Client>,
+    rt: tokio::runtime::Runtime,
+    token: String,
+    phase: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    outcomes: std::sync::Arc<std::sync::Mutex<Vec<Outcome>>>,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let p = phase.load(Ordering::Relaxed);
+                let n = clients.len();
+                let c = &mut clients[i % n];
+                i += 1;
+                let r =
+                    tokio::time::timeout(Duration::from_secs(30), fetch_with(c, &token, "app/key"))
+                        .await;
+                let outcome = match r {
+                    Err(_) => Err((tonic::Code::DeadlineExceeded, "hung for 30 s".into())),
+                    Ok(Ok(resp)) => Ok(lease_of(&resp)),
+                    Ok(Err(s)) => Err((s.code(), with_causes(&s))),
+                };
+                outcomes.lock().unwrap().push((p, outcome));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    })
+}
+
 #[test]
 fn a_replica_killed_under_load_loses_no_file_and_no_lease() {
     use secrets_broker_e2e::free_port;
     use secrets_broker_e2e::pg::Database;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex};
 
     let db = Database::create().unwrap();
     let roles = ROLES.replace("ttl = \"30s\"", "ttl = \"6s\"");
@@ -282,70 +522,75 @@ fn a_replica_killed_under_load_loses_no_file_and_no_lease() {
     // Readers play the applications: any read that is not a whole known
     // value (missing, empty, partial) is a failure.
     let stop = Arc::new(AtomicBool::new(false));
-    let bad = Arc::new(AtomicUsize::new(0));
-    let reads = Arc::new(AtomicUsize::new(0));
-    let readers: Vec<_> = sidecars
-        .iter()
-        .map(|(_, fs, _)| {
-            let (f, stop, bad, reads) = (
-                fs.path.join("key"),
-                stop.clone(),
-                bad.clone(),
-                reads.clone(),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match std::fs::read_to_string(&f).as_deref() {
-                        Ok("replica-v1" | "replica-v2") => {}
-                        other => {
-                            eprintln!("bad read: {other:?}");
-                            bad.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        })
-        .collect();
-    // Load through the Service while the replica dies.
-    let load = {
-        let stop = stop.clone();
-        let token = world.issuer.mint(&pod("load-0")).unwrap();
-        let ca = std::fs::read(&world.tls.ca).unwrap();
-        world.runtime.spawn(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name("localhost");
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(ep) =
-                    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{proxy}"))
-                        .and_then(|e| e.tls_config(tls.clone()))
-                else {
-                    return;
-                };
-                if let Ok(ch) = ep.connect().await {
-                    let mut c = pb::broker_client::BrokerClient::new(ch);
-                    for _ in 0..50 {
-                        let mut req = tonic::Request::new(pb::FetchRequest {
-                            role: String::new(),
-                            names: vec!["app/key".into()],
-                            ttl_seconds: 0,
-                        });
-                        req.metadata_mut()
-                            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-                        let _ = c.fetch(req).await;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-        })
-    };
+    let (readers, bad, reads) = start_readers(
+        sidecars.iter().map(|(_, fs, _)| fs.path.clone()).collect(),
+        &["replica-v1", "replica-v2"],
+        stop.clone(),
+    );
 
+    // Load through the Service while the replica dies: four connections,
+    // which the proxy spreads over both replicas, each reconnecting (through
+    // the proxy) after a broken connection.
+    const BEFORE: u8 = 0;
+    const AROUND_KILL: u8 = 1;
+    const AFTER: u8 = 2;
+    let phase = Arc::new(AtomicU8::new(BEFORE));
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let load = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let clients = rt.block_on(async { (0..4).map(|_| lazy_client(&world, proxy)).collect() });
+        let token = world.issuer.mint(&pod("load-0")).unwrap();
+        fetch_loop(
+            clients,
+            rt,
+            token,
+            phase.clone(),
+            stop.clone(),
+            outcomes.clone(),
+        )
+    };
+    let count = |want: u8, ok: bool| count_of(&outcomes.lock().unwrap(), want, ok);
+
+    wait_for("fetches through the Service before the kill", LONG, || {
+        (count(BEFORE, true) >= 20).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            outcomes.lock().unwrap().last(),
+            notable(&a)
+        )
+    });
+    // The window "around the kill" opens a second before it, so a call in
+    // flight when the replica dies counts in it, and closes 10 s after it:
+    // reconnecting to the other replica takes a few round trips, so a
+    // failure later than that would be a client stuck on the dead replica.
+    phase.store(AROUND_KILL, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        a.log_text().contains("(pod load-0)"),
+        "the load reaches the replica about to be killed"
+    );
     a.signal("KILL");
-    // Past two lease periods: every sidecar has renewed through replica B.
-    std::thread::sleep(Duration::from_secs(14));
+    let killed_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    phase.store(AFTER, Ordering::Relaxed);
+    wait_for("fetches through the Service after the kill", LONG, || {
+        (count(AFTER, true) >= 20).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            outcomes.lock().unwrap().last(),
+            notable(&b)
+        )
+    });
+    // Past two lease periods (6 s) since the kill: every sidecar has renewed
+    // through replica B.
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(killed_at.elapsed()));
     // A rotation still reaches every sidecar (their watches moved to B).
     world.put("app/key", "replica-v2").unwrap();
     for (proc, fs, _) in &sidecars {
@@ -359,7 +604,7 @@ fn a_replica_killed_under_load_loses_no_file_and_no_lease() {
     for r in readers {
         r.join().unwrap();
     }
-    load.abort();
+    load.join().unwrap();
     assert_eq!(
         bad.load(Ordering::Relaxed),
         0,
@@ -367,7 +612,65 @@ fn a_replica_killed_under_load_loses_no_file_and_no_lease() {
     );
     assert!(reads.load(Ordering::Relaxed) > 1000);
 
-    // No lease lost: every pod holds a running lease, renewed through B.
+    // Calls through the Service failed only around the kill, each because
+    // its connection to the dead replica broke: UNAVAILABLE, or (a call in
+    // flight when the replica died) the client library's UNKNOWN "transport
+    // error" with its cause; never an answer of the broker's. Both mean
+    // "retry", as the sidecars do. And they were served again through B.
+    let outcomes = outcomes.lock().unwrap();
+    let failures: Vec<_> = outcomes
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| (p, e)))
+        .collect();
+    eprintln!(
+        "fetches through the Service: {} served before the kill; around it {} served and {} \
+         failed; {} served after; failures: {failures:#?}",
+        count_of(&outcomes, BEFORE, true),
+        count_of(&outcomes, AROUND_KILL, true),
+        count_of(&outcomes, AROUND_KILL, false),
+        count_of(&outcomes, AFTER, true),
+    );
+    for (p, (code, msg)) in &failures {
+        assert_eq!(
+            **p, AROUND_KILL,
+            "a call failed away from the kill (phase {p}): {code:?} {msg}"
+        );
+        assert!(
+            *code == tonic::Code::Unavailable
+                || (*code == tonic::Code::Unknown && msg.starts_with("transport error")),
+            "a failure other than a broken connection: {code:?} {msg}"
+        );
+    }
+    assert_eq!(count_of(&outcomes, AFTER, false), 0);
+    assert!(count_of(&outcomes, AFTER, true) >= 20);
+
+    // No lease lost: every lease handed out by either replica, to the load
+    // loop and to the sidecars (their first fetches, any refetch after the
+    // kill, the rotation), is in the shared database.
+    let recorded = recorded_leases(&world, &db.url);
+    let mut handed_out: Vec<(String, String)> = outcomes
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .map(|id| ("load loop".to_owned(), id.clone()))
+        .collect();
+    for (i, (proc, _, _)) in sidecars.iter().enumerate() {
+        let got = leases_received(proc);
+        // At least the first fetch and the rotation's: proof the log is read.
+        assert!(
+            got.len() >= 2,
+            "sidecar sc{i} logged {} leases received (want its first fetch and the rotation's)",
+            got.len()
+        );
+        handed_out.extend(got.into_iter().map(|id| (format!("sidecar sc{i}"), id)));
+    }
+    for (who, id) in &handed_out {
+        assert!(
+            recorded.contains(id),
+            "lease {id} handed to the {who} is not in the leases table ({} recorded)",
+            recorded.len()
+        );
+    }
+    // And every pod holds a running lease, renewed through B.
     let out = world
         .brokerctl_at(
             admin_b,
@@ -1006,9 +1309,35 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
-    // The default limits (max_in_flight 512, 20 calls per second per
-    // workload, bursts of 40): nothing in the world's config changes them.
+    // Rate limits such that both fire under the flood, each refusal naming
+    // its own. The per-workload rate is the default, 20 calls per second
+    // (bursts of 40): the 128 workloads below may pass 2,560 calls per
+    // second together, more than the global rate admits. The global rate
+    // stands for what an operator sets to the replica's capacity, so the
+    // warm-up below measures it as the sustainable rate. The bound on calls
+    // in flight (default 512) is checked first; whether the flood reaches
+    // it depends on how fast this VM answers (from none to 19,000 refusals
+    // a run here), so its refusals are accepted but not required:
+    // `overload::*` drives that bound on its own.
+    const RATE_GLOBAL: u32 = 1000;
+    // Bounds on what admitted calls and the broker's memory may show; why
+    // each is generous is said where it is checked.
+    const PROBE_P99_BOUND_S: f64 = 8.0;
+    const ADMITTED_P99_BOUND_S: f64 = 20.0;
+    const RSS_MARGIN_MIB: u64 = 256;
+    const RSS_LEVEL_MIB: u64 = 48;
     let world = World::new(ROLES).unwrap();
+    let path = world.broker_config();
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "watch_heartbeat = \"5s\"",
+        &format!("watch_heartbeat = \"5s\"\nrate_global = {RATE_GLOBAL}"),
+        1,
+    );
+    assert!(
+        text.contains("rate_global"),
+        "the world's config changed: {text}"
+    );
+    std::fs::write(&path, text).unwrap();
     world.put("app/key", "flood-value").unwrap();
     let broker = world.start_broker("broker.log").unwrap();
     let pid = broker.child.id();
@@ -1031,7 +1360,8 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
     }));
 
     // Warm-up: 16 callers back to back for 5 s. What they get served is the
-    // sustainable rate; the RSS after it is the baseline.
+    // sustainable rate (the global rate and its burst); the RSS after it is
+    // the baseline.
     let warm_ok = Arc::new(AtomicUsize::new(0));
     let warm_secs = 5.0;
     rt.block_on(async {
@@ -1072,14 +1402,52 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
         Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
         Arc::new(AtomicUsize::new(0)),
     );
-    let (by_rate, by_in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (by_rate, by_global, by_in_flight) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     // The load generator's own queue is bounded too (calls the broker has
     // not taken yet wait on the client's connections): beyond it, a due
     // call is skipped and counted.
     let outstanding = Arc::new(AtomicUsize::new(0));
     const MAX_OUTSTANDING: usize = 4096;
+    // A well-behaved workload meanwhile, on its own connection (nothing of
+    // the flood queued before its calls on the client's side), one call at
+    // a time and at most 10 a second, as a sidecar would: the latency of its
+    // admitted calls is what the broker gives a caller while refusing the
+    // flood.
+    let probe_token = world.issuer.mint(&pod("probe")).unwrap();
+    let mut probe_client = rt.block_on(async { lazy_client(&world, world.broker_port) });
+    let probe_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = rt.spawn({
+        let stop = probe_stop.clone();
+        async move {
+            let (mut admitted, mut refused) = (Vec::new(), 0usize);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let began = Instant::now();
+                match tokio::time::timeout(
+                    Duration::from_secs(30),
+                    fetch_with(&mut probe_client, &probe_token, "app/key"),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => admitted.push(began.elapsed().as_secs_f64()),
+                    Ok(Err(e)) if e.code() == tonic::Code::ResourceExhausted => refused += 1,
+                    other => panic!("the probe's call: {other:?}"),
+                }
+            }
+            (admitted, refused)
+        }
+    });
     let mut rss_peak = 0;
+    // The peak of each half of the flood: a leak keeps growing through the
+    // second half, buffers filled by the flood do not.
+    let mut rss_half_peaks = [0u64; 2];
     let (mut sent, mut skipped) = (0usize, 0usize);
     rt.block_on(async {
         let start = Instant::now();
@@ -1098,8 +1466,12 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
                 let (clients, tokens) = (clients.clone(), tokens.clone());
                 let (ok, refused, other, hung) =
                     (ok.clone(), refused.clone(), other.clone(), hung.clone());
-                let (by_rate, by_in_flight, latencies) =
-                    (by_rate.clone(), by_in_flight.clone(), latencies.clone());
+                let (by_rate, by_global, by_in_flight, latencies) = (
+                    by_rate.clone(),
+                    by_global.clone(),
+                    by_in_flight.clone(),
+                    latencies.clone(),
+                );
                 let n = sent;
                 calls.push(tokio::spawn(async move {
                     let mut c = clients[n % clients.len()].clone();
@@ -1122,9 +1494,13 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
                         }
                         Ok(Err(e)) if e.code() == tonic::Code::ResourceExhausted => {
                             refused.fetch_add(1, Ordering::Relaxed);
-                            if e.message().contains("calls per second") {
+                            if e.message().contains(&format!(
+                                "global limit of {RATE_GLOBAL} calls per second"
+                            )) {
+                                by_global.fetch_add(1, Ordering::Relaxed);
+                            } else if e.message().contains("exceeds 20 calls per second") {
                                 by_rate.fetch_add(1, Ordering::Relaxed);
-                            } else if e.message().contains("calls in flight") {
+                            } else if e.message().contains("512 calls in flight") {
                                 by_in_flight.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 other.lock().unwrap().push(format!("{e:?}"));
@@ -1136,12 +1512,22 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
                 }));
                 sent += 1;
             }
-            rss_peak = rss_peak.max(status_kib(pid, "VmRSS:"));
+            let rss = status_kib(pid, "VmRSS:");
+            rss_peak = rss_peak.max(rss);
+            let half = usize::from(start.elapsed().as_secs_f64() >= flood_secs / 2.0);
+            rss_half_peaks[half] = rss_half_peaks[half].max(rss);
         }
+        probe_stop.store(true, Ordering::Relaxed);
         for c in calls {
             c.await.unwrap();
         }
     });
+    let (mut probe_lat, probe_refused) = rt.block_on(probe).unwrap();
+    probe_lat.sort_by(f64::total_cmp);
+    let probe_ms = |p: f64| match probe_lat.is_empty() {
+        true => f64::NAN,
+        false => percentile(&probe_lat, p) * 1e3,
+    };
     let rss_end = status_kib(pid, "VmRSS:");
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_by(f64::total_cmp);
@@ -1149,19 +1535,29 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
         lat.push(0.0);
     }
     let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    let (by_rate, by_global, by_in_flight) = (
+        by_rate.load(Ordering::Relaxed),
+        by_global.load(Ordering::Relaxed),
+        by_in_flight.load(Ordering::Relaxed),
+    );
     eprintln!(
         "overload: sustainable {sustainable:.0}/s, target {target:.0}/s, sent {:.0}/s \
          ({skipped} skipped: {MAX_OUTSTANDING} calls already waiting); \
-         {ok} served ({:.0}/s), {refused} refused ({} rate, {} in flight); \
+         {ok} served ({:.0}/s), {refused} refused ({by_rate} workload rate, {by_global} global \
+         rate, {by_in_flight} in flight); \
          admitted latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; \
-         RSS {rss_warm} KiB after warm-up, peak {rss_peak} KiB, {rss_end} KiB at the end",
+         probe: {} admitted, p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {probe_refused} refused; \
+         RSS {rss_warm} KiB after warm-up, peak {rss_peak} KiB (halves {rss_half_peaks:?}), \
+         {rss_end} KiB at the end",
         sent as f64 / flood_secs,
         ok as f64 / flood_secs,
-        by_rate.load(Ordering::Relaxed),
-        by_in_flight.load(Ordering::Relaxed),
         percentile(&lat, 0.5) * 1e3,
         percentile(&lat, 0.99) * 1e3,
         lat.last().copied().unwrap_or_default() * 1e3,
+        probe_lat.len(),
+        probe_ms(0.5),
+        probe_ms(0.99),
+        probe_ms(1.0),
     );
     let other = other.lock().unwrap();
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
@@ -1179,9 +1575,64 @@ fn ten_times_the_sustainable_rate_is_refused_clearly_without_memory_growth() {
         refused > 0,
         "the flood was refused in part: it was an overload"
     );
+    // Both rate limits fired, the per-workload one and the global one, and
+    // told the caller which (the messages are matched above).
+    assert!(by_rate > 0, "the per-workload rate never refused a call");
+    assert!(by_global > 0, "the global rate never refused a call");
+    // The metric tells an operator a replica at its global rate from a
+    // runaway workload.
+    let (_, metrics) = http_get(world.ops_port, "/metrics").unwrap();
+    for result in ["overloaded", "overloaded_global_rate"] {
+        let label = format!("action=\"fetch\",result=\"{result}\"}}");
+        let count: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("secrets_broker_calls_total{") && l.contains(&label))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} in the metrics:\n{metrics}"));
+        assert!(count > 0.0, "{label} {count}");
+    }
+    // Admitted calls keep a bounded latency. Unloaded a fetch takes a few
+    // ms; under the flood every call, admitted or not, first waits for the
+    // broker to reach it behind the calls already open on the connections
+    // (up to 2,048 streams, answered at 8,000-10,000 a second by a debug
+    // build sharing 2 vCPUs with the load generator): the probe's admitted
+    // p99 was seen at 0.45-0.8 s. The flood's own calls also wait behind
+    // the load generator's queue (MAX_OUTSTANDING): p99 seen at 1.2-2 s.
+    // Each bound is 10x that, for the machine's several-fold swings in
+    // speed, and below the 30 s after which a call counts as hung above.
     assert!(
-        rss_end < 2 * rss_warm + 32 * 1024,
-        "broker RSS grew from {rss_warm} KiB to {rss_end} KiB under the flood"
+        !probe_lat.is_empty(),
+        "none of the probe's calls was admitted"
+    );
+    let probe_p99 = percentile(&probe_lat, 0.99);
+    assert!(
+        probe_p99 < PROBE_P99_BOUND_S,
+        "the probe's admitted calls' p99 latency {:.0} ms under the flood",
+        probe_p99 * 1e3
+    );
+    let p99 = percentile(&lat, 0.99);
+    assert!(
+        p99 < ADMITTED_P99_BOUND_S,
+        "the flood's admitted calls' p99 latency {:.0} ms",
+        p99 * 1e3
+    );
+    // No memory growth. The flood fills buffers at once (HTTP/2 streams,
+    // TLS, allocator arenas): RSS rose from ~57 MiB to ~85-90 MiB within
+    // its first second, then drifted up to 100-108 MiB by its end (its
+    // second half peaked 2-13 MiB over its first). The peak and the end
+    // must stay within RSS_MARGIN_MIB of the warm RSS (5x the ~50 MiB seen
+    // added), and the second half may add at most RSS_LEVEL_MIB over the
+    // first (~4x the drift seen): a leak of 1 KiB a call would add ~80 MiB
+    // over the second half's ~80,000 calls.
+    let (first_half, second_half) = (rss_half_peaks[0], rss_half_peaks[1]);
+    assert!(
+        rss_peak < rss_warm + RSS_MARGIN_MIB * 1024 && rss_end < rss_warm + RSS_MARGIN_MIB * 1024,
+        "broker RSS grew from {rss_warm} KiB to a peak of {rss_peak} KiB, {rss_end} KiB at the end"
+    );
+    assert!(
+        second_half < first_half + RSS_LEVEL_MIB * 1024,
+        "broker RSS kept growing under the flood: peak {first_half} KiB in its first half, \
+         {second_half} KiB in its second"
     );
     // Served again once it is over.
     wait_for("served after the flood", LONG, || {

@@ -727,3 +727,194 @@ key = "password"
         "{log}"
     );
 }
+
+/// A sealed OpenBao's answer to every call: `503` with Vault's JSON
+/// `errors` list, which the broker's client parses as it would the real one.
+fn sealed() -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    hyper::Response::builder()
+        .status(503)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
+            br#"{"errors":["Vault is sealed"]}"#,
+        )))
+        .unwrap()
+}
+
+#[test]
+fn openbao_down_or_failing_is_refused_clearly_keeps_the_last_generation_and_recovers() {
+    use secrets_broker_e2e::proxy::{Fault, FaultProxy};
+    use std::time::Instant;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let world = World::new(ROLES).unwrap();
+    let bao = Bao::start(world.path("bao.log")).unwrap();
+    kv_put(&bao, "app/config", json!({"password": "bao-fault-pw-0"}));
+    // The broker reaches OpenBao through a proxy that can drop connections
+    // or answer as a sealed server; the test writes to OpenBao directly.
+    let proxy = FaultProxy::start(&world.runtime, bao.port, |_, _| {}, sealed).unwrap();
+    world.write_token("vault.token", ROOT_TOKEN).unwrap();
+    // A value is served for poll_interval + max_stale after its last good
+    // read (1.5 s here); then a fetch reads OpenBao itself.
+    add_vault(
+        &world,
+        &format!(
+            r#"[vault]
+address = "http://127.0.0.1:{port}"
+timeout = "{timeout}s"
+poll_interval = "500ms"
+max_stale = "1s"
+[vault.auth]
+method = "token"
+token_file = "vault.token"
+[[vault.secrets]]
+name = "app/password"
+kind = "kv"
+mount = "secret"
+path = "app/config"
+key = "password"
+"#,
+            port = proxy.port,
+            timeout = TIMEOUT.as_secs(),
+        ),
+    );
+    // Leases long enough that no renewal falls inside the test: the sidecar
+    // fetches when a rotation tells it to.
+    let path = world.broker_config();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("ttl = \"30s\"", "ttl = \"10m\"")).unwrap();
+    world.put("app/key", "emb-fault-val-0").unwrap();
+    let broker = world.start_broker("broker.log").unwrap();
+    let (sidecar, fs, _) = world
+        .start_sidecar(
+            "app",
+            &pod("app-0"),
+            world.broker_port,
+            &[("app/password", "password"), ("app/key", "key")],
+        )
+        .unwrap();
+    let (password, key) = (fs.path.join("password"), fs.path.join("key"));
+    let logs = || format!("{}\n{}", broker.log_text(), sidecar.log_text());
+    wait_for("both files written", LONG, || {
+        (read(&password).as_deref() == Some("bao-fault-pw-0")
+            && read(&key).as_deref() == Some("emb-fault-val-0"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let token = world.issuer.mint(&pod("probe")).unwrap();
+    let fetch = |name: &str| {
+        world.runtime.block_on(async {
+            let mut c = client(&world, world.broker_port).await;
+            c.fetch(authed(fetch_req(&[name]), &token))
+                .await
+                .map(|r| r.into_inner().secrets.remove(0))
+        })
+    };
+    let mut generation = 0;
+    for (fault, cause) in [
+        (Fault::Down, "unreachable"),
+        (Fault::Failing, "HTTP 503: Vault is sealed"),
+    ] {
+        proxy.set_fault(fault);
+        let (err, took) = wait_for(
+            &format!("{fault:?}: the held value goes stale"),
+            LONG,
+            || {
+                let start = Instant::now();
+                fetch("app/password").err().map(|e| (e, start.elapsed()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        eprintln!("{fault:?}: refused after {took:?}: {}", err.message());
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{fault:?}: {err:?}");
+        assert!(
+            err.message().contains("app/password")
+                && err.message().contains("vault kv secret/app/config")
+                && err.message().contains(cause),
+            "{fault:?}: names the secret, the backend's path and {cause:?}: {err:?}"
+        );
+        // A liveness bound, not a speed claim: an OpenBao that refuses at
+        // once costs a caller no more than a few timeouts.
+        assert!(
+            took < TIMEOUT * 10,
+            "{fault:?}: a call waited {took:?} with a {TIMEOUT:?} timeout\n{}",
+            logs()
+        );
+        let embedded = fetch("app/key")
+            .unwrap_or_else(|e| panic!("{fault:?}: the embedded store is served: {e:?}"));
+        assert_eq!(
+            embedded.value,
+            format!("emb-fault-val-{generation}").as_bytes()
+        );
+        // The replica stays in service and says which path it cannot serve.
+        wait_for(
+            &format!("{fault:?}: readiness names the path"),
+            LONG,
+            || {
+                let (code, body) = http_get(world.ops_port, "/readyz").ok()?;
+                assert_eq!(
+                    code, 200,
+                    "one failing backend does not take the replica out: {body}"
+                );
+                (body.starts_with("ready, degraded:")
+                    && body.contains("vault: app/password: vault kv secret/app/config")
+                    && body.contains(cause))
+                .then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+
+        // A new version written in OpenBao meanwhile (the broker cannot see
+        // it), and a rotation of the embedded secret, which sends the
+        // sidecar to fetch both: the fetch fails, and the last good
+        // generation stays whole.
+        generation += 1;
+        kv_put(
+            &bao,
+            "app/config",
+            json!({"password": format!("bao-fault-pw-{generation}")}),
+        );
+        let failures_before = sidecar.log_text().matches("fetch failed").count();
+        world
+            .put("app/key", &format!("emb-fault-val-{generation}"))
+            .unwrap();
+        wait_for(
+            &format!("{fault:?}: the sidecar's fetch fails"),
+            LONG,
+            || (sidecar.log_text().matches("fetch failed").count() > failures_before).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        assert_eq!(
+            read(&password).as_deref(),
+            Some(format!("bao-fault-pw-{}", generation - 1).as_str()),
+            "{fault:?}: the last good password stays"
+        );
+        assert_eq!(
+            read(&key).as_deref(),
+            Some(format!("emb-fault-val-{}", generation - 1).as_str()),
+            "{fault:?}: the files change together or not at all"
+        );
+
+        // OpenBao is back: the poller reads the version written meanwhile,
+        // and its rotation (or the sidecar's retries) brings both new
+        // values to disk by themselves.
+        proxy.set_fault(Fault::None);
+        wait_for(&format!("{fault:?}: recovered on disk"), LONG, || {
+            (read(&password) == Some(format!("bao-fault-pw-{generation}"))
+                && read(&key) == Some(format!("emb-fault-val-{generation}")))
+            .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        let served = fetch("app/password")
+            .unwrap_or_else(|e| panic!("{fault:?}: served again: {e:?}\n{}", logs()));
+        assert_eq!(
+            served.value,
+            format!("bao-fault-pw-{generation}").as_bytes()
+        );
+    }
+    let (code, body) = http_get(world.ops_port, "/readyz").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ready\n"), "recovered");
+    let logs = logs();
+    for leak in ["bao-fault-pw-", "emb-fault-val-", ROOT_TOKEN] {
+        assert!(!logs.contains(leak), "{leak} leaked into a log");
+    }
+}
