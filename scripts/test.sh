@@ -36,7 +36,7 @@ source scripts/servers.sh
 log "cargo fmt --check"
 cargo fmt --all -- --check
 # fuzz/ is a crate of its own, outside the workspace: cargo fmt does not see it.
-rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs
+rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs fuzz/src/*.rs
 
 log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

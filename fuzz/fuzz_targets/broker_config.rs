@@ -1,4 +1,7 @@
+//! The broker's config file.
+//! The body is `secrets_broker_fuzz::broker_config`, which `cargo test` also runs on
+//! every file in `fuzz/seeds/broker_config/` (tests/tests/fuzz_seeds.rs).
 #![no_main]
-libfuzzer_sys::fuzz_target!(|s: &str| {
-    let _ = secrets_broker::config::Config::parse(s, std::path::Path::new("fuzz.toml"));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    secrets_broker_fuzz::broker_config(data);
 });

@@ -1,8 +1,7 @@
+//! Secret names, file names and role patterns.
+//! The body is `secrets_broker_fuzz::names`, which `cargo test` also runs on
+//! every file in `fuzz/seeds/names/` (tests/tests/fuzz_seeds.rs).
 #![no_main]
-libfuzzer_sys::fuzz_target!(|s: &str| {
-    let _ = secrets_broker::backend::validate_secret_name(s);
-    let _ = secrets_sidecar::writer::validate_file_name(s);
-    if let Ok(p) = secrets_broker::policy::Pattern::new(s) {
-        let _ = p.matches(s);
-    }
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    secrets_broker_fuzz::names(data);
 });
