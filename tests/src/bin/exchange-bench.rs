@@ -10,11 +10,14 @@
 //! paced rows (their latency floor).
 //!
 //!   cargo build --release --workspace --bins
-//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256] [--paced-only]
+//!   target/release/exchange-bench [--seconds 5] [--cache-only 0|1|2] [--es256] [--login] [--paced-only]
 //!   target/release/exchange-bench --pairs N [--rate R | --sweep]
 //!
 //! Tokens are RS256, as a Kubernetes API server signs them by default;
 //! `--es256` signs them with ECDSA P-256 instead.
+//!
+//! `--login` makes each exchange a `Login` and then a `Fetch` with the same
+//! token, as a sidecar does when it starts: the rows count these pairs.
 //!
 //! `--cache-only 1` runs only with the cache on, `2` only with it off.
 //! `--paced-only` runs, of the closed-loop rows, only concurrency 64 with one
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
     // RS256, as a Kubernetes API server signs service-account tokens by
     // default; `--es256` for ECDSA P-256 tokens.
     let es256 = std::env::args().any(|a| a == "--es256");
+    let login = std::env::args().any(|a| a == "--login");
     let sweep = std::env::args().any(|a| a == "--sweep");
     let pairs = flag("--pairs", if sweep { 3 } else { 0 }) as usize;
     // A sweep is made of rounds: at least one.
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
             ca: &ca,
             dur: Duration::from_secs(seconds),
             pid: broker.child.id(),
+            login,
         };
         let (identities, concurrencies): (&[usize], &[usize]) = if paced_only {
             (&[1], &[64])
@@ -239,7 +244,8 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "broker exchange (Fetch over TLS, {alg_name} tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)"
+        "broker exchange ({} over TLS, {alg_name} tokens; release build, 2 vCPU incl. load generator, {seconds}s per row)",
+        if login { "Login + Fetch" } else { "Fetch" }
     );
     println!(
         "{:>12} {:>11} {:>10} {:>12} {:>15} {:>10} {:>10} {:>20}",
@@ -321,6 +327,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "scenario": "broker_exchange",
             "algorithm": alg_name,
+            "exchange": if login { "login+fetch" } else { "fetch" },
             "verify_us": floor_us,
             "rpc_floor_us": rpc_floor_us,
             "rpc_floor_per_second": rpc_floor.as_ref().map(|r| r.per_second),
@@ -547,12 +554,13 @@ fn print_pairs(paired: &[&(Row, Row)]) {
 }
 
 /// The broker under test: where it listens, its CA, how long a row runs,
-/// and the process whose CPU is counted.
+/// the process whose CPU is counted, and whether an exchange logs in first.
 struct Target<'a> {
     port: u16,
     ca: &'a [u8],
     dur: Duration,
     pid: u32,
+    login: bool,
 }
 
 impl Target<'_> {
@@ -565,12 +573,18 @@ impl Target<'_> {
         rate: Option<f64>,
         floor: bool,
     ) -> Result<Row> {
-        let Target { port, ca, dur, pid } = *self;
+        let Target {
+            port,
+            ca,
+            dur,
+            pid,
+            login,
+        } = *self;
         let channels = broker_channels(port, ca, concurrency.clamp(1, 4)).await?;
         let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
         // Warm up: TLS, keys, cache.
         for (i, t) in tokens.iter().take(50).enumerate() {
-            fetch(&channels[i % channels.len()], t).await?;
+            exchange(&channels[i % channels.len()], t, login).await?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         // Completions per whole second of the run, for its spread.
@@ -615,7 +629,7 @@ impl Target<'_> {
                     let done = if floor {
                         health_check(&ch).await
                     } else {
-                        fetch(&ch, &tokens[i % tokens.len()]).await
+                        exchange(&ch, &tokens[i % tokens.len()], login).await
                     };
                     if done.is_ok() {
                         lat.push(t.elapsed().as_secs_f64() * 1e6);
@@ -673,18 +687,44 @@ async fn health_check(ch: &tonic::transport::Channel) -> Result<(), tonic::Statu
         .map(|_| ())
 }
 
-async fn fetch(ch: &tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {
-    let mut client = pb::broker_client::BrokerClient::new(ch.clone());
-    let mut req = tonic::Request::new(pb::FetchRequest {
-        role: String::new(),
-        names: vec!["bench/s".into()],
-        ttl_seconds: 0,
-    });
+/// `msg` with `token` as its bearer.
+fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         "authorization",
         format!("Bearer {token}").parse().expect("ascii"),
     );
-    client.fetch(req).await.map(|_| ())
+    req
+}
+
+/// One exchange: a `Fetch`, after a `Login` with the same token when `login`.
+async fn exchange(
+    ch: &tonic::transport::Channel,
+    token: &str,
+    login: bool,
+) -> Result<(), tonic::Status> {
+    let mut client = pb::broker_client::BrokerClient::new(ch.clone());
+    if login {
+        client
+            .login(bearer(
+                pb::LoginRequest {
+                    role: String::new(),
+                },
+                token,
+            ))
+            .await?;
+    }
+    client
+        .fetch(bearer(
+            pb::FetchRequest {
+                role: String::new(),
+                names: vec!["bench/s".into()],
+                ttl_seconds: 0,
+            },
+            token,
+        ))
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

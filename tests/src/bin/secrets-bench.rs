@@ -9,7 +9,8 @@
 //!   target/release/secrets-bench [--quick] [--out bench-results] [--only exchange,propagation]
 //!   target/release/secrets-bench --replot bench-results/summary.json --out bench-results
 //!
-//! Scenarios: exchange, sweep (the exchange's p99 at concurrency 64 by
+//! Scenarios: exchange, exchange-login (each exchange a `Login` then a
+//! `Fetch`, verification cache on), sweep (the exchange's p99 at concurrency 64 by
 //! offered rate), watch, sidecar, propagation, vault (needs
 //! SECRETS_BROKER_BAO), aws (needs SECRETS_BROKER_MOTO); `bash scripts/test.sh`
 //! installs OpenBao and moto and `scripts/bench.sh` exports both. A scenario
@@ -44,6 +45,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             needs: None,
         },
         Scenario {
+            name: "exchange-login",
+            bin: "exchange-bench",
+            args: pick(
+                vec!["--login", "--cache-only", "1", "--seconds", "5"],
+                vec!["--login", "--cache-only", "1", "--seconds", "1"],
+            ),
+            needs: None,
+        },
+        Scenario {
             name: "sweep",
             bin: "exchange-bench",
             args: pick(
@@ -55,13 +65,19 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             name: "watch-1000",
             bin: "watch-bench",
-            args: vec!["--streams", "1000"],
+            args: pick(
+                vec!["--streams", "1000"],
+                vec!["--streams", "1000", "--idle-seconds", "5"],
+            ),
             needs: None,
         },
         Scenario {
             name: "watch-10000",
             bin: "watch-bench",
-            args: pick(vec!["--streams", "10000"], vec!["--streams", "2000"]),
+            args: pick(
+                vec!["--streams", "10000"],
+                vec!["--streams", "2000", "--idle-seconds", "5"],
+            ),
             needs: None,
         },
         Scenario {

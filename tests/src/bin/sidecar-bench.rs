@@ -2,9 +2,10 @@
 //! loopback (SQLite broker, sidecar writing into a real tmpfs):
 //!
 //! - time from sidecar start to all files written (broker already up);
-//! - RSS idle, and after 1,000 rotations, with 10, 100 and 1,000 secrets, and
+//! - RSS idle, at its peak (VmHWM) and after 1,000 rotations, with 10, 100 and 1,000 secrets, and
 //!   the sidecar's CPU seconds for those rotations;
-//! - CPU seconds per hour idle (measured over `--idle-seconds`);
+//! - CPU seconds per hour idle with 10, 100 and 1,000 secrets (measured over
+//!   `--idle-seconds`, all three at once);
 //! - local `Get` over the Unix socket: p50/p99 latency and the sidecar's CPU
 //!   per call; an application's open+read+close of a secret file.
 //!
@@ -40,6 +41,8 @@ struct Run {
     start_ms: f64,
     rss_idle_kib: u64,
     rss_after_kib: u64,
+    /// The highest RSS the kernel saw (VmHWM), start and rotations included.
+    rss_peak_kib: u64,
     /// Private (anonymous) memory after the rotations; the rest of RSS is the
     /// binary's own file pages, shared through the page cache.
     anon_after_kib: u64,
@@ -126,6 +129,7 @@ fn scenario(
     std::thread::sleep(Duration::from_secs(2));
     let (rss_after_kib, _) = usage(sidecar.child.id());
     let anon_after_kib = status_kib(sidecar.child.id(), "RssAnon:");
+    let rss_peak_kib = status_kib(sidecar.child.id(), "VmHWM:");
     let swaps = sidecar.log_text().matches("wrote new generation").count();
     Ok((
         Run {
@@ -133,6 +137,7 @@ fn scenario(
             start_ms,
             rss_idle_kib,
             rss_after_kib,
+            rss_peak_kib,
             anon_after_kib,
             rotation_cpu_s: cpu_after - cpu_before,
             swaps,
@@ -177,14 +182,22 @@ fn main() -> Result<()> {
         keep.push((proc, tmpfs, socket, n));
     }
 
-    // Idle CPU of the 10-secret sidecar.
+    // Idle CPU of every sidecar (10, 100 and 1,000 secrets), over one window.
+    eprintln!("  idle for {idle_secs}s…");
+    let before: Vec<f64> = keep.iter().map(|k| usage(k.0.child.id()).1).collect();
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let idle_cpu_per_hour: Vec<(usize, f64)> = keep
+        .iter()
+        .zip(&before)
+        .map(|(k, cpu0)| {
+            (
+                k.3,
+                (usage(k.0.child.id()).1 - cpu0) * 3600.0 / idle_secs as f64,
+            )
+        })
+        .collect();
     let (sidecar10, fs10, socket10, _) = &keep[0];
     let pid = sidecar10.child.id();
-    eprintln!("  idle for {idle_secs}s…");
-    let (_, cpu0) = usage(pid);
-    std::thread::sleep(Duration::from_secs(idle_secs));
-    let (_, cpu1) = usage(pid);
-    let idle_cpu_per_hour = (cpu1 - cpu0) * 3600.0 / idle_secs as f64;
 
     // Local Get over the socket: latency and the sidecar's CPU per call.
     let name = "bench/s10-0".to_owned();
@@ -222,30 +235,34 @@ fn main() -> Result<()> {
 
     println!("sidecar footprint (release build, real tmpfs, broker on loopback)");
     println!(
-        "{:>8} {:>16} {:>14} {:>22} {:>20} {:>14} {:>8}",
+        "{:>8} {:>16} {:>14} {:>22} {:>12} {:>20} {:>14} {:>8}",
         "secrets",
         "start→files",
         "RSS idle",
         "RSS after 1,000 rot.",
+        "RSS peak",
         "of which private",
         "rotation CPU",
         "swaps"
     );
     for r in &runs {
         println!(
-            "{:>8} {:>13.1} ms {:>10.1} MiB {:>18.1} MiB {:>16.1} MiB {:>12.2} s {:>8}",
+            "{:>8} {:>13.1} ms {:>10.1} MiB {:>18.1} MiB {:>8.1} MiB {:>16.1} MiB {:>12.2} s {:>8}",
             r.secrets,
             r.start_ms,
             r.rss_idle_kib as f64 / 1024.0,
             r.rss_after_kib as f64 / 1024.0,
+            r.rss_peak_kib as f64 / 1024.0,
             r.anon_after_kib as f64 / 1024.0,
             r.rotation_cpu_s,
             r.swaps
         );
     }
-    println!(
-        "idle CPU (10 secrets): {idle_cpu_per_hour:.2} CPU-seconds per hour (measured over {idle_secs}s)"
-    );
+    for (n, per_hour) in &idle_cpu_per_hour {
+        println!(
+            "idle CPU ({n} secrets): {per_hour:.2} CPU-seconds per hour (measured over {idle_secs}s)"
+        );
+    }
     println!(
         "local Get over the Unix socket ({gets} calls): p50 {:.1} µs, p99 {:.1} µs, sidecar CPU {cpu_per_get_us:.1} µs per call",
         percentile(&lat, 0.5),
@@ -259,11 +276,12 @@ fn main() -> Result<()> {
             "runs": runs.iter().map(|r| serde_json::json!({
                 "secrets": r.secrets, "start_to_files_ms": r.start_ms,
                 "rss_idle_mib": r.rss_idle_kib as f64 / 1024.0, "rss_after_1000_rotations_mib": r.rss_after_kib as f64 / 1024.0,
+                "rss_peak_mib": r.rss_peak_kib as f64 / 1024.0,
                 "private_after_1000_rotations_mib": r.anon_after_kib as f64 / 1024.0,
                 "cpu_seconds_for_1000_rotations": r.rotation_cpu_s,
                 "generation_swaps": r.swaps,
             })).collect::<Vec<_>>(),
-            "idle_cpu_seconds_per_hour": idle_cpu_per_hour,
+            "idle_cpu_seconds_per_hour": idle_cpu_per_hour.iter().map(|(n, h)| serde_json::json!({ "secrets": n, "cpu_seconds": h })).collect::<Vec<_>>(),
             "local_get_us": { "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "sidecar_cpu_per_call": cpu_per_get_us, "cdf": secrets_broker_e2e::bench::cdf(&lat) },
             "file_read_us": read_us,
         })
