@@ -204,6 +204,18 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Runs `act` (which sends this sidecar to fetch, e.g. a rotation) and
+    /// waits, for at most `timeout`, until the sidecar logs one more
+    /// `fetch failed` than it had before.
+    pub fn fetch_fails_after(&self, timeout: Duration, act: impl FnOnce()) -> Result<()> {
+        let failures = || self.log_text().matches("fetch failed").count();
+        let before = failures();
+        act();
+        wait_for("the sidecar's fetch fails", timeout, || {
+            (failures() > before).then_some(())
+        })
+    }
+
     /// Sends a signal (`TERM`, `KILL`) with kill(1).
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")

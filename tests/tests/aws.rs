@@ -662,17 +662,14 @@ secret_id = "prod/app/db"
 
         // A rotation of the embedded secret sends the sidecar to fetch both:
         // the fetch fails, and the last good generation stays whole.
-        let failures_before = sidecar.log_text().matches("fetch failed").count();
         generation += 1;
-        world
-            .put("app/key", &format!("emb-fault-val-{generation}"))
-            .unwrap();
-        wait_for(
-            &format!("{fault:?}: the sidecar's fetch fails"),
-            LONG,
-            || (sidecar.log_text().matches("fetch failed").count() > failures_before).then_some(()),
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        sidecar
+            .fetch_fails_after(LONG, || {
+                world
+                    .put("app/key", &format!("emb-fault-val-{generation}"))
+                    .unwrap()
+            })
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}\n{}", logs()));
         assert_eq!(
             read(&password).as_deref(),
             Some(format!("sm-fault-pw-{}", generation - 1).as_str()),
