@@ -21,7 +21,7 @@ if ! pg_ready; then
   for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
 fi
 if ! pg_ready; then
-  echo "PostgreSQL is not answering on 127.0.0.1:5432; start it (see DEVELOPERS.md / README)" >&2
+  echo "PostgreSQL is not answering on 127.0.0.1:5432; start it (README: "Test prerequisites")" >&2
   exit 1
 fi
 # Trust auth for the tests' user on loopback, as on the development machines.

@@ -47,6 +47,9 @@ cargo clippy -p secrets-broker --features otlp --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
+log "the README's two commands, as written, and every hint dev prints"
+bash scripts/check-readme.sh
+
 log "deploy/: render, schemas, hardening, policy, image lint, alerts, dashboards"
 bash scripts/check-deploy.sh
 

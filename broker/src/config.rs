@@ -12,26 +12,9 @@ use crate::db::DatabaseConfig;
 use crate::identity::verify::Algorithm;
 use crate::policy::Pattern;
 
-/// A configuration problem, reported before the broker binds any port.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read (missing, permissions).
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    /// A key has a value outside what the broker accepts.
-    #[error("config file {path}: key `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
+/// A configuration problem, reported before the broker binds any port: the
+/// sidecar's type, so every binary words config errors alike.
+pub use secrets_sidecar::config::ConfigError;
 
 /// The file as written by an operator; see `examples/broker.toml`.
 #[derive(Debug, Deserialize)]
@@ -428,10 +411,8 @@ impl Config {
     /// Parses and validates config text; `path` names the source in errors and
     /// anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let raw: RawConfig = secrets_sidecar::strict_toml::from_str(text)
+            .map_err(|p| ConfigError::from_toml(path, p))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let v = Validator { path };
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
@@ -1110,10 +1091,24 @@ ttl = "5m"
 
     #[test]
     fn unknown_key_is_named() {
-        let text = GOOD.replace("[store]", "[store]\npaht = \"x\"");
+        let text = GOOD.replace("[store]", "[store]\nkey_fiel = \"x\"");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("paht"), "{err}");
-        assert!(err.contains("broker.toml"), "{err}");
+        // The same `config file F: key K: …` form as every other config error,
+        // on one line, with the valid keys and the one that was meant.
+        assert!(
+            err.starts_with(
+                "config file /etc/sb/broker.toml: key `store.key_fiel`: unknown key (line "
+            ),
+            "{err}"
+        );
+        assert!(err.contains("did you mean `key_file`?"), "{err}");
+        assert!(err.contains("the keys of `store` are `key_file`"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        // In an array of tables, the index.
+        let text = GOOD.replacen("[[roles]]", "[[roles]]\nttll = \"1m\"", 1);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("key `roles[0].ttll`"), "{err}");
+        assert!(err.contains("did you mean `ttl`?"), "{err}");
     }
 
     #[test]

@@ -52,8 +52,9 @@ use crate::state::revocation::{Revocations, View};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The TLS certificate or key file could not be read.
-    #[error("cannot read TLS file {path}: {source}")]
+    #[error("key `{key}`: cannot read TLS file {path}: {source}")]
     TlsFile {
+        key: &'static str,
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -94,14 +95,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     install_crypto_provider();
-    let read = |path: &std::path::Path| {
+    let read = |key: &'static str, path: &std::path::Path| {
         std::fs::read(path).map_err(|source| RunError::TlsFile {
+            key,
             path: path.to_owned(),
             source,
         })
     };
-    let cert = read(&config.server.tls_cert_file)?;
-    let key = zeroize::Zeroizing::new(read(&config.server.tls_key_file)?);
+    let cert = read("server.tls_cert_file", &config.server.tls_cert_file)?;
+    let key = zeroize::Zeroizing::new(read("server.tls_key_file", &config.server.tls_key_file)?);
     let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, &*key));
 
     let db = Db::connect(&config.database).await?;

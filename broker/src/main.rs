@@ -52,14 +52,16 @@ enum Command {
     /// line when accepted; 1 and the reason when refused; 2 on usage or
     /// configuration errors.
     CheckToken {
+        /// The broker config file whose identity and roles decide (TOML).
         #[arg(long)]
         config: PathBuf,
         /// File holding the token (e.g. a projected service-account token).
         #[arg(long)]
         token_file: PathBuf,
-        /// Role to check; without it, the only role that matches.
-        #[arg(long, default_value = "")]
-        role: String,
+        /// Role to check the token against; without it, the only role that
+        /// matches the token's identity.
+        #[arg(long)]
+        role: Option<String>,
     },
     /// Run the sidecar injection webhook: an HTTPS server for the API
     /// server's AdmissionReviews (POST /mutate) that adds the secrets sidecar
@@ -89,6 +91,7 @@ enum StoreCommand {
     },
     /// Store a new version of a secret, read from a file or standard input.
     Put {
+        /// The broker config file (its database and store key).
         #[arg(long)]
         config: PathBuf,
         /// Secret name, e.g. payments/db-password.
@@ -99,9 +102,23 @@ enum StoreCommand {
     },
     /// List secrets and their latest versions (names only, never values).
     List {
+        /// The broker config file (its database and store key).
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+impl Command {
+    /// Levels when `RUST_LOG` is unset: a server logs at INFO; `dev` shows
+    /// its own lines (one per rotation) and warnings; `check-token` and
+    /// `store` print only their result, and warnings.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Serve { .. } | Command::Inject { .. } => "info",
+            Command::Dev { .. } => "warn,secrets_broker::dev=info",
+            Command::CheckToken { .. } | Command::Store { .. } => "warn",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -118,7 +135,11 @@ fn main() -> ExitCode {
     };
     // Inside the runtime: the OTLP exporter (when built in) needs it.
     let telemetry = runtime.block_on(async {
-        secrets_broker::telemetry::init(cli.log_format == "json", "info", "secrets-broker")
+        secrets_broker::telemetry::init(
+            cli.log_format == "json",
+            cli.command.default_log_level(),
+            "secrets-broker",
+        )
     });
     if let Err(e) = secrets_sidecar::hardening::disable_core_dumps() {
         tracing::warn!(error = %e, "cannot disable core dumps");
@@ -169,7 +190,7 @@ async fn run(command: Command) -> ExitCode {
             config,
             token_file,
             role,
-        } => check_token(&config, &token_file, &role).await,
+        } => check_token(&config, &token_file, role.as_deref().unwrap_or_default()).await,
         Command::Store { command } => store(command).await,
         Command::Inject { config } => inject(&config).await,
     }

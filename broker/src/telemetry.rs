@@ -34,6 +34,7 @@ pub fn init(json: bool, default_level: &str, service: &'static str) -> Guard {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(secrets_sidecar::log_colour())
         .with_target(false);
     let fmt = if json {
         fmt.json().flatten_event(true).boxed()
@@ -63,7 +64,11 @@ pub fn init(json: bool, default_level: &str, service: &'static str) -> Guard {
             Err(e) => {
                 let _ = tracing_subscriber::registry()
                     .with(EnvFilter::new(default_level))
-                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                    .with(
+                        tracing_subscriber::fmt::layer()
+                            .with_writer(std::io::stderr)
+                            .with_ansi(secrets_sidecar::log_colour()),
+                    )
                     .try_init();
                 tracing::warn!(error = %e, "cannot set up OTLP export; continuing without it");
                 return Guard::default();

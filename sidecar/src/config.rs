@@ -31,6 +31,24 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The error for a problem `strict_toml` found in the file at `path`.
+    pub fn from_toml(path: &Path, problem: crate::strict_toml::Problem) -> ConfigError {
+        let path = path.to_owned();
+        match problem.key {
+            Some(key) => ConfigError::Invalid {
+                path,
+                key,
+                message: problem.message,
+            },
+            None => ConfigError::Parse {
+                path,
+                message: problem.message,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -250,10 +268,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let raw: RawConfig =
+            crate::strict_toml::from_str(text).map_err(|p| ConfigError::from_toml(path, p))?;
         let err = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),

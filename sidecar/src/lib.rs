@@ -25,6 +25,7 @@ pub mod local_api;
 pub mod notify;
 pub mod render;
 pub mod schedule;
+pub mod strict_toml;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -42,6 +43,14 @@ use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::schedule::{Backoff, renew_after};
 use crate::writer::{AtomicWriter, OutFile, WriteError};
+
+/// Whether log lines on stderr get ANSI colours: only on a terminal, and
+/// never when `NO_COLOR` is set to anything (<https://no-color.org>). Shared
+/// by every binary, so log files and pipes get plain text.
+pub fn log_colour() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
 
 /// Why the sidecar stopped with an error.
 #[derive(Debug, thiserror::Error)]

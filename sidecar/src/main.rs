@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(secrets_sidecar::log_colour())
         .with_target(false);
     if cli.log_format == "json" {
         builder.json().flatten_event(true).init();

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 /// Operate a secrets-broker: revoke access, inspect leases and the audit
 /// log, manage the embedded store.
 #[derive(Parser)]
-#[command(name = "brokerctl", version, about)]
+#[command(name = "brokerctl", version)]
 struct Cli {
     /// Admin API base URL.
     #[arg(

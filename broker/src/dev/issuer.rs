@@ -199,6 +199,12 @@ impl Issuer {
         self.jwks_served.load(Ordering::Relaxed)
     }
 
+    /// Mints tokens for the issuer `url` without serving it: for a broker
+    /// that reads the keys from a static JWKS file ([`Issuer::jwks`]).
+    pub fn set_url(&self, url: &str) {
+        self.state().issuer = url.to_owned();
+    }
+
     /// The issuer URL (`iss`), once serving.
     pub fn url(&self) -> String {
         self.state().issuer.clone()

@@ -1,16 +1,20 @@
 //! `secrets-broker dev`: a complete local system in one process.
 //!
 //! It generates throwaway TLS material, a store key and an issuer key under
-//! the dev directory, starts a local OIDC token issuer over HTTPS, a broker
-//! on the embedded store with a demo secret, and a sidecar that writes into
-//! `DIR/secrets`. The demo secret rotates on a short period so a new
+//! the dev directory, mints a service-account token as kubelet would, and
+//! starts a broker on the embedded store with a demo secret and a sidecar
+//! that writes into `DIR/secrets` (a link to a fresh directory on a tmpfs
+//! when one can be had). The demo secret rotates on a short period so a new
 //! generation can be watched appearing. The broker and sidecar read the same
 //! kind of config files an operator writes (`DIR/broker.toml`,
-//! `DIR/sidecar.toml`), so dev mode doubles as a worked example.
+//! `DIR/sidecar.toml`), so dev mode doubles as a worked example, and
+//! `secrets-broker serve --config DIR/broker.toml` runs the same broker
+//! without dev: the issuer's public keys are a static JWKS file.
 
 pub mod issuer;
 pub mod tls;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,7 +39,18 @@ pub struct DevOptions {
 }
 
 pub const DEMO_SECRET: &str = "demo/greeting";
+/// The file the sidecar writes the demo secret to, in `DIR/secrets`.
+pub const DEMO_FILE: &str = "greeting";
 const AUDIENCE: &str = "secrets-broker";
+/// The `iss` of dev tokens: nothing serves it, the broker reads the issuer's
+/// keys from `DIR/issuer-jwks.json` (a cluster's issuer publishes them by
+/// OIDC discovery instead).
+const ISSUER: &str = "https://dev.secrets-broker.invalid";
+/// Names the tmpfs directories dev makes, so a later run can tell its own.
+const TMPFS_PREFIX: &str = "secrets-broker-dev-";
+/// How long dev waits for the sidecar's first file before it prints the
+/// banner anyway.
+const FIRST_FILE_WAIT: Duration = Duration::from_secs(30);
 
 fn demo_value(n: u64) -> String {
     let mut r = [0u8; 12];
@@ -45,7 +60,8 @@ fn demo_value(n: u64) -> String {
 }
 
 /// Runs the dev system until `shutdown` completes. Everything it writes lives
-/// under `opts.dir`; the secrets are removed on the way out.
+/// under `opts.dir` (the secrets on a tmpfs it links there); the secrets are
+/// removed on the way out.
 pub async fn run(
     opts: DevOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -53,7 +69,10 @@ pub async fn run(
     crate::install_crypto_provider();
     let dir = absolute(&opts.dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // Paths are printed as the user wrote the directory (`./dev/secrets`).
+    let show = |name: &str| opts.dir.join(name).display().to_string();
     let secrets_dir = dir.join("secrets");
+    let tmpfs = place_secrets(&secrets_dir)?;
 
     // Fresh TLS material and issuer key each run; the store and its key persist.
     let tls =
@@ -65,10 +84,12 @@ pub async fn run(
     }
 
     let issuer = Issuer::new().context("generate issuer key")?;
-    let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let issuer_task = issuer
-        .serve(issuer_listener, "127.0.0.1", tls.server_config()?)
-        .await?;
+    issuer.set_url(ISSUER);
+    std::fs::write(
+        dir.join("issuer-jwks.json"),
+        serde_json::to_vec_pretty(&issuer.jwks())?,
+    )
+    .context("write the issuer's JWKS")?;
     let workload = Workload::new("default", "demo", AUDIENCE);
     let token_file = dir.join("token");
     write_token(&issuer, &workload, &token_file)?;
@@ -86,6 +107,7 @@ pub async fn run(
         &broker_toml,
         format!(
             r#"# Written by `secrets-broker dev`; see examples/broker.toml for every key.
+# `secrets-broker serve --config broker.toml` runs this broker without dev.
 [server]
 listen = "{broker_addr}"
 tls_cert_file = "tls/tls.crt"
@@ -93,9 +115,11 @@ tls_key_file = "tls/tls.key"
 shutdown_grace = "2s"
 
 [identity]
-issuer = "{issuer_url}"
+issuer = "{ISSUER}"
 audiences = ["{AUDIENCE}"]
-ca_file = "tls/ca.crt"
+# The dev issuer's public keys, new at each dev run. A cluster's issuer
+# publishes them by OIDC discovery instead: leave jwks_file out and set ca_file.
+jwks_file = "issuer-jwks.json"
 
 [database]
 url = "sqlite://store.db"
@@ -121,11 +145,17 @@ secrets = ["demo/*"]
 ttl = "{ttl}"
 max_ttl = "1h"
 "#,
-            issuer_url = issuer.url(),
             ttl = humantime::format_duration(opts.lease_ttl),
             admin_ip = broker_addr.ip(),
         ),
     )?;
+    let on_disk = match &tmpfs {
+        Some(target) => format!("# `secrets` links to {}, on a tmpfs.", target.display()),
+        None => "# No tmpfs here ($XDG_RUNTIME_DIR, /dev/shm): the files are on disk.\n\
+                 # In a pod, mount an emptyDir with medium: Memory and leave this out.\n\
+                 allow_non_tmpfs = true"
+            .to_owned(),
+    };
     let sidecar_toml = dir.join("sidecar.toml");
     std::fs::write(
         &sidecar_toml,
@@ -135,14 +165,13 @@ broker_url = "https://localhost:{port}"
 ca_file = "tls/ca.crt"
 token_file = "token"
 dir = "secrets"
-# Dev mode may run where no tmpfs is at hand; in a pod, mount an emptyDir with medium: Memory.
-allow_non_tmpfs = true
+{on_disk}
 retry_initial = "200ms"
 retry_max = "5s"
 
 [[secrets]]
 name = "{DEMO_SECRET}"
-file = "greeting"
+file = "{DEMO_FILE}"
 "#,
             port = broker_addr.port()
         ),
@@ -158,12 +187,12 @@ file = "greeting"
     let wait_down = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|d| *d).await;
     };
-    let broker = tokio::spawn(crate::run(
+    let mut broker = tokio::spawn(crate::run(
         broker_cfg,
         broker_listener,
         wait_down(down_rx.clone()),
     ));
-    let sidecar = tokio::spawn(secrets_sidecar::run(
+    let mut sidecar = tokio::spawn(secrets_sidecar::run(
         sidecar_cfg,
         wait_down(down_rx.clone()),
     ));
@@ -203,37 +232,61 @@ file = "greeting"
         }
     });
 
-    println!(
-        "secrets-broker dev is running (Ctrl-C to stop)\n\
-         \x20 token issuer  {issuer_url} (OIDC discovery + JWKS over HTTPS)\n\
-         \x20 broker        https://{broker_addr} (gRPC over TLS, embedded store {store_db})\n\
-         \x20 sidecar       writing {secret} to {secrets}\n\
-         \x20 rotation      a new version of {secret} every {rotate}\n\
-         \x20 configs       {broker_toml}, {sidecar_toml}\n\
-         \x20 admin API     https://{admin_ip}:{admin_port}   try: {brokerctl} leases list\n\
-         \x20 read it       cat {secrets}/greeting   (ls -la {secrets} shows the ..data layout)",
-        issuer_url = issuer.url(),
-        store_db = dir.join("store.db").display(),
-        secret = DEMO_SECRET,
-        secrets = secrets_dir.display(),
-        rotate = humantime::format_duration(opts.rotate_every),
-        broker_toml = broker_toml.display(),
-        sidecar_toml = sidecar_toml.display(),
-        admin_ip = broker_addr.ip(),
-        brokerctl = format_args!(
-            "brokerctl --server https://localhost:{admin_port} --ca {t}/ca.crt --cert {t}/dev-admin.crt --key {t}/dev-admin.key",
-            t = dir.join("tls").display()
-        ),
-    );
-
-    tokio::pin!(shutdown);
-    let mut broker = broker;
-    let mut sidecar = sidecar;
-    let outcome: anyhow::Result<()> = tokio::select! {
-        _ = &mut shutdown => Ok(()),
-        r = &mut broker => Err(anyhow::anyhow!("broker stopped: {}", joined(r))),
-        r = &mut sidecar => Err(anyhow::anyhow!("sidecar stopped: {}", joined(r))),
+    // The banner once the first secret is on disk, so what it says to try
+    // works, and in one write, so no log line lands inside it.
+    let first_file = secrets_dir.join(DEMO_FILE);
+    let written = async {
+        while !first_file.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     };
+    tokio::pin!(shutdown);
+    let mut outcome: Option<anyhow::Result<()>> = tokio::select! {
+        _ = &mut shutdown => Some(Ok(())),
+        r = &mut broker => Some(Err(anyhow::anyhow!("broker stopped: {}", joined(r)))),
+        r = &mut sidecar => Some(Err(anyhow::anyhow!("sidecar stopped: {}", joined(r)))),
+        _ = tokio::time::timeout(FIRST_FILE_WAIT, written) => None,
+    };
+    if outcome.is_none() {
+        let where_ = match &tmpfs {
+            Some(target) => format!("a link to {}, on tmpfs", target.display()),
+            None => "on disk: no tmpfs at $XDG_RUNTIME_DIR or /dev/shm".to_owned(),
+        };
+        let first = if first_file.exists() {
+            "wrote"
+        } else {
+            "has not yet written (see the log)"
+        };
+        let secrets = show("secrets");
+        let tls = show("tls");
+        let banner = format!(
+            "secrets-broker dev is running (Ctrl-C to stop)\n\
+             \x20 broker        https://{broker_addr} (gRPC over TLS, embedded store {store_db})\n\
+             \x20 token         {token} for default/demo, audience {AUDIENCE}, re-minted every {remint}; keys in {jwks}\n\
+             \x20 sidecar       {first} {DEMO_SECRET} to {secrets}/ ({where_})\n\
+             \x20 rotation      a new version of {DEMO_SECRET} every {rotate}\n\
+             \x20 configs       {broker_toml}, {sidecar_toml}\n\
+             \x20 admin API     https://localhost:{admin_port}   try: {brokerctl} --server https://localhost:{admin_port} --ca {tls}/ca.crt --cert {tls}/dev-admin.crt --key {tls}/dev-admin.key leases list\n\
+             \x20 read it       cat {secrets}/{DEMO_FILE}   (ls -la {secrets}/ shows the ..data layout)\n",
+            store_db = show("store.db"),
+            token = show("token"),
+            remint =
+                humantime::format_duration(Duration::from_secs(workload_remint_seconds(&opts))),
+            jwks = show("issuer-jwks.json"),
+            rotate = humantime::format_duration(opts.rotate_every),
+            broker_toml = show("broker.toml"),
+            sidecar_toml = show("sidecar.toml"),
+            brokerctl = brokerctl_command(),
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+        drop(out);
+        outcome = Some(tokio::select! {
+            _ = &mut shutdown => Ok(()),
+            r = &mut broker => Err(anyhow::anyhow!("broker stopped: {}", joined(r))),
+            r = &mut sidecar => Err(anyhow::anyhow!("sidecar stopped: {}", joined(r))),
+        });
+    }
     println!("stopping…");
     let _ = down_tx.send(true);
     rotator.abort();
@@ -244,16 +297,110 @@ file = "greeting"
     if !broker.is_finished() {
         let _ = tokio::time::timeout(Duration::from_secs(10), broker).await;
     }
-    issuer_task.abort();
     db.close().await;
     let _ = std::fs::remove_file(&token_file);
-    if let Ok(mut entries) = std::fs::read_dir(&secrets_dir)
+    if tmpfs.is_some() {
+        remove_secrets_link(&secrets_dir);
+    } else if let Ok(mut entries) = std::fs::read_dir(&secrets_dir)
         && entries.next().is_none()
     {
         let _ = std::fs::remove_dir(&secrets_dir);
     }
-    println!("stopped; secrets removed from {}", secrets_dir.display());
-    outcome
+    println!("stopped; secrets removed from {}", show("secrets"));
+    outcome.unwrap_or(Ok(()))
+}
+
+/// The dev token is re-minted at each rotation tick past half its lifetime.
+fn workload_remint_seconds(opts: &DevOptions) -> u64 {
+    let half = Workload::new("default", "demo", AUDIENCE).ttl_seconds as u64 / 2;
+    let every = opts.rotate_every.as_secs().max(1);
+    half.div_ceil(every) * every
+}
+
+/// Makes `link` (`DIR/secrets`) a link to a new directory on a tmpfs
+/// (`$XDG_RUNTIME_DIR`, else `/dev/shm`) and returns that directory; `None`
+/// when neither is a tmpfs here, and `link` stays a plain directory. A link
+/// left by an earlier run that was killed goes first, with its directory.
+fn place_secrets(link: &Path) -> anyhow::Result<Option<PathBuf>> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => remove_secrets_link(link),
+        Ok(m) if m.is_dir() => std::fs::remove_dir(link).with_context(|| {
+            format!(
+                "{} holds files of an earlier run; remove it and start again",
+                link.display()
+            )
+        })?,
+        Ok(_) => anyhow::bail!("{} is not a directory; remove it", link.display()),
+        Err(_) => {}
+    }
+    let bases = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/dev/shm")]);
+    for base in bases {
+        if !secrets_sidecar::writer::is_memory_fs(&base).unwrap_or(false) {
+            continue;
+        }
+        let mut r = [0u8; 6];
+        let _ = aws_lc_rs::rand::fill(&mut r);
+        let target = base.join(format!("{TMPFS_PREFIX}{}", hex::encode(r)));
+        // mkdir, not create_dir_all: a name someone else made is not ours.
+        if std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&target)
+            .is_ok()
+        {
+            std::os::unix::fs::symlink(&target, link)
+                .with_context(|| format!("link {} to {}", link.display(), target.display()))?;
+            return Ok(Some(target));
+        }
+    }
+    Ok(None)
+}
+
+/// Removes the link `DIR/secrets`, and the tmpfs directory it points to when
+/// dev made it.
+fn remove_secrets_link(link: &Path) {
+    if let Ok(target) = std::fs::read_link(link)
+        && target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TMPFS_PREFIX))
+    {
+        let _ = std::fs::remove_dir_all(&target);
+    }
+    let _ = std::fs::remove_file(link);
+}
+
+/// How to run `brokerctl` from here, as printed in the banner: the binary
+/// next to this one when it is built, else the `cargo run` that builds it
+/// (when cargo started this one), else by name.
+fn brokerctl_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "brokerctl".to_owned();
+    };
+    let Some(bin_dir) = exe.parent() else {
+        return "brokerctl".to_owned();
+    };
+    let ctl = bin_dir.join("brokerctl");
+    if ctl.is_file() {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        return match ctl.strip_prefix(&cwd) {
+            Ok(rel) => rel.display().to_string(),
+            Err(_) => ctl.display().to_string(),
+        };
+    }
+    if std::env::var_os("CARGO").is_none() {
+        return "brokerctl".to_owned();
+    }
+    let profile = match bin_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => String::new(),
+        Some("release") => " --release".to_owned(),
+        Some(other) => format!(" --profile {other}"),
+    };
+    format!("cargo run -q{profile} --bin brokerctl --")
 }
 
 fn absolute(p: &Path) -> std::io::Result<PathBuf> {
@@ -265,7 +412,6 @@ fn absolute(p: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn write_token(issuer: &Issuer, w: &Workload, path: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let token = zeroize::Zeroizing::new(issuer.mint(w)?);
     let tmp = path.with_extension("tmp");

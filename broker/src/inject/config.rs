@@ -215,10 +215,8 @@ impl Config {
     /// Parses and validates config text; `path` names the source in errors
     /// and anchors relative paths. Reads no file.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let raw: RawConfig = secrets_sidecar::strict_toml::from_str(text)
+            .map_err(|p| ConfigError::from_toml(path, p))?;
         let err = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),
