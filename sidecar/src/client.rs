@@ -38,6 +38,15 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The broker refused the caller (revoked, not granted, token not
+    /// accepted), as opposed to failing to answer.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. }
+            if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    }
+}
+
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code as C;
     match code {
@@ -140,27 +149,31 @@ impl Client {
         )
     }
 
-    /// Fetches `names`, at most [`NAMES_PER_CALL`] per call. All or
-    /// nothing: when a later call fails, the leases of the earlier ones are
-    /// released (best effort; they end at their TTL otherwise).
-    pub async fn fetch(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
-        let mut secrets = Vec::with_capacity(names.len());
+    /// Fetches `names`, at most [`NAMES_PER_CALL`] per call: the secrets
+    /// the broker serves, and those it withholds by a revocation rule. All or
+    /// nothing otherwise: when a later call fails, the leases of the earlier
+    /// ones are released (best effort; they end at their TTL otherwise).
+    pub async fn fetch(&self, names: Vec<String>) -> Result<pb::FetchResponse, ClientError> {
+        let mut all = pb::FetchResponse::default();
         for chunk in names.chunks(NAMES_PER_CALL) {
             match self.fetch_call(chunk.to_vec()).await {
-                Ok(got) => secrets.extend(got),
+                Ok(got) => {
+                    all.secrets.extend(got.secrets);
+                    all.withheld.extend(got.withheld);
+                }
                 Err(e) => {
-                    if !secrets.is_empty() {
-                        let held = secrets.iter().filter_map(lease_ref).collect();
+                    if !all.secrets.is_empty() {
+                        let held = all.secrets.iter().filter_map(lease_ref).collect();
                         let _ = self.release(held).await;
                     }
                     return Err(e);
                 }
             }
         }
-        Ok(secrets)
+        Ok(all)
     }
 
-    async fn fetch_call(&self, names: Vec<String>) -> Result<Vec<pb::Secret>, ClientError> {
+    async fn fetch_call(&self, names: Vec<String>) -> Result<pb::FetchResponse, ClientError> {
         let (req, request_id) = self.request(pb::FetchRequest {
             role: self.role.clone(),
             names,
@@ -169,8 +182,7 @@ impl Client {
         let r = self.inner.clone().fetch(req).await;
         Ok(
             r.map_err(|status| ClientError::Status { status, request_id })?
-                .into_inner()
-                .secrets,
+                .into_inner(),
         )
     }
 

@@ -42,7 +42,7 @@ use zeroize::Zeroizing;
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::schedule::{Backoff, renew_after};
-use crate::writer::{AtomicWriter, OutFile, WriteError};
+use crate::writer::{AtomicWriter, Found, OutFile, WriteError};
 
 /// Whether log lines on stderr get ANSI colours: only on a terminal, and
 /// never when `NO_COLOR` is set to anything (<https://no-color.org>). Shared
@@ -119,6 +119,12 @@ struct Keeper {
     /// Secrets an operator revoked: not on disk, not renewed, retried with
     /// backoff in case the rule is lifted. Name → rule ID.
     revoked: HashMap<String, String>,
+    /// What a predecessor left on disk may stay until then (the lease end it
+    /// recorded), unless a fetch replaces or the broker refuses it first.
+    adopted_until: Option<Instant>,
+    /// A fetched set whose generation could not be written (a full tmpfs):
+    /// written on the next attempt instead of fetching it again.
+    unwritten: Option<HashMap<String, Held>>,
     /// Whether a login has succeeded (done once, to report who we are).
     logged_in: bool,
     /// What the probes and metrics report.
@@ -137,6 +143,8 @@ struct Keeper {
 enum BrokerEvent {
     Rotated(pb::Rotated),
     Revoked(pb::Revoked),
+    /// A stream reconnected: rotations may have been missed meanwhile.
+    Resync,
 }
 
 impl Keeper {
@@ -145,6 +153,7 @@ impl Keeper {
         if cfg.allow_non_tmpfs && !writer::is_memory_fs(&cfg.dir).unwrap_or(false) {
             warn!(dir = %cfg.dir.display(), "writing secrets to a directory that is not tmpfs (allow_non_tmpfs)");
         }
+        let adopted_until = adopt(&writer)?;
         let client = Client::new(&cfg)?;
         let templates = render::Templates::new(&cfg.templates).map_err(SidecarError::Template)?;
         let published = Arc::new(local_api::Published::new(
@@ -156,6 +165,8 @@ impl Keeper {
             writer,
             held: HashMap::new(),
             revoked: HashMap::new(),
+            adopted_until,
+            unwritten: None,
             logged_in: false,
             readiness: health::Shared::default(),
             templates,
@@ -198,10 +209,23 @@ impl Keeper {
             );
             self.logged_in = true;
         }
-        let secrets = self.client.fetch(names.clone()).await?;
+        let fetched = self.client.fetch(names.clone()).await?;
         let mut changed = false;
-        let mut fresh = HashMap::with_capacity(secrets.len());
-        for s in secrets {
+        // Withheld by a rule with a secret: off the disk, retried later; the
+        // rest of the set is served all the same.
+        let mut withheld = Vec::new();
+        for w in fetched.withheld {
+            if names.contains(&w.name) {
+                changed |= self.held.contains_key(&w.name);
+                withheld.push(w.name.clone());
+                self.revoked.insert(w.name, w.rule_id);
+            }
+        }
+        if !withheld.is_empty() {
+            warn!(secrets = ?withheld, "secrets withheld by a revocation rule; writing the others");
+        }
+        let mut fresh = HashMap::with_capacity(fetched.secrets.len());
+        for s in fetched.secrets {
             let lease = s.lease.unwrap_or_default();
             // A lease ID is no credential (every call that uses one carries
             // the pod's token too); logged so a lost lease can be traced.
@@ -229,25 +253,70 @@ impl Keeper {
                 },
             );
         }
-        if let Some(missing) = names.iter().find(|n| !fresh.contains_key(*n)) {
+        if let Some(missing) = names
+            .iter()
+            .find(|n| !fresh.contains_key(*n) && !withheld.contains(n))
+        {
             return Err(SidecarError::Incomplete(missing.clone()));
         }
         for name in fresh.keys() {
             self.revoked.remove(name);
         }
+        // What a predecessor left is replaced by what the broker says now.
+        changed |= self.adopted_until.is_some();
         if changed {
-            // Commit only what reached the disk.
             let mut next = self.held.clone();
+            for name in &withheld {
+                next.remove(name);
+            }
             next.extend(fresh);
-            self.write_set(&next)?;
-            self.held = next;
-            self.publish_status();
+            self.write_pending(next)
         } else {
             self.held.extend(fresh);
             debug!("secrets unchanged; leases extended");
+            self.record_lease_end();
             self.publish_status();
+            Ok(())
         }
-        Ok(())
+    }
+
+    /// Writes `next` as the new generation and holds it; commits only what
+    /// reached the disk. When the write fails, `next` waits in `unwritten`
+    /// for the next attempt, so a full tmpfs costs no new fetch (and no new
+    /// leases) per retry.
+    fn write_pending(&mut self, next: HashMap<String, Held>) -> Result<(), SidecarError> {
+        match self.write_set(&next) {
+            Ok(()) => {
+                self.held = next;
+                self.publish_status();
+                Ok(())
+            }
+            Err(e) => {
+                self.unwritten = Some(next);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the set a failed write left, if its leases still run; true
+    /// when there was one to write.
+    fn retry_unwritten(&mut self) -> Option<Result<(), SidecarError>> {
+        let next = self.unwritten.take()?;
+        let now = Instant::now();
+        if next.values().any(|h| h.expires <= now) {
+            return None;
+        }
+        Some(self.write_pending(next))
+    }
+
+    /// Keeps the lease end recorded in the current generation up to date
+    /// (after a renewal or a fetch that changed nothing on disk).
+    fn record_lease_end(&self) {
+        if let Some(end) = self.held.values().map(|h| h.expires_unix).min()
+            && let Err(e) = self.writer.set_lease_end(end)
+        {
+            warn!(error = %e, "cannot record the lease end beside the secrets");
+        }
     }
 
     /// Writes what is held as one generation (or removes everything when
@@ -264,7 +333,10 @@ impl Keeper {
     /// templates rendered from the same values.
     fn write_set(&mut self, held: &HashMap<String, Held>) -> Result<(), SidecarError> {
         if held.is_empty() {
-            self.writer.remove_all()?;
+            // An empty generation, swapped in like any other: a reader never
+            // finds `..data` missing.
+            self.writer.write_files(&[], None)?;
+            self.adopted_until = None;
             if let Some(n) = &self.notifier {
                 n.generation_written();
             }
@@ -298,7 +370,9 @@ impl Keeper {
                 Err(e) => warn!(error = %e, "template left out of this generation"),
             }
         }
-        let generation = self.writer.write_files(&files)?;
+        let lease_end = held.values().map(|h| h.expires_unix).min();
+        let generation = self.writer.write_files(&files, lease_end)?;
+        self.adopted_until = None;
         self.generation_swaps += 1;
         if let Some(n) = &self.notifier {
             n.generation_written();
@@ -417,6 +491,7 @@ impl Keeper {
                 h.expires_unix = lease.expires_at_unix;
             }
         }
+        self.record_lease_end();
         self.publish_status();
         Ok(rotated)
     }
@@ -426,19 +501,50 @@ impl Keeper {
         self.held.values().map(|h| h.renew_at).min()
     }
 
-    /// When the first lease ends; the files must be gone by then.
+    /// When the first lease ends (or what a predecessor left runs out); the
+    /// files must be gone by then.
     fn lease_end(&self) -> Option<Instant> {
-        self.held.values().map(|h| h.expires).min()
+        self.held
+            .values()
+            .map(|h| h.expires)
+            .chain(self.adopted_until)
+            .min()
     }
 
     fn remove(&mut self, why: &str) {
         self.held.clear();
+        self.adopted_until = None;
+        self.unwritten = None;
         self.publish_status();
         match self.writer.remove_all() {
             Ok(()) => info!(dir = %self.cfg.dir.display(), reason = why, "removed secrets"),
             Err(e) => warn!(error = %e, "failed to remove secrets"),
         }
     }
+}
+
+/// What a predecessor left in the directory (a sidecar that crashed or was
+/// killed): it may stay until the lease end it recorded, and goes at once
+/// when that has passed or cannot be told. Returns until when it may stay.
+fn adopt(writer: &AtomicWriter) -> Result<Option<Instant>, SidecarError> {
+    let now = unix_now();
+    let why = match writer.found() {
+        Found::Nothing => return Ok(None),
+        Found::Until(end) if end > now => {
+            info!(
+                seconds_left = end - now,
+                "found the secrets a previous sidecar wrote: they stay until their lease ends, unless the broker replaces or refuses them first"
+            );
+            return Ok(Some(
+                Instant::now() + Duration::from_secs((end - now) as u64),
+            ));
+        }
+        Found::Until(_) => "their lease has ended",
+        Found::Unknown => "they do not say when their lease ends",
+    };
+    writer.remove_all()?;
+    warn!(reason = why, "removed the secrets a previous sidecar left");
+    Ok(None)
 }
 
 /// Fetches and writes once, retrying with backoff for at most `timeout`.
@@ -449,7 +555,11 @@ pub async fn once(cfg: Config, timeout: Duration) -> Result<(), SidecarError> {
     loop {
         match keeper.fetch_and_write(keeper.names()).await {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline || !retryable(&e) => {
+            Err(e) if Instant::now() >= deadline || !retryable(&e) || e.is_refusal() => {
+                // Nothing stays behind to remove what a predecessor left.
+                if keeper.adopted_until.is_some() {
+                    keeper.remove("no fresh secrets to replace them");
+                }
                 return Err(SidecarError::Timeout(timeout, e.to_string()));
             }
             Err(e) => {
@@ -459,6 +569,13 @@ pub async fn once(cfg: Config, timeout: Duration) -> Result<(), SidecarError> {
                     .await;
             }
         }
+    }
+}
+
+impl SidecarError {
+    /// The broker refused the call (revoked, not granted, token refused).
+    fn is_refusal(&self) -> bool {
+        matches!(self, SidecarError::Client(c) if c.is_refusal())
     }
 }
 
@@ -571,15 +688,31 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
         }
         if need_fetch {
-            match keeper.fetch_and_write(keeper.wanted()).await {
+            let attempt = match keeper.retry_unwritten() {
+                Some(written) => written,
+                None => keeper.fetch_and_write(keeper.wanted()).await,
+            };
+            match attempt {
                 Ok(()) => {
                     need_fetch = false;
                     backoff.reset();
+                    if !keeper.revoked.is_empty() && revoked_retry_at.is_none() {
+                        revoked_backoff.reset();
+                        revoked_retry_at =
+                            Some(Instant::now() + revoked_backoff.next_delay(fastrand::f64()));
+                    }
                 }
                 Err(e) if !retryable(&e) => break Err(e),
                 Err(e) => {
+                    if keeper.adopted_until.is_some() && e.is_refusal() {
+                        keeper.remove("the broker refused the first fetch");
+                    }
                     let delay = backoff.next_delay(fastrand::f64());
-                    warn!(error = %e, retry_in = ?delay, "fetch failed; keeping the last good secrets until their lease ends");
+                    if matches!(e, SidecarError::Write(_)) {
+                        warn!(error = %e, retry_in = ?delay, "cannot write the new generation; keeping the last one, and writing the fetched secrets again without a new fetch");
+                    } else {
+                        warn!(error = %e, retry_in = ?delay, "fetch failed; keeping the last good secrets until their lease ends");
+                    }
                     keeper.refresh_failures += 1;
                     keeper.publish_status();
                     retry_at = Some(Instant::now() + delay);
@@ -626,23 +759,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 keeper.remove("lease ended");
                 need_fetch = true;
             }
-            Some(ev) = events.recv() => match ev {
-                BrokerEvent::Rotated(ev) => {
-                    let stale = !keeper.revoked.contains_key(&ev.name)
-                        && keeper.held.get(&ev.name).is_none_or(|h| ev.version == 0 || h.version != ev.version);
-                    if stale {
-                        info!(secret = %ev.name, version = ev.version, "rotation announced");
-                        need_fetch = true;
+            Some(first) = events.recv() => {
+                // Every event already queued is taken at once, so a burst (a
+                // reconnect of every watch stream, many rotations) costs one fetch.
+                let mut next = Some(first);
+                while let Some(ev) = next.take().or_else(|| events.try_recv().ok()) {
+                    match ev {
+                        BrokerEvent::Rotated(ev) => {
+                            let stale = !keeper.revoked.contains_key(&ev.name)
+                                && keeper.held.get(&ev.name).is_none_or(|h| ev.version == 0 || h.version != ev.version);
+                            if stale {
+                                info!(secret = %ev.name, version = ev.version, "rotation announced");
+                                keeper.unwritten = None;
+                                need_fetch = true;
+                            }
+                        }
+                        BrokerEvent::Resync => {
+                            debug!("watch stream reconnected; checking every secret once");
+                            keeper.unwritten = None;
+                            need_fetch = true;
+                        }
+                        BrokerEvent::Revoked(r) => {
+                            if let Err(e) = keeper.revoke(&r) {
+                                warn!(error = %e, "cannot remove revoked secrets");
+                            }
+                            revoked_backoff.reset();
+                            revoked_retry_at = Some(Instant::now() + revoked_backoff.next_delay(fastrand::f64()));
+                        }
                     }
                 }
-                BrokerEvent::Revoked(r) => {
-                    if let Err(e) = keeper.revoke(&r) {
-                        warn!(error = %e, "cannot remove revoked secrets");
-                    }
-                    revoked_backoff.reset();
-                    revoked_retry_at = Some(Instant::now() + revoked_backoff.next_delay(fastrand::f64()));
-                }
-            },
+            }
         }
     };
     for w in &watchers {
@@ -693,17 +839,10 @@ async fn watch_loop(
     loop {
         match client.watch(names.clone()).await {
             Ok(mut stream) => loop {
-                if std::mem::take(&mut reconnect) {
-                    // Rotations may have happened while disconnected: have the main loop check.
-                    for name in &names {
-                        let check = BrokerEvent::Rotated(pb::Rotated {
-                            name: name.clone(),
-                            version: 0,
-                        });
-                        if tx.send(check).await.is_err() {
-                            return;
-                        }
-                    }
+                // Rotations may have happened while disconnected: have the
+                // main loop check the whole set, once.
+                if std::mem::take(&mut reconnect) && tx.send(BrokerEvent::Resync).await.is_err() {
+                    return;
                 }
                 let event = match stream.message().await {
                     Ok(Some(pb::WatchEvent { event: Some(event) })) => event,

@@ -10,6 +10,11 @@
 //! complete generation to the next in a single `rename`. The writer refuses a
 //! target that is not tmpfs/ramfs (unless told otherwise) and any file name
 //! that could escape the directory.
+//!
+//! Each generation also holds `..lease-end` (mode 0400): the Unix time at
+//! which the first of its secrets' leases ends, kept current on renewal. A
+//! sidecar that restarts reads it ([`AtomicWriter::found`]) to know how long
+//! what a predecessor left on disk may stay readable.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -19,6 +24,9 @@ use std::path::{Path, PathBuf};
 
 const DATA: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
+/// In each generation: when its first lease ends (Unix seconds). A dot name,
+/// so no secret file can take it.
+pub const LEASE_END: &str = "..lease-end";
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
@@ -107,6 +115,18 @@ impl<'a> OutFile<'a> {
     }
 }
 
+/// What a writer finds in its directory at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// No generation.
+    Nothing,
+    /// A generation whose first lease ends at this Unix time.
+    Until(i64),
+    /// A generation that does not say when its leases end (written by an
+    /// older sidecar, or damaged).
+    Unknown,
+}
+
 /// Writes generations into one directory.
 #[derive(Debug, Clone)]
 pub struct AtomicWriter {
@@ -145,11 +165,18 @@ impl AtomicWriter {
     /// with one rename; files absent from the set disappear from the directory.
     pub fn write(&self, files: &[(&str, &[u8])]) -> Result<PathBuf, WriteError> {
         let files: Vec<OutFile<'_>> = files.iter().map(|(n, c)| OutFile::new(n, c)).collect();
-        self.write_files(&files)
+        self.write_files(&files, None)
     }
 
-    /// Like [`AtomicWriter::write`], with per-file modes and owners.
-    pub fn write_files(&self, files: &[OutFile<'_>]) -> Result<PathBuf, WriteError> {
+    /// Like [`AtomicWriter::write`], with per-file modes and owners, and the
+    /// Unix time the first lease of these files ends (recorded in the
+    /// generation). An empty `files` publishes an empty generation: the same
+    /// one rename as any change, so `..data` never goes missing.
+    pub fn write_files(
+        &self,
+        files: &[OutFile<'_>],
+        lease_end: Option<i64>,
+    ) -> Result<PathBuf, WriteError> {
         for f in files {
             validate_file_name(f.name)?;
         }
@@ -157,7 +184,13 @@ impl AtomicWriter {
         // A generation that cannot be written whole (a full tmpfs: ENOSPC)
         // is removed, so it neither takes the space nor is ever swapped in:
         // the previous generation stays as it was.
-        if let Err(e) = self.fill_generation(&generation, files) {
+        let filled = self
+            .fill_generation(&generation, files)
+            .and_then(|()| match lease_end {
+                Some(end) => write_lease_end(&generation.join(LEASE_END), end),
+                None => Ok(()),
+            });
+        if let Err(e) = filled {
             let _ = fs::remove_dir_all(&generation);
             return Err(e);
         }
@@ -223,6 +256,34 @@ impl AtomicWriter {
         Ok(())
     }
 
+    /// Records a later lease end in the current generation (after a
+    /// renewal), replacing the file with one rename.
+    pub fn set_lease_end(&self, lease_end: i64) -> Result<(), WriteError> {
+        let data = self.dir.join(DATA);
+        if fs::symlink_metadata(&data).is_err() {
+            return Ok(());
+        }
+        let tmp = data.join(format!("{LEASE_END}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        write_lease_end(&tmp, lease_end)?;
+        let path = data.join(LEASE_END);
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+    }
+
+    /// What a predecessor left: no generation, one with its lease end, or
+    /// one that cannot say.
+    pub fn found(&self) -> Found {
+        let data = self.dir.join(DATA);
+        if fs::symlink_metadata(&data).is_err() {
+            return Found::Nothing;
+        }
+        let read = fs::read_to_string(data.join(LEASE_END)).ok();
+        match read.as_deref().map(str::trim).map(str::parse::<i64>) {
+            Some(Ok(end)) => Found::Until(end),
+            _ => Found::Unknown,
+        }
+    }
+
     /// Removes every secret and generation the writer made.
     pub fn remove_all(&self) -> Result<(), WriteError> {
         let _ = fs::remove_file(self.dir.join(DATA));
@@ -271,6 +332,16 @@ impl AtomicWriter {
         }
         Ok(())
     }
+}
+
+fn write_lease_end(path: &Path, lease_end: i64) -> Result<(), WriteError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    writeln!(f, "{lease_end}").map_err(io_err("write", path))
 }
 
 #[cfg(test)]
@@ -387,6 +458,43 @@ mod tests {
         let (_dir, w) = writer();
         assert!(w.write(&[("../evil", b"x")]).is_err());
         assert!(validate_file_name("db-password").is_ok());
+    }
+
+    #[test]
+    fn a_generation_records_its_lease_end_and_a_renewal_moves_it() {
+        let (dir, w) = writer();
+        assert_eq!(w.found(), Found::Nothing);
+        let f = [OutFile::new("a", b"1")];
+        w.write_files(&f, Some(1_900_000_000)).unwrap();
+        assert_eq!(w.found(), Found::Until(1_900_000_000));
+        let meta = dir.path().join("..data").join(LEASE_END);
+        assert_eq!(
+            fs::metadata(&meta).unwrap().permissions().mode() & 0o777,
+            0o400
+        );
+        w.set_lease_end(1_900_000_060).unwrap();
+        assert_eq!(w.found(), Found::Until(1_900_000_060));
+        // No link in DIR names it: an app sees only its files.
+        assert!(fs::symlink_metadata(dir.path().join(LEASE_END)).is_err());
+        // A generation without it (an older sidecar's) cannot say.
+        w.write_files(&f, None).unwrap();
+        assert_eq!(w.found(), Found::Unknown);
+        w.remove_all().unwrap();
+        assert_eq!(w.found(), Found::Nothing);
+    }
+
+    #[test]
+    fn an_empty_set_is_an_empty_generation_swapped_in_like_any_other() {
+        let (dir, w) = writer();
+        w.write(&[("a", b"1"), ("b", b"2")]).unwrap();
+        let g = w.write_files(&[], None).unwrap();
+        assert_eq!(
+            fs::read_link(dir.path().join("..data")).unwrap(),
+            Path::new(g.file_name().unwrap())
+        );
+        assert_eq!(fs::read_dir(&g).unwrap().count(), 0);
+        assert!(fs::symlink_metadata(dir.path().join("a")).is_err());
+        assert!(fs::symlink_metadata(dir.path().join("b")).is_err());
     }
 
     #[test]

@@ -350,6 +350,27 @@ fn a_full_tmpfs_keeps_the_previous_generation_and_recovers() {
         assert_eq!(read().as_deref(), Some("small-v1"));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Each retry writes the set it already fetched: no new fetch, no new
+    // leases, and the log says it is the write that failed.
+    let leases = || sidecar.log_text().matches("lease received").count();
+    let retries = || {
+        sidecar
+            .log_text()
+            .matches("cannot write the new generation")
+            .count()
+    };
+    let before = (leases(), retries());
+    wait_for("three more write retries", LONG, || {
+        (retries() >= before.1 + 3).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            sidecar.log_text()
+        )
+    });
+    assert_eq!(leases(), before.0, "a write retry fetched again");
     // No half-written generation is left taking the space. The sidecar
     // retries, and a retry's generation exists for the moment between its
     // failed write and its removal: one left behind would be in every look.

@@ -255,7 +255,27 @@ struct FetchAudit<'a> {
     pod_uid: Option<&'a str>,
     role: &'a str,
     secrets: Vec<LeaseAudit<'a>>,
+    /// Asked for but withheld by a rule with a secret (not handed out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    withheld: Vec<WithheldAudit<'a>>,
     ttl_seconds: u64,
+}
+
+/// One secret withheld by a rule, in a [`FetchAudit`].
+#[derive(serde::Serialize)]
+struct WithheldAudit<'a> {
+    name: &'a str,
+    rule_id: &'a str,
+}
+
+/// How revocation rules with a secret apply to a call that names secrets.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// Any withheld name refuses the whole call (Login, Renew).
+    Whole,
+    /// Withheld names are left out; the call is refused only when nothing
+    /// would be left (Fetch, Watch).
+    Partial,
 }
 
 /// One secret handed out, in a [`FetchAudit`].
@@ -296,6 +316,7 @@ impl BrokerService {
         action: &'static str,
         role: &str,
         names: &[String],
+        scope: Scope,
     ) -> Result<(Identity, &RoleConfig), ApiError> {
         let token = bearer(req)?;
         let identity = match self.verifier.verify(token).await {
@@ -334,7 +355,7 @@ impl BrokerService {
             debug!(identity = %identity, action, "rate limited");
             return Err(e.into());
         }
-        let decision = self.authorize(&identity, role, names);
+        let decision = self.authorize(&identity, role, names, scope);
         if let Err(e) = &decision {
             warn!(identity = %identity, action, reason = %e, "call refused");
             self.audit(
@@ -352,13 +373,17 @@ impl BrokerService {
         identity: &Identity,
         role: &str,
         names: &[String],
+        scope: Scope,
     ) -> Result<&RoleConfig, ApiError> {
         if !role.is_empty() && !policy::valid_role_name(role) {
             return Err(ApiError::BadRequest("role name is not valid".into()));
         }
         let role = self.policy.resolve(identity, role)?;
         self.view.ensure_fresh()?;
-        self.view.check(identity, names)?;
+        match scope {
+            Scope::Whole => self.view.check(identity, names)?,
+            Scope::Partial => self.view.check_partial(identity, names)?,
+        }
         Ok(role)
     }
 
@@ -602,7 +627,7 @@ impl Broker for BrokerService {
         let result: Result<_, ApiError> = async {
             let _permit = self.limits.admit()?;
             let (id, role) = self
-                .authenticate(&req, "login", &req.get_ref().role, &[])
+                .authenticate(&req, "login", &req.get_ref().role, &[], Scope::Whole)
                 .await?;
             debug!(identity = %id, role = %role.name, result = "accepted", "login");
             self.audit(&id, "login", "ok", json!({ "role": role.name }));
@@ -628,7 +653,17 @@ impl Broker for BrokerService {
         let result: Result<_, ApiError> = async {
             let _permit = self.limits.admit()?;
             let r = req.get_ref();
-            let (id, role) = self.authenticate(&req, "fetch", &r.role, &r.names).await?;
+            let (id, role) = self
+                .authenticate(&req, "fetch", &r.role, &r.names, Scope::Partial)
+                .await?;
+            // A rule with a secret withholds just that secret: the others
+            // are served, and the answer names what it withholds.
+            let withheld = self.view.withheld(&id, &r.names);
+            let names: Vec<&String> = r
+                .names
+                .iter()
+                .filter(|n| !withheld.iter().any(|(w, _)| w == n))
+                .collect();
             Self::authorize_all(role, &r.names)?;
             // Verified above; handed to STS web identity, never logged or kept.
             let token = bearer(&req)?;
@@ -636,7 +671,7 @@ impl Broker for BrokerService {
             let mut secrets = Vec::with_capacity(r.names.len());
             let mut records = Vec::with_capacity(r.names.len());
             let mut upstreams = Vec::new();
-            for name in &r.names {
+            for name in names {
                 let (v, up) = match self.read_for(name, &id, ttl, token).await {
                     Ok(x) => x,
                     Err(e) => {
@@ -686,6 +721,13 @@ impl Broker for BrokerService {
                             version: l.version,
                         })
                         .collect(),
+                    withheld: withheld
+                        .iter()
+                        .map(|(name, rule)| WithheldAudit {
+                            name,
+                            rule_id: &rule.rule_id,
+                        })
+                        .collect(),
                     ttl_seconds: ttl.as_secs(),
                 },
             );
@@ -705,7 +747,15 @@ impl Broker for BrokerService {
             self.metrics.secrets_served.inc_by(secrets.len() as u64);
             debug!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
             self.auditor.record(record);
-            Ok(Response::new(pb::FetchResponse { secrets }))
+            let withheld = withheld
+                .iter()
+                .map(|(name, rule)| pb::Withheld {
+                    name: (*name).to_owned(),
+                    rule_id: rule.rule_id.clone(),
+                    reason: rule.reason.clone(),
+                })
+                .collect();
+            Ok(Response::new(pb::FetchResponse { secrets, withheld }))
         }
         .instrument(span)
         .await;
@@ -723,7 +773,9 @@ impl Broker for BrokerService {
             let _permit = self.limits.admit()?;
             let r = req.get_ref();
             let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
-            let (id, role) = self.authenticate(&req, "renew", &r.role, &names).await?;
+            let (id, role) = self
+                .authenticate(&req, "renew", &r.role, &names, Scope::Whole)
+                .await?;
             Self::authorize_all(role, &names)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut leases = Vec::with_capacity(names.len());
@@ -810,7 +862,13 @@ impl Broker for BrokerService {
             }
         };
         let opened = self
-            .authenticate(&req, "watch", &req.get_ref().role, &req.get_ref().names)
+            .authenticate(
+                &req,
+                "watch",
+                &req.get_ref().role,
+                &req.get_ref().names,
+                Scope::Partial,
+            )
             .await
             .and_then(|(id, role)| {
                 Self::authorize_all(role, &req.get_ref().names).map(|()| (id, role))

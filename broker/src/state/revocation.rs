@@ -103,6 +103,13 @@ impl Rule {
             .collect()
     }
 
+    fn refusal(&self) -> Revoked {
+        Revoked {
+            rule_id: self.id.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+
     /// Whether the rule cuts `id` off entirely.
     pub fn blocks_identity(&self, id: &Identity) -> bool {
         self.secret.is_none() && self.covers_identity(id)
@@ -355,6 +362,42 @@ impl View {
         Ok(())
     }
 
+    /// Like [`View::check`] for a call that can serve part of what it asks
+    /// for (Fetch, Watch): refuses `id` when a rule cuts it off entirely, or
+    /// when rules with a secret withhold every one of `secrets`; a set of
+    /// which some are withheld passes, and [`View::withheld`] names those.
+    pub fn check_partial(&self, id: &Identity, secrets: &[String]) -> Result<(), Revoked> {
+        let now = unix_now();
+        let rules = self.rules();
+        let active = || rules.iter().filter(|r| r.active(now));
+        if let Some(rule) = active().find(|r| r.blocks_identity(id)) {
+            return Err(rule.refusal());
+        }
+        let withheld = self.withheld(id, secrets);
+        match withheld.first() {
+            Some((_, first)) if secrets.iter().all(|n| withheld.iter().any(|(w, _)| w == n)) => {
+                Err(first.clone())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The names among `secrets` that rules with a secret withhold from
+    /// `id`, each with the first rule that does.
+    pub fn withheld<'a>(&self, id: &Identity, secrets: &'a [String]) -> Vec<(&'a str, Revoked)> {
+        let now = unix_now();
+        let rules = self.rules();
+        let mut out: Vec<(&'a str, Revoked)> = Vec::new();
+        for rule in rules.iter().filter(|r| r.active(now) && r.secret.is_some()) {
+            for name in rule.affected(id, secrets) {
+                if !out.iter().any(|(n, _)| *n == name) {
+                    out.push((name, rule.refusal()));
+                }
+            }
+        }
+        out
+    }
+
     /// Replaces the rules with a fresh read; announces the new ones.
     pub fn replace(&self, rules: Vec<Rule>) {
         let new: Vec<Rule> = {
@@ -487,5 +530,41 @@ mod tests {
         lapsed.expires_at = Some(1);
         view.replace(vec![lapsed]);
         assert!(view.check(&id, &[]).is_ok(), "a lapsed rule does not apply");
+    }
+
+    #[test]
+    fn a_rule_with_a_secret_withholds_just_that_secret_from_a_partial_call() {
+        let view = View::new(Duration::from_secs(5));
+        let id = Identity::for_test("payments", "api");
+        let names: Vec<String> = ["payments/a", "payments/s3", "payments/b"]
+            .map(String::from)
+            .into();
+        view.replace(vec![rule(
+            Some("payments"),
+            None,
+            None,
+            Some("payments/s3"),
+        )]);
+        // A whole-set call (Renew) is refused; a partial one (Fetch) passes
+        // and names what it leaves out.
+        assert!(view.check(&id, &names).is_err());
+        assert!(view.check_partial(&id, &names).is_ok());
+        let withheld = view.withheld(&id, &names);
+        assert_eq!(withheld.len(), 1);
+        assert_eq!(withheld[0].0, "payments/s3");
+        assert_eq!(withheld[0].1.rule_id, "r1");
+        // Nothing left to serve: refused, as a whole-set call.
+        let only = vec!["payments/s3".to_owned()];
+        assert_eq!(
+            view.check_partial(&id, &only).unwrap_err().to_string(),
+            "revoked (rule id r1, reason \"test\")"
+        );
+        // Another namespace keeps it.
+        let other = Identity::for_test("shop", "api");
+        assert!(view.withheld(&other, &names).is_empty());
+        // A rule without a secret still cuts the identity off entirely.
+        view.replace(vec![rule(Some("payments"), Some("api"), None, None)]);
+        assert!(view.check_partial(&id, &names).is_err());
+        assert!(view.withheld(&id, &names).is_empty());
     }
 }
