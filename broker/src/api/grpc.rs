@@ -224,13 +224,15 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, TokenError> {
     Ok(token)
 }
 
-fn check_names(names: &[String]) -> Result<(), ApiError> {
+/// Checks the names a call carries; `what` is what the call lists
+/// ("secret" for Fetch and Watch, "lease" for Renew), for the message.
+fn check_names(names: &[String], what: &str) -> Result<(), ApiError> {
     if names.is_empty() {
-        return Err(ApiError::BadRequest("name at least one secret".into()));
+        return Err(ApiError::BadRequest(format!("name at least one {what}")));
     }
     if names.len() > MAX_NAMES_PER_REQUEST {
         return Err(ApiError::BadRequest(format!(
-            "{} secrets requested, at most {MAX_NAMES_PER_REQUEST} per call",
+            "{} {what}s in one call, at most {MAX_NAMES_PER_REQUEST}",
             names.len()
         )));
     }
@@ -487,8 +489,8 @@ impl BrokerService {
         }
     }
 
-    fn authorize_all(role: &RoleConfig, names: &[String]) -> Result<(), ApiError> {
-        check_names(names)?;
+    fn authorize_all(role: &RoleConfig, names: &[String], what: &str) -> Result<(), ApiError> {
+        check_names(names, what)?;
         for n in names {
             policy::grants(role, n)?;
         }
@@ -664,7 +666,7 @@ impl Broker for BrokerService {
                 .iter()
                 .filter(|n| !withheld.iter().any(|(w, _)| w == n))
                 .collect();
-            Self::authorize_all(role, &r.names)?;
+            Self::authorize_all(role, &r.names, "secret")?;
             // Verified above; handed to STS web identity, never logged or kept.
             let token = bearer(&req)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
@@ -776,7 +778,7 @@ impl Broker for BrokerService {
             let (id, role) = self
                 .authenticate(&req, "renew", &r.role, &names, Scope::Whole)
                 .await?;
-            Self::authorize_all(role, &names)?;
+            Self::authorize_all(role, &names, "lease")?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
             let mut leases = Vec::with_capacity(names.len());
             for held in &r.leases {
@@ -871,7 +873,7 @@ impl Broker for BrokerService {
             )
             .await
             .and_then(|(id, role)| {
-                Self::authorize_all(role, &req.get_ref().names).map(|()| (id, role))
+                Self::authorize_all(role, &req.get_ref().names, "secret").map(|()| (id, role))
             });
         self.observe("watch", start, &opened);
         let (id, role) = opened?;
@@ -1156,6 +1158,15 @@ pub async fn poll_rotations(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_checks_say_what_the_call_lists() {
+        let msg = |names: &[String], what| check_names(names, what).unwrap_err().to_string();
+        assert!(msg(&[], "lease").contains("name at least one lease"));
+        assert!(msg(&[], "secret").contains("name at least one secret"));
+        let many = vec!["a/b".to_owned(); MAX_NAMES_PER_REQUEST + 1];
+        assert!(msg(&many, "lease").contains("257 leases in one call, at most 256"));
+    }
 
     #[tokio::test]
     async fn a_refresh_after_a_write_serves_the_new_version_and_announces_it_once() {
