@@ -298,8 +298,8 @@ impl Keeper {
         }
     }
 
-    /// Writes the set a failed write left, if its leases still run; true
-    /// when there was one to write.
+    /// Writes the set a failed write left, if its leases still run; `None`
+    /// when there is none (then fetch).
     fn retry_unwritten(&mut self) -> Option<Result<(), SidecarError>> {
         let next = self.unwritten.take()?;
         let now = Instant::now();
@@ -555,7 +555,7 @@ pub async fn once(cfg: Config, timeout: Duration) -> Result<(), SidecarError> {
     loop {
         match keeper.fetch_and_write(keeper.names()).await {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline || !retryable(&e) || e.is_refusal() => {
+            Err(e) if Instant::now() >= deadline || !retryable(&e) => {
                 // Nothing stays behind to remove what a predecessor left.
                 if keeper.adopted_until.is_some() {
                     keeper.remove("no fresh secrets to replace them");
@@ -563,6 +563,9 @@ pub async fn once(cfg: Config, timeout: Duration) -> Result<(), SidecarError> {
                 return Err(SidecarError::Timeout(timeout, e.to_string()));
             }
             Err(e) => {
+                if keeper.adopted_until.is_some() && e.is_refusal() {
+                    keeper.remove("the broker refused the first fetch");
+                }
                 let delay = backoff.next_delay(fastrand::f64());
                 warn!(error = %e, retry_in = ?delay, "fetch failed");
                 tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now())))
