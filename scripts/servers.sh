@@ -51,13 +51,15 @@ export SECRETS_BROKER_BAO
 
 # --- moto (the AWS API emulator of the AWS tests) ----------------------------
 # PyPI's moto[server] implements STS and Secrets Manager; boto3 in the same
-# venv is the unmodified AWS SDK the container-endpoint test runs as an app.
+# venv is the unmodified AWS SDK the container-endpoint test runs as an app,
+# and grpcio (with grpcio-tools to generate its client from proto/) the
+# unmodified gRPC library the local-API test calls the sidecar's socket with.
 # The tests start their own moto_server on free ports.
 MOTO_VENV="$CACHE/moto-venv"
-if [ ! -x "$MOTO_VENV/bin/moto_server" ] || ! "$MOTO_VENV/bin/python" -c 'import boto3' 2>/dev/null; then
-  log "installing moto (pip moto[server], boto3) into $MOTO_VENV"
+if [ ! -x "$MOTO_VENV/bin/moto_server" ] || ! "$MOTO_VENV/bin/python" -c 'import boto3, grpc, grpc_tools' 2>/dev/null; then
+  log "installing moto (pip moto[server], boto3, grpcio, grpcio-tools) into $MOTO_VENV"
   mkdir -p "$CACHE"
   python3 -m venv "$MOTO_VENV"
-  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]' boto3
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]' boto3 grpcio grpcio-tools
 fi
 export SECRETS_BROKER_MOTO="$MOTO_VENV/bin/moto_server"

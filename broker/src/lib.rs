@@ -319,13 +319,25 @@ pub async fn run(
     info!(addr = ?addr, "broker listening (gRPC over TLS)");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut signal_rx = down_rx.clone();
+    let max_token_bytes = config
+        .issuers
+        .iter()
+        .map(|i| i.max_token_bytes)
+        .max()
+        .unwrap_or_default();
     // tonic leaves HTTP/2 streams per connection unbounded: a client that
     // multiplexes a flood on few connections would park every call it sends
     // in the broker's memory (and h2 would end up closing the connection,
     // failing every call on it). Bounded, the excess waits on the client.
     let serve = Server::builder()
         .max_concurrent_streams(config.server.max_streams_per_connection)
+        // Room for a token larger than `identity.max_token_bytes`, so that
+        // its refusal names the size (see `api::limits::header_list_limit`).
+        .http2_max_header_list_size(api::limits::header_list_limit(max_token_bytes))
         .tls_config(tls)?
+        // Requests tonic refuses before a handler runs, with the codes of
+        // the contract (see `api::decode_errors`).
+        .layer(api::decode_errors::DecodeErrorsLayer)
         .add_service(health_service)
         .add_service(BrokerServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {

@@ -543,6 +543,23 @@ mod tests {
         assert!(!cfg.secrets.is_empty());
     }
 
+    #[test]
+    fn example_file_states_the_secrets_limit_the_code_enforces() {
+        let example = include_str!("../../examples/sidecar.toml");
+        assert!(
+            example.contains(&format!("at most {MAX_SECRETS} per sidecar")),
+            "examples/sidecar.toml must say at most {MAX_SECRETS} secrets"
+        );
+        let limits: Vec<&str> = example
+            .match_indices("at most ")
+            .map(|(i, _)| example[i..].split_whitespace().nth(2).unwrap_or_default())
+            .collect();
+        assert!(
+            !limits.contains(&"256"),
+            "a stale limit remains: {limits:?}"
+        );
+    }
+
     const GOOD: &str = r#"
 broker_url = "https://broker:8443"
 ca_file = "ca.crt"

@@ -16,6 +16,11 @@
 //!
 //! Watch streams are long-lived and counted separately
 //! (`server.max_watch_streams`).
+//!
+//! A request's headers are bounded by HTTP/2 ([`header_list_limit`]) well
+//! above `identity.max_token_bytes`, so that an oversized token reaches the
+//! size check and is answered `UNAUTHENTICATED: token is N bytes, larger
+//! than the …-byte limit`, not refused by the transport without a word.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -24,6 +29,27 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::identity::Identity;
+
+/// Room for the request's headers other than the token (`:path`,
+/// `content-type`, `user-agent`, `grpc-timeout`, `x-request-id`, HPACK's 32
+/// octets of overhead per field…), a few hundred octets in practice.
+const HEADER_HEADROOM: usize = 16 * 1024;
+/// How far over `identity.max_token_bytes` a token may be and still be
+/// answered by the size check: a token several times the default limit
+/// (16 KiB) is a mistake to name, not a reason to drop the call unexplained.
+const OVERSIZE_NAMED: usize = 96 * 1024;
+
+/// SETTINGS_MAX_HEADER_LIST_SIZE of the gRPC port: the largest
+/// `identity.max_token_bytes` of any issuer, plus [`OVERSIZE_NAMED`], plus
+/// [`HEADER_HEADROOM`] (128 KiB with the default 16 KiB). Any token up to
+/// 96 KiB over the limit is answered by the size check; a larger header
+/// block `h2` refuses itself (HTTP 431, and a GOAWAY past about twice the
+/// limit), as hyper's default of 16 KiB would have done to a token just
+/// under the default `max_token_bytes`.
+pub fn header_list_limit(max_token_bytes: usize) -> u32 {
+    let bytes = max_token_bytes + OVERSIZE_NAMED + HEADER_HEADROOM;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
 
 /// The limits of one broker replica.
 pub struct Limits {
@@ -236,6 +262,14 @@ mod tests {
             l.check(&Identity::for_test("payments", "cron")),
             Err(Overloaded::GlobalRate(3))
         ));
+    }
+
+    #[test]
+    fn headers_leave_room_for_any_token_the_size_check_names() {
+        assert_eq!(header_list_limit(16 * 1024), 128 * 1024);
+        assert_eq!(header_list_limit(256), 256 + 112 * 1024);
+        // The largest setting the config allows (1 MiB).
+        assert_eq!(header_list_limit(1 << 20), (1 << 20) + 112 * 1024);
     }
 
     #[test]
