@@ -64,6 +64,17 @@ struct RawServer {
     rate_global: u32,
     /// Unset: one second's worth of `rate_global`.
     burst_global: Option<u32>,
+    #[serde(default = "default_max_connection_age", with = "humantime_serde")]
+    max_connection_age: Duration,
+    #[serde(default = "default_max_connection_age_grace", with = "humantime_serde")]
+    max_connection_age_grace: Duration,
+}
+
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_max_connection_age_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_max_in_flight() -> usize {
@@ -322,6 +333,13 @@ pub struct ServerConfig {
     /// push the replica past what it serves well.
     pub rate_global: u32,
     pub burst_global: u32,
+    /// A connection older than this (±10 %, drawn once per replica) is told
+    /// to go away (HTTP/2 GOAWAY), so long-lived sidecar connections spread
+    /// over replicas an autoscaler adds; `None`: never (`0s`).
+    pub max_connection_age: Option<Duration>,
+    /// How long streams on an aged connection may go on (a watch never
+    /// ends by itself) before it is closed.
+    pub max_connection_age_grace: Duration,
 }
 
 /// Where keys come from: the issuer's discovery document (the default) or a
@@ -476,6 +494,21 @@ impl Config {
                 raw.server.watch_heartbeat,
                 Duration::from_secs(1),
                 Duration::from_secs(600),
+            )?,
+            max_connection_age: match raw.server.max_connection_age {
+                Duration::ZERO => None,
+                age => Some(v.bounded(
+                    "server.max_connection_age",
+                    age,
+                    Duration::from_secs(1),
+                    Duration::from_secs(7 * 24 * 3600),
+                )?),
+            },
+            max_connection_age_grace: v.bounded(
+                "server.max_connection_age_grace",
+                raw.server.max_connection_age_grace,
+                Duration::ZERO,
+                Duration::from_secs(3600),
             )?,
         };
 
@@ -1087,6 +1120,28 @@ ttl = "5m"
         // 0 is off whatever the burst says, as for the per-workload rate.
         let set = with("rate_global = 0\nburst_global = 0");
         assert_eq!(set.rate_global, 0);
+    }
+
+    #[test]
+    fn connections_age_out_after_30_minutes_unless_told_otherwise() {
+        let with = |keys: &str| {
+            parse(&GOOD.replace(
+                "tls_key_file = \"tls.key\"",
+                &format!("tls_key_file = \"tls.key\"\n{keys}"),
+            ))
+        };
+        let default = parse(GOOD).unwrap().server;
+        assert_eq!(default.max_connection_age, Some(Duration::from_secs(1800)));
+        assert_eq!(default.max_connection_age_grace, Duration::from_secs(30));
+        let off = with("max_connection_age = \"0s\"").unwrap().server;
+        assert_eq!(off.max_connection_age, None);
+        let err = with("max_connection_age = \"500ms\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `server.max_connection_age`: 500ms is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

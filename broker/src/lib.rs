@@ -329,7 +329,21 @@ pub async fn run(
     // multiplexes a flood on few connections would park every call it sends
     // in the broker's memory (and h2 would end up closing the connection,
     // failing every call on it). Bounded, the excess waits on the client.
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(age) = config.server.max_connection_age {
+        // Each sidecar holds one connection for as long as it runs, so the
+        // replicas an autoscaler adds would see only new pods: an aged
+        // connection gets GOAWAY (calls in flight finish, new calls go to a
+        // new connection, which the Service may send to another replica).
+        // The ±10 % is drawn per replica, so replicas started together do
+        // not age their connections out together.
+        let age = age.mul_f64(0.9 + 0.2 * fastrand::f64());
+        info!(max_connection_age = ?age, grace = ?config.server.max_connection_age_grace, "connections age out");
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(config.server.max_connection_age_grace);
+    }
+    let serve = builder
         .max_concurrent_streams(config.server.max_streams_per_connection)
         // Room for a token larger than `identity.max_token_bytes`, so that
         // its refusal names the size (see `api::limits::header_list_limit`).

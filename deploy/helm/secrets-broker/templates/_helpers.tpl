@@ -103,9 +103,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.injector.enabled (eq .Values.injector.tls.source "secret") (or (not .Values.injector.tls.caBundle) (not .Values.injector.tls.secretName)) }}
 {{- fail "injector.tls.source is secret: set injector.tls.secretName (a kubernetes.io/tls Secret) and injector.tls.caBundle (base64 PEM of its CA)" }}
 {{- end }}
-{{- if and .Values.broker.config.server (not (kindIs "invalid" .Values.broker.config.server.max_connection_age)) }}
-{{- fail "broker.config.server.max_connection_age: this broker release does not accept the key yet (it refuses unknown keys); leave it null" }}
-{{- end }}
 {{- end }}
 
 {{/*
@@ -167,8 +164,11 @@ broker refuses for integer keys.
 {{- define "sb.brokerConfig" -}}
 {{- $cfg := deepCopy .Values.broker.config }}
 {{- $server := default dict $cfg.server }}
-{{- $_ := unset $server "max_connection_age" }}
-{{- $_ = set $server "listen" "0.0.0.0:8443" }}
+{{- /* null: the broker's default (30m), not written. */}}
+{{- range $k := list "max_connection_age" "max_connection_age_grace" }}
+{{- if kindIs "invalid" (get $server $k) }}{{ $_ := unset $server $k }}{{ end }}
+{{- end }}
+{{- $_ := set $server "listen" "0.0.0.0:8443" }}
 {{- $_ = set $server "ops_listen" "0.0.0.0:9090" }}
 {{- $_ = set $server "tls_cert_file" "/etc/secrets-broker/tls/tls.crt" }}
 {{- $_ = set $server "tls_key_file" "/etc/secrets-broker/tls/tls.key" }}
