@@ -49,6 +49,11 @@ for _ in $(seq 1 600); do
 done
 grep -q '^  read it ' "$out" || { cat "$out" "$err" >&2; fail "no banner within 300 s"; }
 cat "$out"
+# The README's picture of the banner has the same lines.
+labels() { sed -n 's/^  \([^ ]\+\( [^ ]\+\)\?\)  .*/\1/p'; }
+shown=$(awk '/^### What `dev` shows/ { s = 1; next } s && /^```/ { if (b) exit; b = 1; next } s && b' README.md | labels)
+[ -n "$shown" ] || fail "README.md has no banner under '### What \`dev\` shows'"
+[ "$shown" = "$(labels <"$out")" ] || fail "README's banner lines ($(echo $shown)) are not dev's ($(labels <"$out" | tr '\n' ' '))"
 
 # Every hint, exactly as printed.
 read_it=$(sed -n 's/^  read it *\(cat [^ ]*\) .*/\1/p' "$out")
