@@ -78,6 +78,13 @@ $broker check-token --config dev/broker.toml --token-file dev/token >"$work/ct" 
   || { cat "$work/ct" "$work/ct.err" >&2; fail "check-token refused dev's own token"; }
 grep -q '"role":"demo"' "$work/ct" || { cat "$work/ct" >&2; fail "check-token did not name the demo role"; }
 [ -s "$work/ct.err" ] && { cat "$work/ct.err" >&2; fail "check-token printed log lines beside its result"; }
+# Colour on a terminal only, and never with NO_COLOR: the same check-token
+# at INFO under a pseudo-terminal (script(1), util-linux).
+ct="RUST_LOG=info $broker check-token --config dev/broker.toml --token-file dev/token"
+on_tty=$(script -qec "$ct" /dev/null)
+no_color=$(script -qec "NO_COLOR=1 $ct" /dev/null)
+[[ $on_tty == *$'\e['* ]] || fail "no colour in log lines on a terminal"
+[[ $no_color == *$'\e['* ]] && fail "colour on a terminal although NO_COLOR is set"
 
 # Let one rotation happen, then judge the log: one INFO line per rotation, no
 # WARN or ERROR, no colour codes (stderr is a file here).
