@@ -64,12 +64,22 @@ struct RawServer {
     rate_global: u32,
     /// Unset: one second's worth of `rate_global`.
     burst_global: Option<u32>,
+    #[serde(default = "default_max_watch_streams_per_workload")]
+    max_watch_streams_per_workload: usize,
+    #[serde(default = "default_max_response_bytes")]
+    max_response_bytes: usize,
     #[serde(default = "default_max_connection_age", with = "humantime_serde")]
     max_connection_age: Duration,
     #[serde(default = "default_max_connection_age_grace", with = "humantime_serde")]
     max_connection_age_grace: Duration,
 }
 
+fn default_max_watch_streams_per_workload() -> usize {
+    4
+}
+fn default_max_response_bytes() -> usize {
+    4 * 1024 * 1024
+}
 fn default_max_connection_age() -> Duration {
     Duration::from_secs(30 * 60)
 }
@@ -333,6 +343,11 @@ pub struct ServerConfig {
     /// push the replica past what it serves well.
     pub rate_global: u32,
     pub burst_global: u32,
+    /// Watch streams one workload (cluster, namespace, service account, pod)
+    /// may hold open at once; a sidecar needs one per 256 secrets.
+    pub max_watch_streams_per_workload: usize,
+    /// The most secret bytes one Fetch answers; more is RESOURCE_EXHAUSTED.
+    pub max_response_bytes: usize,
     /// A connection older than this (±10 %, drawn once per replica) is told
     /// to go away (HTTP/2 GOAWAY), so long-lived sidecar connections spread
     /// over replicas an autoscaler adds; `None`: never (`0s`).
@@ -495,6 +510,21 @@ impl Config {
                 Duration::from_secs(1),
                 Duration::from_secs(600),
             )?,
+            max_watch_streams_per_workload: match raw.server.max_watch_streams_per_workload {
+                n @ 1..=1000 => n,
+                _ => {
+                    return Err(v.err("server.max_watch_streams_per_workload", "must be 1 to 1000"));
+                }
+            },
+            max_response_bytes: match raw.server.max_response_bytes {
+                n @ 65_536..=67_108_864 => n,
+                _ => {
+                    return Err(v.err(
+                        "server.max_response_bytes",
+                        "must be 65536 (64 KiB) to 67108864 (64 MiB)",
+                    ));
+                }
+            },
             max_connection_age: match raw.server.max_connection_age {
                 Duration::ZERO => None,
                 age => Some(v.bounded(

@@ -48,6 +48,10 @@ use crate::policy::Policy;
 use crate::state::audit::Audit;
 use crate::state::revocation::{Revocations, View};
 
+/// The largest request message the broker decodes (256 names of 253
+/// bytes and their framing fit many times over); more is RESOURCE_EXHAUSTED.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -273,18 +277,21 @@ pub async fn run(
         };
         tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
     }
-    let limits = Arc::new(api::limits::Limits::new(
-        config.server.max_in_flight,
-        config.server.max_watch_streams,
-        api::limits::Rate {
-            per_second: config.server.rate_per_identity,
-            burst: config.server.burst_per_identity,
-        },
-        api::limits::Rate {
-            per_second: config.server.rate_global,
-            burst: config.server.burst_global,
-        },
-    ));
+    let limits = Arc::new(
+        api::limits::Limits::new(
+            config.server.max_in_flight,
+            config.server.max_watch_streams,
+            api::limits::Rate {
+                per_second: config.server.rate_per_identity,
+                burst: config.server.burst_per_identity,
+            },
+            api::limits::Rate {
+                per_second: config.server.rate_global,
+                burst: config.server.burst_global,
+            },
+        )
+        .with_workload_streams(config.server.max_watch_streams_per_workload),
+    );
     tokio::spawn({
         let limits = limits.clone();
         let mut down = down_rx.clone();
@@ -313,6 +320,7 @@ pub async fn run(
         rotations: rot_tx,
         heartbeat: config.server.watch_heartbeat,
         limits,
+        max_response_bytes: config.server.max_response_bytes,
         shutdown: down_rx.clone(),
     };
     let addr = listener.local_addr().ok();
@@ -353,7 +361,14 @@ pub async fn run(
         // the contract (see `api::decode_errors`).
         .layer(api::decode_errors::DecodeErrorsLayer)
         .add_service(health_service)
-        .add_service(BrokerServer::new(service))
+        // Set, not left to tonic's defaults: requests are small (a token
+        // travels in a header), answers at most max_response_bytes of
+        // values plus their framing.
+        .add_service(
+            BrokerServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(config.server.max_response_bytes + 64 * 1024),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             until_true(&mut signal_rx).await;
         });

@@ -31,6 +31,8 @@ use serde_json::json;
 
 /// Most secrets one request may name.
 const MAX_NAMES_PER_REQUEST: usize = 256;
+/// How many of a call's lease IDs an audit record names (with their count).
+const AUDIT_SAMPLE: usize = 16;
 
 /// Latest version per secret name, as the rotation poller last saw it.
 pub type Versions = Arc<std::sync::RwLock<HashMap<String, u64>>>;
@@ -120,6 +122,11 @@ pub enum ApiError {
     /// Over a load limit: refused at once, to be retried with backoff.
     #[error(transparent)]
     Overloaded(#[from] crate::api::limits::Overloaded),
+    /// One answer would carry more secret bytes than the broker sends at once.
+    #[error(
+        "the secrets asked for come to more than {limit} bytes (server.max_response_bytes); fetch them in smaller sets"
+    )]
+    ResponseTooLarge { limit: usize },
 }
 
 impl ApiError {
@@ -137,6 +144,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::ResponseTooLarge { .. } => "too_large",
             ApiError::Overloaded(e) => e.class(),
             ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
             ApiError::Database(_)
@@ -163,7 +171,9 @@ impl From<ApiError> for Status {
                 Status::unavailable("the state database is unavailable; retry later")
             }
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
-            ApiError::Overloaded(_) => Status::resource_exhausted(msg),
+            ApiError::Overloaded(_) | ApiError::ResponseTooLarge { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ApiError::Vault {
                 error: crate::backend::vault::VaultError::NotFound { .. },
                 ..
@@ -205,6 +215,8 @@ pub struct BrokerService {
     pub heartbeat: Duration,
     /// Load limits: calls in flight, watch streams, rate per workload.
     pub limits: Arc<crate::api::limits::Limits>,
+    /// The most secret bytes one Fetch answers.
+    pub max_response_bytes: usize,
     /// Flips to true on shutdown, ending watch streams so the server can drain.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -222,6 +234,23 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, TokenError> {
         .or_else(|| value.strip_prefix("bearer "))
         .ok_or_else(|| TokenError::Malformed("authorization is not `Bearer <jwt>`".into()))?;
     Ok(token)
+}
+
+/// The names of a Fetch, each once, in the order first asked for; more than
+/// a call may carry is refused before any other work.
+fn dedup_names(names: &[String]) -> Result<Vec<String>, ApiError> {
+    if names.len() > MAX_NAMES_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "{} secrets in one call, at most {MAX_NAMES_PER_REQUEST}",
+            names.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    Ok(names
+        .iter()
+        .filter(|n| seen.insert(n.as_str()))
+        .cloned()
+        .collect())
 }
 
 /// Checks the names a call carries; `what` is what the call lists
@@ -655,23 +684,26 @@ impl Broker for BrokerService {
         let result: Result<_, ApiError> = async {
             let _permit = self.limits.admit()?;
             let r = req.get_ref();
+            // A name asked for twice is served once: 256 copies of one large
+            // secret must not make one answer 256 times its size.
+            let unique = dedup_names(&r.names)?;
             let (id, role) = self
-                .authenticate(&req, "fetch", &r.role, &r.names, Scope::Partial)
+                .authenticate(&req, "fetch", &r.role, &unique, Scope::Partial)
                 .await?;
             // A rule with a secret withholds just that secret: the others
             // are served, and the answer names what it withholds.
-            let withheld = self.view.withheld(&id, &r.names);
-            let names: Vec<&String> = r
-                .names
+            let withheld = self.view.withheld(&id, &unique);
+            let names: Vec<&String> = unique
                 .iter()
                 .filter(|n| !withheld.iter().any(|(w, _)| w == n))
                 .collect();
-            Self::authorize_all(role, &r.names, "secret")?;
+            Self::authorize_all(role, &unique, "secret")?;
             // Verified above; handed to STS web identity, never logged or kept.
             let token = bearer(&req)?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
-            let mut secrets = Vec::with_capacity(r.names.len());
-            let mut records = Vec::with_capacity(r.names.len());
+            let mut secrets = Vec::with_capacity(names.len());
+            let mut records = Vec::with_capacity(names.len());
+            let mut answer_bytes = 0usize;
             let mut upstreams = Vec::new();
             for name in names {
                 let (v, up) = match self.read_for(name, &id, ttl, token).await {
@@ -691,6 +723,14 @@ impl Broker for BrokerService {
                         return Err(e);
                     }
                 };
+                answer_bytes += v.value().len();
+                if answer_bytes > self.max_response_bytes {
+                    self.abandon(&upstreams).await;
+                    warn!(identity = %id, secrets = unique.len(), limit = self.max_response_bytes, "fetch answer too large");
+                    return Err(ApiError::ResponseTooLarge {
+                        limit: self.max_response_bytes,
+                    });
+                }
                 let mut lease = new_lease(ttl)?;
                 if let Some(up) = up {
                     // The credential's real expiry bounds the lease.
@@ -821,9 +861,14 @@ impl Broker for BrokerService {
         let result: Result<_, ApiError> = async {
             let _permit = self.limits.admit()?;
             let r = req.get_ref();
+            // At most a call's worth of leases, like Renew, before any lookup.
+            let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
+            check_names(&names, "lease")?;
             // Releasing is allowed even when revoked or stale: it only gives up access.
             let token = bearer(&req)?;
             let id = self.verifier.verify(token).await?;
+            // The same per-workload rate as every call.
+            self.limits.check(&id)?;
             let mut released = 0u32;
             for held in &r.leases {
                 if self.owns(&id, held).await?
@@ -833,12 +878,15 @@ impl Broker for BrokerService {
                 }
             }
             info!(identity = %id, released, "leases released");
+            // A count and a bounded sample: one record stays small whatever
+            // the call carried.
             self.audit(
                 &id,
                 "release",
                 "ok",
                 json!({
-                    "leases": r.leases.iter().map(|l| l.lease_id.clone()).collect::<Vec<_>>(),
+                    "leases": r.leases.len(),
+                    "sample": r.leases.iter().take(AUDIT_SAMPLE).map(|l| l.lease_id.as_str()).collect::<Vec<_>>(),
                     "released": released,
                 }),
             );
@@ -875,8 +923,14 @@ impl Broker for BrokerService {
             .and_then(|(id, role)| {
                 Self::authorize_all(role, &req.get_ref().names, "secret").map(|()| (id, role))
             });
+        // A workload's streams are bounded too: one pod must not hold a
+        // replica's share of streams.
+        let opened = opened.and_then(|(id, role)| {
+            let counted = self.limits.admit_workload_stream(&id)?;
+            Ok((id, role, counted))
+        });
         self.observe("watch", start, &opened);
-        let (id, role) = opened?;
+        let (id, role, workload_stream) = opened?;
         let names = req.into_inner().names;
         info!(identity = %id, role = %role.name, secrets = names.len(), request_id = %rid, "watch opened");
         self.audit(
@@ -900,6 +954,7 @@ impl Broker for BrokerService {
             done: false,
             _guard: StreamGuard::new(self.metrics.clone()),
             _permit: stream_permit,
+            _workload: workload_stream,
             id,
         };
         // No task and no channel per stream: the stream is polled by the
@@ -915,6 +970,8 @@ impl Broker for BrokerService {
 /// One watch stream: what it watches and what it waits on.
 struct WatchState {
     id: Identity,
+    /// Counts against the workload's streams while the stream lives.
+    _workload: crate::api::limits::WorkloadStream,
     watched: HashSet<String>,
     rotations: broadcast::Receiver<Rotation>,
     revocations: broadcast::Receiver<crate::state::revocation::Rule>,

@@ -22,8 +22,9 @@
 //! size check and is answered `UNAUTHENTICATED: token is N bytes, larger
 //! than the …-byte limit`, not refused by the transport without a word.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -59,6 +60,38 @@ pub struct Limits {
     max_streams: usize,
     per_identity: Option<(DefaultKeyedRateLimiter<String>, u32)>,
     global: Option<(DefaultDirectRateLimiter, u32)>,
+    /// Watch streams open per workload (only workloads with one open).
+    workload_streams: Arc<Mutex<HashMap<String, usize>>>,
+    max_workload_streams: usize,
+}
+
+/// One workload's watch stream, counted until dropped.
+pub struct WorkloadStream {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for WorkloadStream {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The unit of the per-workload limits: a pod of a service account.
+fn workload_key(id: &Identity) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        id.cluster,
+        id.namespace,
+        id.service_account,
+        id.pod_uid.as_deref().unwrap_or("")
+    )
 }
 
 /// A GCRA rate: calls per second (0: no limit) and the burst allowed above it.
@@ -87,6 +120,10 @@ pub enum Overloaded {
     Streams(usize),
     #[error("{identity} exceeds {rate} calls per second; retry with backoff")]
     Rate { identity: String, rate: u32 },
+    #[error(
+        "{identity} has {limit} watch streams open, its limit (server.max_watch_streams_per_workload); close one, or retry with backoff"
+    )]
+    WorkloadStreams { identity: String, limit: usize },
     /// All workloads together are over the replica's global rate: the
     /// replica is busy, not the caller misbehaving.
     #[error(
@@ -102,9 +139,10 @@ impl Overloaded {
     /// more replicas or a higher `server.rate_global`.
     pub fn class(&self) -> &'static str {
         match self {
-            Overloaded::InFlight(_) | Overloaded::Streams(_) | Overloaded::Rate { .. } => {
-                "overloaded"
-            }
+            Overloaded::InFlight(_)
+            | Overloaded::Streams(_)
+            | Overloaded::Rate { .. }
+            | Overloaded::WorkloadStreams { .. } => "overloaded",
             Overloaded::GlobalRate(_) => "overloaded_global_rate",
         }
     }
@@ -129,7 +167,37 @@ impl Limits {
             global: global
                 .quota()
                 .map(|q| (RateLimiter::direct(q), global.per_second)),
+            workload_streams: Arc::default(),
+            max_workload_streams: usize::MAX,
         }
+    }
+
+    /// At most `max` watch streams open per workload.
+    pub fn with_workload_streams(mut self, max: usize) -> Limits {
+        self.max_workload_streams = max;
+        self
+    }
+
+    /// Admits one more watch stream of `id`'s workload; it counts until the
+    /// returned guard is dropped.
+    pub fn admit_workload_stream(&self, id: &Identity) -> Result<WorkloadStream, Overloaded> {
+        let key = workload_key(id);
+        let mut open = self
+            .workload_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= self.max_workload_streams {
+            return Err(Overloaded::WorkloadStreams {
+                identity: format!("{}/{}", id.namespace, id.service_account),
+                limit: self.max_workload_streams,
+            });
+        }
+        *n += 1;
+        Ok(WorkloadStream {
+            open: self.workload_streams.clone(),
+            key,
+        })
     }
 
     /// Admits a unary call; the permit is held until the call ends.
@@ -162,17 +230,12 @@ impl Limits {
         let Some((limiter, rate)) = &self.per_identity else {
             return Ok(());
         };
-        let key = format!(
-            "{}/{}/{}/{}",
-            id.cluster,
-            id.namespace,
-            id.service_account,
-            id.pod_uid.as_deref().unwrap_or("")
-        );
-        limiter.check_key(&key).map_err(|_| Overloaded::Rate {
-            identity: format!("{}/{}", id.namespace, id.service_account),
-            rate: *rate,
-        })
+        limiter
+            .check_key(&workload_key(id))
+            .map_err(|_| Overloaded::Rate {
+                identity: format!("{}/{}", id.namespace, id.service_account),
+                rate: *rate,
+            })
     }
 
     /// Forgets the buckets of workloads that have been quiet (bounded memory).
@@ -207,6 +270,34 @@ mod tests {
         assert!(l.admit().is_ok());
         let _s = l.admit_stream().unwrap();
         assert!(l.admit_stream().is_err());
+    }
+
+    #[test]
+    fn watch_streams_are_bounded_per_workload_and_given_back() {
+        let l = Limits::new(10, 100, OFF, OFF).with_workload_streams(2);
+        let pod = |uid: &str| {
+            let mut id = Identity::for_test("team-a", "app");
+            id.pod_uid = Some(uid.into());
+            id
+        };
+        let a = l.admit_workload_stream(&pod("p1")).unwrap();
+        let _b = l.admit_workload_stream(&pod("p1")).unwrap();
+        let err = l
+            .admit_workload_stream(&pod("p1"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("team-a/app has 2 watch streams open, its limit (server.max_watch_streams_per_workload)"),
+            "{err}"
+        );
+        assert!(
+            l.admit_workload_stream(&pod("p2")).is_ok(),
+            "another pod has its own"
+        );
+        drop(a);
+        assert!(l.admit_workload_stream(&pod("p1")).is_ok());
+        assert!(l.workload_streams.lock().unwrap().len() <= 2);
     }
 
     #[test]

@@ -1,0 +1,176 @@
+//! What one caller with a valid pod token can make the broker hold, bounded,
+//! against the real broker: a Fetch serves a repeated name once and refuses
+//! an answer over `server.max_response_bytes`; a Release carries at most 256
+//! leases and counts against the workload's rate; one workload's watch
+//! streams are bounded.
+
+use secrets_broker::dev::issuer::Workload;
+use secrets_broker_e2e::{AUDIENCE, World};
+use secrets_broker_proto::v1 as pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ROLES: &str = r#"
+[[roles]]
+name = "app"
+namespaces = ["team-a"]
+service_accounts = ["app"]
+secrets = ["app/*"]
+"#;
+
+async fn channel(world: &World) -> Channel {
+    let ca = std::fs::read(&world.tls.ca).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", world.broker_port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn request<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+fn fetch(names: &[&str]) -> pb::FetchRequest {
+    pb::FetchRequest {
+        role: String::new(),
+        names: names.iter().map(|n| (*n).to_owned()).collect(),
+        ttl_seconds: 0,
+    }
+}
+
+#[test]
+fn one_caller_cannot_make_the_broker_answer_hold_or_audit_without_bound() {
+    let world = World::new(ROLES).unwrap();
+    // A small answer limit, so 40 KB secrets reach it.
+    let cfg = world.broker_config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "watch_heartbeat = \"5s\"",
+        "watch_heartbeat = \"5s\"\nmax_response_bytes = 65536\nmax_watch_streams_per_workload = 2",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let big = "x".repeat(40_000);
+    world.put("app/a", &big).unwrap();
+    world.put("app/b", &big).unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    let token = world
+        .issuer
+        .mint(&Workload::new("team-a", "app", AUDIENCE))
+        .unwrap();
+    world.runtime.block_on(async {
+        let ch = channel(&world).await;
+        let mut c = pb::broker_client::BrokerClient::new(ch);
+
+        // 256 copies of one name: served once (not 256 × 40 KB).
+        let answer = c
+            .fetch(request(&token, fetch(&["app/a"; 256])))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.secrets.len(), 1);
+        // Two distinct 40 KB secrets come to more than 64 KiB.
+        let status = c
+            .fetch(request(&token, fetch(&["app/a", "app/b"])))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("more than 65536 bytes (server.max_response_bytes)"),
+            "{status:?}"
+        );
+        // More entries than a call may carry, duplicates or not.
+        let status = c
+            .fetch(request(&token, fetch(&["app/a"; 257])))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+        // Release: at most 256 leases, checked before any lookup...
+        let lease = |i: usize| pb::LeaseRef {
+            name: "app/a".into(),
+            version: 1,
+            lease_id: format!("l-{i}"),
+        };
+        let status = c
+            .release(request(
+                &token,
+                pb::ReleaseRequest {
+                    role: String::new(),
+                    leases: (0..257).map(lease).collect(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("257 leases in one call, at most 256"),
+            "{status:?}"
+        );
+        // ...and the workload's rate (20 a second, bursts of 40) applies.
+        let mut limited = 0;
+        for i in 0..60 {
+            let r = c
+                .release(request(
+                    &token,
+                    pb::ReleaseRequest {
+                        role: String::new(),
+                        leases: vec![lease(i)],
+                    },
+                ))
+                .await;
+            if let Err(s) = r {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                limited += 1;
+            }
+        }
+        assert!(limited > 0, "60 releases at once were all admitted");
+    });
+
+    // Watch streams per workload: two open, the third refused naming the key.
+    // (A fresh token: the releases above spent the workload's burst.)
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    world.runtime.block_on(async {
+        let ch = channel(&world).await;
+        let mut c = pb::broker_client::BrokerClient::new(ch);
+        let watch = || {
+            request(
+                &token,
+                pb::WatchRequest {
+                    role: String::new(),
+                    names: vec!["app/a".into()],
+                },
+            )
+        };
+        let first = c.watch(watch()).await.unwrap();
+        let _second = c.watch(watch()).await.unwrap();
+        let status = c.watch(watch()).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("team-a/app has 2 watch streams open, its limit (server.max_watch_streams_per_workload)"),
+            "{status:?}"
+        );
+        // Closing one gives its place back.
+        drop(first);
+        let mut reopened = None;
+        for _ in 0..50 {
+            if let Ok(s) = c.watch(watch()).await {
+                reopened = Some(s);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(reopened.is_some(), "a closed stream's place was not given back");
+    });
+}
