@@ -174,3 +174,41 @@ fn one_caller_cannot_make_the_broker_answer_hold_or_audit_without_bound() {
         assert!(reopened.is_some(), "a closed stream's place was not given back");
     });
 }
+
+/// Eight concurrent Fetches of 256 copies of a 1 MB secret: the broker's
+/// memory stays within 64 MiB of where it was (each answer is one copy).
+#[test]
+fn repeated_names_of_a_large_secret_do_not_grow_the_broker() {
+    let world = World::new(ROLES).unwrap();
+    world.put("app/large", &"y".repeat(1 << 20)).unwrap();
+    let broker = world.start_broker("broker.log").unwrap();
+    let pid = broker.child.id();
+    let token = world
+        .issuer
+        .mint(&Workload::new("team-a", "app", AUDIENCE))
+        .unwrap();
+    let (before, after) = world.runtime.block_on(async {
+        let ch = channel(&world).await;
+        let mut c = pb::broker_client::BrokerClient::new(ch.clone());
+        // Warm: the value in the cache, the connection's buffers grown.
+        c.fetch(request(&token, fetch(&["app/large"])))
+            .await
+            .unwrap();
+        let before = secrets_broker_e2e::status_kib(pid, "VmRSS");
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let mut c = pb::broker_client::BrokerClient::new(ch.clone());
+            let req = request(&token, fetch(&["app/large"; 256]));
+            calls.spawn(async move { c.fetch(req).await.map(|r| r.into_inner().secrets.len()) });
+        }
+        while let Some(served) = calls.join_next().await {
+            assert_eq!(served.unwrap().unwrap(), 1);
+        }
+        (before, secrets_broker_e2e::status_kib(pid, "VmHWM"))
+    });
+    println!("broker RSS before {before} KiB, peak during the fetches {after} KiB");
+    assert!(
+        after < before + 64 * 1024,
+        "broker peak RSS {after} KiB, from {before} KiB"
+    );
+}
