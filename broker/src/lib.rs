@@ -305,6 +305,36 @@ pub async fn run(
             }
         }
     });
+    // Refused calls beyond what is audited in full: one summary record per
+    // peer, call and kind at each interval.
+    let refusals = Arc::new(api::refusals::RefusalAudit::default());
+    tokio::spawn({
+        let (refusals, auditor, mut down) = (refusals.clone(), auditor.clone(), down_rx.clone());
+        async move {
+            let mut tick = tokio::time::interval(api::refusals::SUMMARY_INTERVAL);
+            loop {
+                let last = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = until_true(&mut down) => true,
+                };
+                for s in refusals.drain() {
+                    auditor.record(state::audit::Entry::new(
+                        format!("peer:{}", s.peer),
+                        s.action,
+                        "refusals_summarized",
+                        serde_json::json!({
+                            "kind": s.kind,
+                            "refusals": s.count,
+                            "interval_seconds": api::refusals::SUMMARY_INTERVAL.as_secs(),
+                        }),
+                    ));
+                }
+                if last {
+                    return;
+                }
+            }
+        }
+    });
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
@@ -321,6 +351,7 @@ pub async fn run(
         heartbeat: config.server.watch_heartbeat,
         limits,
         max_response_bytes: config.server.max_response_bytes,
+        refusals,
         shutdown: down_rx.clone(),
     };
     let addr = listener.local_addr().ok();

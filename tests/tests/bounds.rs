@@ -212,3 +212,72 @@ fn repeated_names_of_a_large_secret_do_not_grow_the_broker() {
         "broker peak RSS {after} KiB, from {before} KiB"
     );
 }
+
+/// 2,000 logins with garbage tokens from one peer: each is refused and
+/// counted in the metrics, but the audit log gets a few of them in full and
+/// one summary record with the count, not 2,000 permanent rows.
+#[test]
+fn refused_logins_are_audited_a_few_in_full_and_the_rest_summarized() {
+    let world = World::new(ROLES).unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    world.runtime.block_on(async {
+        let ch = channel(&world).await;
+        let mut c = pb::broker_client::BrokerClient::new(ch);
+        for i in 0..2000 {
+            let req = request(
+                &format!("garbage.{i}.token"),
+                pb::LoginRequest {
+                    role: String::new(),
+                },
+            );
+            let status = c.login(req).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+        }
+    });
+    let records = || -> Vec<serde_json::Value> {
+        let o = world
+            .brokerctl(
+                Some("viewer"),
+                &["--output", "json", "audit", "tail", "-n", "5000"],
+            )
+            .unwrap();
+        assert!(o.status.success(), "{}", secrets_broker_e2e::out_text(&o));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout)
+            .or_else(|_| {
+                serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                    .map(|v| v["records"].as_array().cloned().unwrap_or_default())
+            })
+            .unwrap()
+    };
+    // (in full, summarized) so far; the summaries come every 10 s.
+    let tally = || {
+        let all = records();
+        let in_full = all
+            .iter()
+            .filter(|r| r["actor"].as_str().is_some_and(|a| a.starts_with("token:")))
+            .count() as u64;
+        let counted: u64 = all
+            .iter()
+            .filter(|r| r["result"] == "refusals_summarized")
+            .map(|r| {
+                let detail: serde_json::Value = match &r["detail"] {
+                    serde_json::Value::String(s) => serde_json::from_str(s).unwrap_or_default(),
+                    other => other.clone(),
+                };
+                detail["refusals"].as_u64().unwrap_or(0)
+            })
+            .sum();
+        (in_full, counted)
+    };
+    let (in_full, counted) = secrets_broker_e2e::wait_for(
+        "every refusal accounted for",
+        std::time::Duration::from_secs(60),
+        || {
+            let (in_full, counted) = tally();
+            (in_full + counted == 2000).then_some((in_full, counted))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tally()));
+    println!("2,000 refused logins: {in_full} audit records in full, {counted} summarized");
+    assert!(in_full < 100, "{in_full} refusals audited in full");
+}

@@ -217,6 +217,9 @@ pub struct BrokerService {
     pub limits: Arc<crate::api::limits::Limits>,
     /// The most secret bytes one Fetch answers.
     pub max_response_bytes: usize,
+    /// Which refused calls are audited in full, per peer; the rest are
+    /// summarized (see `api::refusals`).
+    pub refusals: Arc<crate::api::refusals::RefusalAudit>,
     /// Flips to true on shutdown, ending watch streams so the server can drain.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -371,12 +374,17 @@ impl BrokerService {
                 let fp = fingerprint(token);
                 warn!(token.fp = %fp, reason = %e, "token refused");
                 let e = ApiError::from(e);
-                self.auditor.record(Entry::new(
-                    format!("token:{fp}"),
-                    action,
-                    e.class(),
-                    json!({ "reason": e.to_string() }),
-                ));
+                // Before any rate limit (there is no workload yet): a few a
+                // second per peer in full, the rest in a summary record.
+                let peer = req.remote_addr().map(|a| a.ip());
+                if self.refusals.admit(peer, action, e.class()) {
+                    self.auditor.record(Entry::new(
+                        format!("token:{fp}"),
+                        action,
+                        e.class(),
+                        json!({ "reason": e.to_string() }),
+                    ));
+                }
                 return Err(e);
             }
         };

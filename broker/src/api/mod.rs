@@ -6,3 +6,4 @@ pub mod decode_errors;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod refusals;
