@@ -528,6 +528,21 @@ request_timeout = "5s"
         self.brokerctl_at(self.admin_port, client, args)
     }
 
+    /// A gRPC channel to the broker on `port`, trusting this world's CA.
+    pub async fn grpc_channel(&self, port: u16) -> tonic::transport::Channel {
+        let ca = std::fs::read(&self.tls.ca).expect("the world's CA");
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("an https URL")
+            .tls_config(tls)
+            .expect("a TLS config")
+            .connect()
+            .await
+            .expect("a broker listening")
+    }
+
     /// Starts `secrets-sidecar run` for `workload` into a fresh tmpfs, asking
     /// for `secrets` from the broker on `port`; returns the process, its
     /// directory and its health port.

@@ -8,7 +8,6 @@ use secrets_broker::dev::issuer::Workload;
 use secrets_broker_e2e::{AUDIENCE, World};
 use secrets_broker_proto::v1 as pb;
 use tonic::Code;
-use tonic::transport::Channel;
 
 const ROLES: &str = r#"
 [[roles]]
@@ -17,20 +16,6 @@ namespaces = ["team-a"]
 service_accounts = ["app"]
 secrets = ["app/*"]
 "#;
-
-async fn channel(world: &World) -> Channel {
-    let ca = std::fs::read(&world.tls.ca).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost");
-    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", world.broker_port))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
 
 fn request<T>(token: &str, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -66,7 +51,7 @@ fn one_caller_cannot_make_the_broker_answer_hold_or_audit_without_bound() {
         .mint(&Workload::new("team-a", "app", AUDIENCE))
         .unwrap();
     world.runtime.block_on(async {
-        let ch = channel(&world).await;
+        let ch = world.grpc_channel(world.broker_port).await;
         let mut c = pb::broker_client::BrokerClient::new(ch);
 
         // 256 copies of one name: served once (not 256 × 40 KB).
@@ -142,7 +127,7 @@ fn one_caller_cannot_make_the_broker_answer_hold_or_audit_without_bound() {
     // (A fresh token: the releases above spent the workload's burst.)
     std::thread::sleep(std::time::Duration::from_secs(3));
     world.runtime.block_on(async {
-        let ch = channel(&world).await;
+        let ch = world.grpc_channel(world.broker_port).await;
         let mut c = pb::broker_client::BrokerClient::new(ch);
         let watch = || {
             request(
@@ -188,7 +173,7 @@ fn repeated_names_of_a_large_secret_do_not_grow_the_broker() {
         .mint(&Workload::new("team-a", "app", AUDIENCE))
         .unwrap();
     let (before, after) = world.runtime.block_on(async {
-        let ch = channel(&world).await;
+        let ch = world.grpc_channel(world.broker_port).await;
         let mut c = pb::broker_client::BrokerClient::new(ch.clone());
         // Warm: the value in the cache, the connection's buffers grown.
         c.fetch(request(&token, fetch(&["app/large"])))
@@ -221,7 +206,7 @@ fn refused_logins_are_audited_a_few_in_full_and_the_rest_summarized() {
     let world = World::new(ROLES).unwrap();
     let _broker = world.start_broker("broker.log").unwrap();
     world.runtime.block_on(async {
-        let ch = channel(&world).await;
+        let ch = world.grpc_channel(world.broker_port).await;
         let mut c = pb::broker_client::BrokerClient::new(ch);
         for i in 0..2000 {
             let req = request(

@@ -149,3 +149,103 @@ fn identities_are_qualified_by_cluster() {
         .unwrap_or(0.0);
     assert!(ok_refreshes >= 2.0, "{metrics}");
 }
+
+/// The same namespace, service account and pod name in another cluster is
+/// another workload: it cannot renew or release a lease of the first by ID.
+#[test]
+fn a_lease_is_renewed_and_released_only_by_its_own_cluster() {
+    use secrets_broker_proto::v1 as pb;
+    const BOTH: &str = r#"
+[[roles]]
+name = "a-payments"
+clusters = ["a"]
+namespaces = ["payments"]
+service_accounts = ["api"]
+secrets = ["payments/*"]
+
+[[roles]]
+name = "b-payments"
+clusters = ["b"]
+namespaces = ["payments"]
+service_accounts = ["api"]
+secrets = ["payments/*"]
+"#;
+    let world = World::new(BOTH).unwrap();
+    let issuer_b = world.add_issuer().unwrap();
+    let single = std::fs::read_to_string(world.broker_config()).unwrap();
+    let block_b = format!(
+        "[[issuers]]\ncluster = \"b\"\nissuer = \"{}\"\naudiences = [\"{AUDIENCE}\"]\nca_file = \"tls/ca.crt\"\n\n[database]",
+        issuer_b.url()
+    );
+    let two = single
+        .replace("[identity]\n", "[[issuers]]\ncluster = \"a\"\n")
+        .replacen("[database]", &block_b, 1);
+    // The world's own config, so `put` reads it too.
+    std::fs::write(world.broker_config(), &two).unwrap();
+    world.put("payments/db", "db-value-42aa").unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    let api = Workload::new("payments", "api", AUDIENCE);
+    let (token_a, token_b) = (
+        world.issuer.mint(&api).unwrap(),
+        issuer_b.mint(&api).unwrap(),
+    );
+    fn request<T>(token: &str, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    }
+    world.runtime.block_on(async {
+        let mut c =
+            pb::broker_client::BrokerClient::new(world.grpc_channel(world.broker_port).await);
+        let fetched = c
+            .fetch(request(
+                &token_a,
+                pb::FetchRequest {
+                    role: String::new(),
+                    names: vec!["payments/db".into()],
+                    ttl_seconds: 0,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let s = &fetched.secrets[0];
+        let held = pb::LeaseRef {
+            name: s.name.clone(),
+            version: s.version,
+            lease_id: s.lease.as_ref().unwrap().lease_id.clone(),
+        };
+        let renew = |token: &str| {
+            request(
+                token,
+                pb::RenewRequest {
+                    role: String::new(),
+                    leases: vec![held.clone()],
+                    ttl_seconds: 0,
+                },
+            )
+        };
+        let status = c.renew(renew(&token_b)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        assert!(
+            status.message().contains("is unknown or not yours"),
+            "{status:?}"
+        );
+        let released = c
+            .release(request(
+                &token_b,
+                pb::ReleaseRequest {
+                    role: String::new(),
+                    leases: vec![held.clone()],
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .released;
+        assert_eq!(released, 0, "cluster b released cluster a's lease");
+        // Its own cluster still renews it.
+        assert!(c.renew(renew(&token_a)).await.is_ok());
+    });
+}

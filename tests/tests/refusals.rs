@@ -21,20 +21,6 @@ service_accounts = ["app"]
 secrets = ["app/*"]
 "#;
 
-async fn channel(world: &World, port: u16) -> Channel {
-    let ca = std::fs::read(&world.tls.ca).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost");
-    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// A Fetch with `token` as the bearer.
 async fn fetch_with(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
     let mut c = pb::broker_client::BrokerClient::new(channel.clone());
@@ -126,7 +112,7 @@ fn oversized_tokens_are_answered_with_their_size_at_any_setting() {
     let _big_broker: Proc = world.start_broker_with(&config, "big.log").unwrap();
 
     world.runtime.block_on(async {
-        let c = channel(&world, world.broker_port).await;
+        let c = world.grpc_channel(world.broker_port).await;
         // Just over the default 16 KiB, then 6x it: each named, and the
         // connection still serves (no HTTP 431, no GOAWAY). The broker
         // names tokens up to 96 KiB over its limit.
@@ -145,7 +131,7 @@ fn oversized_tokens_are_answered_with_their_size_at_any_setting() {
 
         // With max_token_bytes = 256 KiB, a 200 kB token reaches the token
         // checks (not a JWT: malformed), and a 300 kB one is named.
-        let c = channel(&world, big_port).await;
+        let c = world.grpc_channel(big_port).await;
         assert_status(
             fetch_with(&c, &"a".repeat(200_000)).await,
             Code::Unauthenticated,
@@ -170,7 +156,7 @@ fn undecodable_and_oversized_messages_get_the_contracts_codes() {
         .mint(&Workload::new("demo", "app", AUDIENCE))
         .unwrap();
     world.runtime.block_on(async {
-        let c = channel(&world, world.broker_port).await;
+        let c = world.grpc_channel(world.broker_port).await;
         // FetchRequest.names (field 2) holding invalid UTF-8.
         let status = raw_fetch(&c, &token, vec![0x12, 0x02, 0xff, 0xfe]).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

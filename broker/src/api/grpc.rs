@@ -463,8 +463,12 @@ impl BrokerService {
         held: &pb::LeaseRef,
     ) -> Result<Option<LeaseRecord>, ApiError> {
         let record = self.leases.get(&held.lease_id).await?;
+        // The same namespace and service account of another cluster (another
+        // issuer) is another workload: it may not act on this lease.
         Ok(record.filter(|l| {
             l.secret == held.name
+                && l.issuer == id.issuer
+                && l.cluster.as_deref().is_none_or(|c| c == id.cluster)
                 && l.namespace == id.namespace
                 && l.service_account == id.service_account
                 && l.pod_uid == id.pod_uid
