@@ -68,6 +68,10 @@ struct RawServer {
     max_watch_streams_per_workload: usize,
     #[serde(default = "default_max_response_bytes")]
     max_response_bytes: usize,
+    #[serde(default = "default_server_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
+    tls_handshake_timeout: Duration,
     #[serde(default = "default_max_connection_age", with = "humantime_serde")]
     max_connection_age: Duration,
     #[serde(default = "default_max_connection_age_grace", with = "humantime_serde")]
@@ -79,6 +83,12 @@ fn default_max_watch_streams_per_workload() -> usize {
 }
 fn default_max_response_bytes() -> usize {
     4 * 1024 * 1024
+}
+fn default_server_max_connections() -> usize {
+    20_000
+}
+fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_max_connection_age() -> Duration {
     Duration::from_secs(30 * 60)
@@ -348,6 +358,10 @@ pub struct ServerConfig {
     pub max_watch_streams_per_workload: usize,
     /// The most secret bytes one Fetch answers; more is RESOURCE_EXHAUSTED.
     pub max_response_bytes: usize,
+    /// TCP connections the gRPC port keeps open; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a new connection has to finish its TLS handshake.
+    pub tls_handshake_timeout: Duration,
     /// A connection older than this (±10 %, drawn once per replica) is told
     /// to go away (HTTP/2 GOAWAY), so long-lived sidecar connections spread
     /// over replicas an autoscaler adds; `None`: never (`0s`).
@@ -525,6 +539,16 @@ impl Config {
                     ));
                 }
             },
+            max_connections: match raw.server.max_connections {
+                n @ 1..=1_000_000 => n,
+                _ => return Err(v.err("server.max_connections", "must be 1 to 1000000")),
+            },
+            tls_handshake_timeout: v.bounded(
+                "server.tls_handshake_timeout",
+                raw.server.tls_handshake_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(120),
+            )?,
             max_connection_age: match raw.server.max_connection_age {
                 Duration::ZERO => None,
                 age => Some(v.bounded(

@@ -108,7 +108,10 @@ pub async fn run(
     };
     let cert = read("server.tls_cert_file", &config.server.tls_cert_file)?;
     let key = zeroize::Zeroizing::new(read("server.tls_key_file", &config.server.tls_key_file)?);
-    let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, &*key));
+    // A connection that never finishes its handshake is closed.
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(cert, &*key))
+        .timeout(config.server.tls_handshake_timeout);
 
     let db = Db::connect(&config.database).await?;
     let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
@@ -356,7 +359,10 @@ pub async fn run(
     };
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "broker listening (gRPC over TLS)");
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = api::connections::bounded(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.server.max_connections,
+    );
     let mut signal_rx = down_rx.clone();
     let max_token_bytes = config
         .issuers
@@ -384,6 +390,10 @@ pub async fn run(
     }
     let serve = builder
         .max_concurrent_streams(config.server.max_streams_per_connection)
+        // A peer that stops answering (its node gone, a half-open TCP
+        // connection) is noticed within a minute, with or without a stream.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // Room for a token larger than `identity.max_token_bytes`, so that
         // its refusal names the size (see `api::limits::header_list_limit`).
         .http2_max_header_list_size(api::limits::header_list_limit(max_token_bytes))

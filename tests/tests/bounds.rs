@@ -266,3 +266,52 @@ fn refused_logins_are_audited_a_few_in_full_and_the_rest_summarized() {
     println!("2,000 refused logins: {in_full} audit records in full, {counted} summarized");
     assert!(in_full < 100, "{in_full} refusals audited in full");
 }
+
+/// Connections that never send a TLS ClientHello are closed after the
+/// handshake timeout, and one past `server.max_connections` at once; the
+/// port serves again as soon as they are gone.
+#[test]
+fn silent_and_excess_connections_are_closed() {
+    use std::io::Read;
+    let world = World::new(ROLES).unwrap();
+    let cfg = world.broker_config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "watch_heartbeat = \"5s\"",
+        "watch_heartbeat = \"5s\"\nmax_connections = 3\ntls_handshake_timeout = \"1s\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    world.put("app/a", "a-value").unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", world.broker_port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        s
+    };
+    // Closed: the read ends (EOF or a reset) instead of timing out.
+    let closed = |mut s: std::net::TcpStream| match s.read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    let silent: Vec<_> = (0..3).map(|_| connect()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert!(closed(connect()), "a fourth connection was kept");
+    for s in silent {
+        assert!(closed(s), "a connection without a ClientHello was kept");
+    }
+    println!("silent connections closed after {:?}", started.elapsed());
+    let token = world
+        .issuer
+        .mint(&Workload::new("team-a", "app", AUDIENCE))
+        .unwrap();
+    world.runtime.block_on(async {
+        let mut c =
+            pb::broker_client::BrokerClient::new(world.grpc_channel(world.broker_port).await);
+        c.fetch(request(&token, fetch(&["app/a"]))).await.unwrap();
+    });
+}

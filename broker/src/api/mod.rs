@@ -2,6 +2,7 @@
 //! HTTPS admin API, and the plain-HTTP operations port (metrics, health).
 
 pub mod admin;
+pub mod connections;
 pub mod decode_errors;
 pub mod grpc;
 pub mod http;
