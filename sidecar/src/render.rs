@@ -28,6 +28,7 @@ pub struct RenderError {
 }
 
 impl RenderError {
+    /// A compile error: its detail quotes the template (config, not secret).
     fn from_minijinja(file: &str, e: &minijinja::Error) -> RenderError {
         RenderError {
             file: file.to_owned(),
@@ -38,6 +39,44 @@ impl RenderError {
             },
         }
     }
+
+    /// A render error: minijinja's detail may quote a value (a secret used
+    /// as a template name, say), so only the kind and line go out, and the
+    /// message of our own `fromjson`, which names a position only.
+    fn from_render(file: &str, e: &minijinja::Error) -> RenderError {
+        RenderError {
+            file: file.to_owned(),
+            line: e.line(),
+            message: match e.detail() {
+                Some(d) if d.starts_with("fromjson:") => format!("{}: {d}", e.kind()),
+                _ => e.kind().to_string(),
+            },
+        }
+    }
+}
+
+/// Tags that load another template by name: a name computed from a secret
+/// would put the secret into an error, and a sidecar's templates need none.
+const REFUSED_TAGS: [&str; 4] = ["include", "import", "from", "extends"];
+
+/// The first refused tag in `source` and its line.
+fn refused_tag(source: &str) -> Option<(&'static str, usize)> {
+    let mut rest = source;
+    let mut offset = 0;
+    while let Some(at) = rest.find("{%") {
+        let tag = rest[at + 2..].trim_start_matches(['-', '+']).trim_start();
+        let word: String = tag
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if let Some(t) = REFUSED_TAGS.iter().find(|t| **t == word) {
+            let line = source[..offset + at].matches('\n').count() + 1;
+            return Some((t, line));
+        }
+        offset += at + 2;
+        rest = &rest[at + 2..];
+    }
+    None
 }
 
 /// One template's output, or why it could not be rendered.
@@ -84,6 +123,15 @@ impl Templates {
         // Output is data, not HTML: no auto-escaping.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         for spec in specs {
+            if let Some((tag, line)) = refused_tag(&spec.source) {
+                return Err(RenderError {
+                    file: spec.file.clone(),
+                    line: Some(line),
+                    message: format!(
+                        "`{{% {tag} %}}` is not allowed: a template renders only the secrets it names"
+                    ),
+                });
+            }
             env.add_template_owned(spec.file.clone(), spec.source.clone())
                 .map_err(|e| RenderError::from_minijinja(&spec.file, &e))?;
         }
@@ -118,7 +166,7 @@ impl Templates {
                     .get_template(&spec.file)
                     .and_then(|t| t.render(&ctx))
                     .map(|text| Zeroizing::new(text.into_bytes()))
-                    .map_err(|e| RenderError::from_minijinja(&spec.file, &e));
+                    .map_err(|e| RenderError::from_render(&spec.file, &e));
                 (spec, rendered)
             })
             .collect()
@@ -216,6 +264,40 @@ mod tests {
             err.to_string().starts_with("template \"bad.env\" line 2: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tags_that_load_templates_are_refused_at_compile() {
+        for source in [
+            "{% include secrets['demo/greeting'] %}",
+            "a\n{%- import 'x' as y %}",
+            "{% from 'x' import y %}",
+            "{%+ extends 'base' %}",
+        ] {
+            let err = Templates::new(&[spec("t", source)])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("is not allowed"), "{source}: {err}");
+        }
+        assert!(Templates::new(&[spec("t", "{% if true %}{% endif %}{# include #}")]).is_ok());
+    }
+
+    #[test]
+    fn render_errors_never_quote_a_value() {
+        // What minijinja says of an include named by a secret (refused at
+        // compile above; here as a render error would carry it).
+        let mut env = Environment::new();
+        env.add_template_owned("t", "{% include secrets['a'] %}".to_owned())
+            .unwrap();
+        let ctx = minijinja::context! {
+            secrets => Value::from_pairs(vec![("a", Value::from("hunter2"))])
+        };
+        let e = env.get_template("t").unwrap().render(&ctx).unwrap_err();
+        assert!(format!("{e:?}").contains("hunter2"), "minijinja quotes it");
+        let err = RenderError::from_render("t", &e).to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.starts_with("template \"t\" line 1: "), "{err}");
     }
 
     #[test]
