@@ -79,9 +79,30 @@ struct RawConfig {
     local_api: Option<RawLocalApi>,
     aws_credentials: Option<crate::aws_endpoint::RawAwsCredentials>,
     notify: Option<RawNotify>,
+    #[serde(default)]
     secrets: Vec<RawSecret>,
     #[serde(default)]
     templates: Vec<RawTemplate>,
+    // `secrets-sidecar exec` (see [`ExecConfig`]).
+    #[serde(default)]
+    env: Vec<RawEnv>,
+    #[serde(default)]
+    env_clean: bool,
+    on_change: Option<String>,
+    restart_signal: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    restart_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    on_change_debounce: Option<Duration>,
+    on_revoke: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    name: String,
+    secret: Option<String>,
+    template: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +208,9 @@ pub struct Config {
     pub notify: crate::notify::NotifyConfig,
     pub secrets: Vec<SecretSpec>,
     pub templates: Vec<TemplateSpec>,
+    /// What `secrets-sidecar exec` gives its command and does on a change;
+    /// unused by `run` and `once`.
+    pub exec: ExecConfig,
 }
 
 /// Where the broker's CA comes from: exactly one of `ca_file` and `ca_pem`.
@@ -235,6 +259,91 @@ pub struct TemplateSpec {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+}
+
+/// `secrets-sidecar exec`: the environment of the command and what a new
+/// generation or a revocation does to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// Added to the command's environment, in this order (`[[env]]`).
+    pub env: Vec<EnvSpec>,
+    /// The command gets only `env`, not the sidecar's own environment.
+    pub env_clean: bool,
+    pub on_change: OnChange,
+    /// Sent to stop the command before a restart (then SIGKILL after `restart_grace`).
+    pub restart_signal: rustix::process::Signal,
+    pub restart_grace: Duration,
+    /// Generations within this of each other cause one restart or signal.
+    pub debounce: Duration,
+    pub on_revoke: OnRevoke,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            env: Vec::new(),
+            env_clean: false,
+            on_change: OnChange::Restart,
+            restart_signal: rustix::process::Signal::TERM,
+            restart_grace: DEFAULT_RESTART_GRACE,
+            debounce: DEFAULT_ON_CHANGE_DEBOUNCE,
+            on_revoke: OnRevoke::Stop,
+        }
+    }
+}
+
+/// `restart_grace` when unset.
+pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(10);
+/// `on_change_debounce` when unset.
+pub const DEFAULT_ON_CHANGE_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// One environment variable of the command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvSpec {
+    /// A POSIX name: letters, digits and `_`, not starting with a digit.
+    pub name: String,
+    pub source: EnvSource,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvSource {
+    /// A secret's value as it is.
+    Secret(String),
+    /// A minijinja template over `secrets["name"]`, like `[[templates]]`.
+    Template(String),
+}
+
+/// What `exec` does when a new generation changes what its command was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnChange {
+    /// Stop the command (`restart_signal`, `restart_grace`, SIGKILL) and
+    /// start it again with the new environment.
+    Restart,
+    /// Send this signal; the command keeps its environment and re-reads files.
+    Signal(rustix::process::Signal),
+    /// Nothing: the command keeps what it was started with.
+    None,
+}
+
+/// What `exec` does when a revocation removes secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRevoke {
+    /// Stop the command and exit non-zero (Kubernetes restarts the
+    /// container, which waits in login until the rule is lifted).
+    Stop,
+    /// Leave the command running with the environment it has.
+    Keep,
+}
+
+/// Whether `name` is a POSIX environment variable name (letters, digits and
+/// `_`, not starting with a digit), at most 256 bytes.
+pub fn is_env_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 256
+        && !b[0].is_ascii_digit()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
 impl Config {
@@ -302,8 +411,11 @@ impl Config {
                 ));
             }
         };
-        if raw.secrets.is_empty() {
-            return Err(err("secrets", "list at least one [[secrets]] entry".into()));
+        if raw.secrets.is_empty() && raw.env.is_empty() {
+            return Err(err(
+                "secrets",
+                "list at least one [[secrets]] (or, for exec, [[env]]) entry".into(),
+            ));
         }
         if raw.secrets.len() > MAX_SECRETS {
             return Err(err(
@@ -421,6 +533,19 @@ impl Config {
                 .unwrap_or_default();
             return Err(err(&format!("templates[{i}]"), e.to_string()));
         }
+        let exec = exec_config(
+            ExecRaw {
+                env: raw.env,
+                env_clean: raw.env_clean,
+                on_change: raw.on_change,
+                restart_signal: raw.restart_signal,
+                restart_grace: raw.restart_grace,
+                debounce: raw.on_change_debounce,
+                on_revoke: raw.on_revoke,
+            },
+            &mut secrets,
+        )
+        .map_err(|(key, m)| err(&key, m))?;
         let health_listen = match raw.health_listen {
             None => None,
             Some(a) => Some(a.parse().map_err(|e| {
@@ -513,8 +638,146 @@ impl Config {
             request_timeout: raw.request_timeout,
             secrets,
             templates,
+            exec,
         })
     }
+}
+
+/// The exec keys of the file, taken out of [`RawConfig`].
+struct ExecRaw {
+    env: Vec<RawEnv>,
+    env_clean: bool,
+    on_change: Option<String>,
+    restart_signal: Option<String>,
+    restart_grace: Option<Duration>,
+    debounce: Option<Duration>,
+    on_revoke: Option<String>,
+}
+
+/// Checks the exec keys; a secret that only `[[env]]` names is added to
+/// `secrets` without a file (as `template_only`). Errors are (key, message).
+fn exec_config(
+    raw: ExecRaw,
+    secrets: &mut Vec<SecretSpec>,
+) -> Result<ExecConfig, (String, String)> {
+    let fail = |key: &str, m: String| (key.to_owned(), m);
+    let mut env: Vec<EnvSpec> = Vec::with_capacity(raw.env.len());
+    for (i, e) in raw.env.into_iter().enumerate() {
+        let key = |f: &str| format!("env[{i}].{f}");
+        if !is_env_name(&e.name) {
+            return Err(fail(
+                &key("name"),
+                format!(
+                    "{:?} is not an environment variable name: use letters, digits and '_', not starting with a digit (at most 256)",
+                    e.name
+                ),
+            ));
+        }
+        if e.name == CONFIG_ENV {
+            return Err(fail(
+                &key("name"),
+                format!(
+                    "{CONFIG_ENV} is the sidecar's own config; exec removes it from the command's environment"
+                ),
+            ));
+        }
+        if env.iter().any(|o| o.name == e.name) {
+            return Err(fail(&key("name"), format!("{:?} is listed twice", e.name)));
+        }
+        let source = match (e.secret, e.template) {
+            (Some(secret), None) => {
+                if secret.is_empty() || secret.len() > 253 {
+                    return Err(fail(&key("secret"), "must be 1-253 bytes".into()));
+                }
+                if !secrets.iter().any(|s| s.name == secret) {
+                    secrets.push(SecretSpec {
+                        name: secret.clone(),
+                        file: None,
+                    });
+                }
+                EnvSource::Secret(secret)
+            }
+            (None, Some(template)) => {
+                let spec = TemplateSpec {
+                    file: e.name.clone(),
+                    source: template.clone(),
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                };
+                crate::render::Templates::new(&[spec])
+                    .map_err(|t| fail(&key("template"), t.to_string()))?;
+                EnvSource::Template(template)
+            }
+            _ => {
+                return Err(fail(
+                    &key("secret"),
+                    "set exactly one of secret and template".into(),
+                ));
+            }
+        };
+        env.push(EnvSpec {
+            name: e.name,
+            source,
+        });
+    }
+    if secrets.len() > MAX_SECRETS {
+        return Err(fail(
+            "env",
+            format!(
+                "{} secrets with those [[env]] entries; one sidecar holds at most {MAX_SECRETS}",
+                secrets.len()
+            ),
+        ));
+    }
+    let signal =
+        |key: &str, name: &str| crate::notify::parse_signal(name).map_err(|m| fail(key, m));
+    let on_change = match raw.on_change.as_deref() {
+        None | Some("restart") => OnChange::Restart,
+        Some("none") => OnChange::None,
+        Some(other) => match other.strip_prefix("signal:") {
+            Some(name) => OnChange::Signal(signal("on_change", name)?),
+            None => {
+                return Err(fail(
+                    "on_change",
+                    format!(
+                        "{other:?}: use \"restart\", \"signal:HUP\" (or another signal) or \"none\""
+                    ),
+                ));
+            }
+        },
+    };
+    let restart_signal = match raw.restart_signal.as_deref() {
+        None => rustix::process::Signal::TERM,
+        Some(name) => signal("restart_signal", name)?,
+    };
+    let restart_grace = raw.restart_grace.unwrap_or(DEFAULT_RESTART_GRACE);
+    if restart_grace > Duration::from_secs(3600) {
+        return Err(fail("restart_grace", "at most 1h".into()));
+    }
+    let debounce = raw.debounce.unwrap_or(DEFAULT_ON_CHANGE_DEBOUNCE);
+    if debounce > Duration::from_secs(300) {
+        return Err(fail("on_change_debounce", "at most 5m".into()));
+    }
+    let on_revoke = match raw.on_revoke.as_deref() {
+        None | Some("stop") => OnRevoke::Stop,
+        Some("keep") => OnRevoke::Keep,
+        Some(other) => {
+            return Err(fail(
+                "on_revoke",
+                format!("{other:?}: use \"stop\" (stop the command, exit non-zero) or \"keep\""),
+            ));
+        }
+    };
+    Ok(ExecConfig {
+        env,
+        env_clean: raw.env_clean,
+        on_change,
+        restart_signal,
+        restart_grace,
+        debounce,
+        on_revoke,
+    })
 }
 
 #[cfg(test)]
@@ -604,6 +867,143 @@ name = "payments/db-password"
             .unwrap_err()
             .to_string();
         assert!(e.contains("templates[0].mode"), "{e}");
+    }
+
+    #[test]
+    fn exec_keys_parse_with_defaults() {
+        let cfg = Config::parse(GOOD, Path::new("s.toml")).unwrap();
+        assert_eq!(cfg.exec, ExecConfig::default());
+        let text = GOOD.replace(
+            "[[secrets]]",
+            "env_clean = true\non_change = \"signal:HUP\"\nrestart_signal = \"INT\"\nrestart_grace = \"3s\"\non_change_debounce = \"0s\"\non_revoke = \"keep\"\n[[secrets]]",
+        ) + "[[env]]\nname = \"DB_PASSWORD\"\nsecret = \"payments/db-password\"\n\
+               [[env]]\nname = \"API_KEY\"\nsecret = \"payments/api-key\"\n\
+               [[env]]\nname = \"DB_URL\"\ntemplate = \"postgres://app:{{ secrets['payments/db-password'] }}@db/app\"\n";
+        let cfg = Config::parse(&text, Path::new("s.toml")).unwrap();
+        let e = &cfg.exec;
+        assert!(e.env_clean);
+        assert_eq!(e.on_change, OnChange::Signal(rustix::process::Signal::HUP));
+        assert_eq!(e.restart_signal, rustix::process::Signal::INT);
+        assert_eq!(e.restart_grace, Duration::from_secs(3));
+        assert_eq!(e.debounce, Duration::ZERO);
+        assert_eq!(e.on_revoke, OnRevoke::Keep);
+        assert_eq!(e.env.len(), 3);
+        assert_eq!(
+            e.env[0].source,
+            EnvSource::Secret("payments/db-password".into())
+        );
+        // A secret only [[env]] names is fetched, without a file of its own.
+        assert_eq!(
+            cfg.secrets,
+            vec![
+                SecretSpec {
+                    name: "payments/db-password".into(),
+                    file: Some("db-password".into())
+                },
+                SecretSpec {
+                    name: "payments/api-key".into(),
+                    file: None
+                },
+            ]
+        );
+        // [[env]] alone is a whole config (for exec).
+        let only_env = GOOD.replace("[[secrets]]\nname = \"payments/db-password\"\n", "")
+            + "[[env]]\nname = \"X\"\nsecret = \"a/b\"\n";
+        let cfg = Config::parse(&only_env, Path::new("s.toml")).unwrap();
+        assert_eq!(cfg.secrets[0].file, None);
+    }
+
+    #[test]
+    fn exec_key_errors_name_the_key() {
+        let bad = |extra_top: &str, env: &str| {
+            let text = GOOD.replace("[[secrets]]", &format!("{extra_top}\n[[secrets]]")) + env;
+            Config::parse(&text, Path::new("s.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            (
+                "",
+                "[[env]]\nname = \"1X\"\nsecret = \"a/b\"\n",
+                "`env[0].name`",
+                "not an environment variable name",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A-B\"\nsecret = \"a/b\"\n",
+                "`env[0].name`",
+                "letters, digits",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"\"\nsecret = \"a/b\"\n",
+                "`env[0].name`",
+                "not an environment",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A\"\nsecret = \"a/b\"\n[[env]]\nname = \"A\"\nsecret = \"c/d\"\n",
+                "`env[1].name`",
+                "listed twice",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"SECRETS_SIDECAR_CONFIG\"\nsecret = \"a/b\"\n",
+                "`env[0].name`",
+                "own config",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A\"\n",
+                "`env[0].secret`",
+                "exactly one of secret and template",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A\"\nsecret = \"a\"\ntemplate = \"b\"\n",
+                "`env[0].secret`",
+                "exactly one",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A\"\ntemplate = \"{{ secrets[\"\n",
+                "`env[0].template`",
+                "syntax error",
+            ),
+            (
+                "",
+                "[[env]]\nname = \"A\"\nsecret = \"a/b\"\nfile = \"x\"\n",
+                "`env[0].file`",
+                "unknown key",
+            ),
+            ("on_change = \"reload\"", "", "`on_change`", "signal:HUP"),
+            ("on_change = \"signal:KILL\"", "", "`on_change`", "use HUP"),
+            (
+                "restart_signal = \"STOP\"",
+                "",
+                "`restart_signal`",
+                "use HUP",
+            ),
+            (
+                "restart_grace = \"2h\"",
+                "",
+                "`restart_grace`",
+                "at most 1h",
+            ),
+            ("restart_grace = \"soon\"", "", "restart_grace", ""),
+            (
+                "on_change_debounce = \"10m\"",
+                "",
+                "`on_change_debounce`",
+                "at most 5m",
+            ),
+            ("on_revoke = \"ignore\"", "", "`on_revoke`", "\"stop\""),
+            ("env_clean = \"yes\"", "", "env_clean", ""),
+        ];
+        for (top, env, key, words) in cases {
+            let e = bad(top, env);
+            assert!(e.contains(key) && e.contains(words), "{top} {env}: {e}");
+        }
     }
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";

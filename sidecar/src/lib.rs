@@ -12,13 +12,17 @@
 //! - [`local_api`]: the `Secrets` gRPC service on a Unix socket (peer-UID check).
 //! - [`notify`]: signal / command / HTTP POST after a new generation, debounced.
 //! - [`aws_endpoint`]: the AWS container credentials endpoint on loopback.
+//! - [`exec`]: `secrets-sidecar exec -- CMD`, secrets as environment
+//!   variables of a supervised command, restarted or signalled on rotation.
 //!
 //! [`run`] keeps secrets fresh until a shutdown signal; [`once`] fetches and
-//! writes one generation and returns (init containers, CI jobs).
+//! writes one generation and returns (init containers, CI jobs);
+//! [`run_observed`] is `run` that also shows its [`State`] to an embedder.
 
 pub mod aws_endpoint;
 pub mod client;
 pub mod config;
+pub mod exec;
 pub mod hardening;
 pub mod health;
 pub mod local_api;
@@ -34,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrets_broker_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
@@ -110,6 +114,28 @@ fn lease_times(lease: &pb::Lease) -> (Instant, Instant) {
     (now + left, now + renew_after(left, fastrand::f64()))
 }
 
+/// What [`run_observed`] shows an embedder (the [`exec`] supervisor): the
+/// secrets of the generation on disk, the revoked ones, and why the last
+/// refresh failed. Replaced only when one of those changes, and a new
+/// generation only once it is complete on disk. No `Debug`: it holds values.
+#[derive(Default)]
+pub struct State {
+    /// Name → the secret as held now (what the current generation holds).
+    pub secrets: HashMap<String, StateSecret>,
+    /// Name → rule ID of secrets an operator revoked (not held).
+    pub revoked: HashMap<String, String>,
+    /// Generations with secrets written so far: one more means new files.
+    pub generations: u64,
+    /// Why the last fetch or renewal failed, until one succeeds.
+    pub last_error: Option<String>,
+}
+
+/// One secret in a [`State`].
+pub struct StateSecret {
+    pub version: u64,
+    pub value: Zeroizing<Vec<u8>>,
+}
+
 /// The sidecar's working state: what it holds and where it writes.
 struct Keeper {
     cfg: Config,
@@ -136,6 +162,10 @@ struct Keeper {
     notifier: Option<notify::Notifier>,
     refresh_failures: u64,
     generation_swaps: u64,
+    /// Set by [`run_observed`]: where the [`State`] goes.
+    observer: Option<watch::Sender<Arc<State>>>,
+    /// Why the last fetch or renewal failed (for the observer).
+    last_error: Option<String>,
 }
 
 /// What the watch stream tells the main loop.
@@ -174,6 +204,8 @@ impl Keeper {
             notifier: None,
             refresh_failures: 0,
             generation_swaps: 0,
+            observer: None,
+            last_error: None,
         })
     }
 
@@ -440,6 +472,44 @@ impl Keeper {
             r.refresh_failures = self.refresh_failures;
             r.generation_swaps = self.generation_swaps;
         }
+        self.observe();
+    }
+
+    /// Shows the observer (if any) what is held now, when it changed.
+    fn observe(&self) {
+        let Some(tx) = &self.observer else { return };
+        tx.send_if_modified(|current| {
+            let same = current.generations == self.generation_swaps
+                && current.last_error == self.last_error
+                && current.revoked == self.revoked
+                && current.secrets.len() == self.held.len()
+                && self.held.iter().all(|(name, h)| {
+                    current
+                        .secrets
+                        .get(name)
+                        .is_some_and(|s| s.version == h.version)
+                });
+            if same {
+                return false;
+            }
+            *current = Arc::new(State {
+                secrets: self
+                    .held
+                    .iter()
+                    .map(|(name, h)| {
+                        let secret = StateSecret {
+                            version: h.version,
+                            value: h.value.clone(),
+                        };
+                        (name.clone(), secret)
+                    })
+                    .collect(),
+                revoked: self.revoked.clone(),
+                generations: self.generation_swaps,
+                last_error: self.last_error.clone(),
+            });
+            true
+        });
     }
 
     /// An operator revoked `names`: take them off the disk now, in one swap.
@@ -592,7 +662,18 @@ fn retryable(e: &SidecarError) -> bool {
 
 /// Keeps secrets fresh until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
+    run_observed(cfg, shutdown, None).await
+}
+
+/// [`run`], showing `observer` the [`State`] after every change that matters
+/// (a new generation on disk, a revocation, a failure or its end).
+pub async fn run_observed(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    observer: Option<watch::Sender<Arc<State>>>,
+) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
+    keeper.observer = observer;
     if !keeper.cfg.notify.is_empty() {
         keeper.notifier = Some(notify::Notifier::start(keeper.cfg.notify.clone()));
     }
@@ -699,6 +780,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 Ok(()) => {
                     need_fetch = false;
                     backoff.reset();
+                    if keeper.last_error.take().is_some() {
+                        keeper.observe();
+                    }
                     if !keeper.revoked.is_empty() && revoked_retry_at.is_none() {
                         revoked_backoff.reset();
                         revoked_retry_at =
@@ -717,6 +801,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                         warn!(error = %e, retry_in = ?delay, "fetch failed; keeping the last good secrets until their lease ends");
                     }
                     keeper.refresh_failures += 1;
+                    keeper.last_error = Some(e.to_string());
                     keeper.publish_status();
                     retry_at = Some(Instant::now() + delay);
                     continue;
@@ -752,6 +837,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                         let delay = backoff.next_delay(fastrand::f64());
                         warn!(error = %e, retry_in = ?delay, "renewal failed; keeping the last good secrets until their lease ends");
                         keeper.refresh_failures += 1;
+                        keeper.last_error = Some(e.to_string());
                         keeper.publish_status();
                         need_fetch = true;
                         retry_at = Some(Instant::now() + delay);

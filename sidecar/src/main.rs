@@ -59,6 +59,31 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Run CMD with secrets as environment variables, restarted or
+    /// signalled when they rotate.
+    ///
+    /// CMD gets the `[[env]]` entries and starts once every secret is held;
+    /// the secrets are kept fresh as `run` does, and `on_change` says what a
+    /// rotation does to CMD. As PID 1 (an image's ENTRYPOINT) exec forwards
+    /// SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to CMD, reaps
+    /// zombies, and exits with CMD's status (128 + the signal when one
+    /// killed it).
+    Exec {
+        /// The config file; without it, the environment variable
+        /// SECRETS_SIDECAR_CONFIG holds the whole config (as for `run`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to retry the first login and fetch; then exit 1 with the
+        /// reason, without starting CMD.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Copy this binary to DIR/secrets-sidecar (mode 0555): how the
+    /// injector's exec mode puts it into the application's container.
+    CopyTo { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -78,7 +103,10 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "cannot disable core dumps");
     }
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Once { config, .. } => config.clone(),
+        Command::Run { config } | Command::Once { config, .. } | Command::Exec { config, .. } => {
+            config.clone()
+        }
+        Command::CopyTo { dir } => return copy_to(dir),
         Command::Get { socket, name } => return client(socket, Call::Get(name.clone())),
         Command::List { socket } => return client(socket, Call::List),
         Command::Watch { socket, names } => return client(socket, Call::Watch(names.clone())),
@@ -94,6 +122,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !config.exec.env.is_empty() && !matches!(cli.command, Command::Exec { .. }) {
+        tracing::warn!(
+            "the [[env]] entries are for `secrets-sidecar exec`: run and once ignore them"
+        );
+    }
+    // One thread: exec's reaper (waitpid(-1)) then never runs while a
+    // spawn is half done on another thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -104,6 +139,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Exec {
+        timeout, command, ..
+    } = cli.command
+    {
+        let opts = secrets_sidecar::exec::ExecOptions {
+            argv: command,
+            first_fetch_timeout: timeout,
+        };
+        return match runtime.block_on(secrets_sidecar::exec::exec(config, opts)) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run { .. } => secrets_sidecar::run(config, shutdown_signal()).await,
@@ -113,6 +164,36 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Copies the running binary to `dir/secrets-sidecar` (a temporary file,
+/// then one rename, so a reader never runs half a binary).
+fn copy_to(dir: &std::path::Path) -> ExitCode {
+    use std::os::unix::fs::PermissionsExt;
+    let result = (|| -> Result<PathBuf, String> {
+        let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        let dest = dir.join("secrets-sidecar");
+        let tmp = dir.join(".secrets-sidecar.tmp");
+        // What an interrupted copy left (mode 0555: not writable).
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::copy(&me, &tmp)
+            .map_err(|e| format!("cannot copy {} to {}: {e}", me.display(), tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))
+            .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .map_err(|e| format!("cannot rename to {}: {e}", dest.display()))?;
+        Ok(dest)
+    })();
+    match result {
+        Ok(dest) => {
+            println!("copied secrets-sidecar to {}", dest.display());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -6,7 +6,7 @@
 //! | annotation | value |
 //! |---|---|
 //! | `inject` | `true` or `false` |
-//! | `mode` | `native`, `once` or `fallback` |
+//! | `mode` | `native`, `once`, `fallback` or `exec` |
 //! | `role` | a broker role name |
 //! | `secret-<file>` | a secret name; written to `<mount-path>/<file>` |
 //! | `template-<file>` | a minijinja template; rendered to `<mount-path>/<file>` |
@@ -14,6 +14,9 @@
 //! | `mount-path` | absolute directory of the files in the containers |
 //! | `containers` | containers that get the mount (comma-separated) |
 //! | `notify` | `http://127.0.0.1:PORT/path` or `signal:HUP:<process name>` |
+//! | `env-<NAME>` | mode exec: a secret name, the value of variable `<NAME>` |
+//! | `on-change` | mode exec: `restart`, `signal:<SIGNAL>` or `none` |
+//! | `on-revoke` | mode exec: `stop` or `keep` |
 //! | `ttl` | lease TTL to ask for (`10m`) |
 //! | `tmpfs-size` | size limit of the memory volume (`4Mi`) |
 //! | `cpu-request`, `cpu-limit`, `memory-request`, `memory-limit` | the sidecar's resources |
@@ -42,6 +45,9 @@ pub const KNOWN: &[&str] = &[
     "mount-path",
     "containers",
     "notify",
+    "env-<NAME>",
+    "on-change",
+    "on-revoke",
     "ttl",
     "tmpfs-size",
     "cpu-request",
@@ -136,6 +142,10 @@ pub enum Mode {
     /// `once` (so the files exist before the app starts), then a regular
     /// container running `run` to keep them fresh.
     Fallback,
+    /// The app's own container runs `secrets-sidecar exec -- <its command>`
+    /// (the binary copied in by an init container): secrets as environment
+    /// variables, the app restarted or signalled on rotation.
+    Exec,
 }
 
 impl Mode {
@@ -144,6 +154,7 @@ impl Mode {
             "native" => Some(Mode::Native),
             "once" => Some(Mode::Once),
             "fallback" => Some(Mode::Fallback),
+            "exec" => Some(Mode::Exec),
             _ => None,
         }
     }
@@ -153,6 +164,7 @@ impl Mode {
             Mode::Native => "native",
             Mode::Once => "once",
             Mode::Fallback => "fallback",
+            Mode::Exec => "exec",
         }
     }
 }
@@ -246,6 +258,13 @@ pub struct TemplateFile {
     pub source: String,
 }
 
+/// One environment variable of the app in mode exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvSecret {
+    pub name: String,
+    pub secret: String,
+}
+
 /// Where the sidecar tells the application about a new generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notify {
@@ -285,6 +304,12 @@ pub struct Annotations {
     /// Container names; `None`: every app container.
     pub containers: Option<Vec<String>>,
     pub notify: Option<Notify>,
+    /// Mode exec: the app's environment variables, sorted by name.
+    pub env: Vec<EnvSecret>,
+    /// Mode exec: `on_change` of the sidecar config, checked.
+    pub on_change: Option<String>,
+    /// Mode exec: `on_revoke` of the sidecar config, checked.
+    pub on_revoke: Option<String>,
     pub ttl: Option<Duration>,
     pub tmpfs_size: Option<Quantity>,
     pub resources: Resources,
@@ -324,7 +349,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Annotations, Anno
                 out.mode = Some(Mode::parse(value).ok_or_else(|| {
                     AnnotationError::invalid(
                         key,
-                        format!("{value:?}: use native, once (Jobs) or fallback (clusters without native sidecars)"),
+                        format!("{value:?}: use native, once (Jobs), fallback (clusters without native sidecars) or exec (secrets as environment variables)"),
                     )
                 })?)
             }
@@ -360,6 +385,27 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Annotations, Anno
                 out.containers = Some(list);
             }
             "notify" => out.notify = Some(parse_notify(key, value)?),
+            "on-change" => {
+                if let Some(sig) = value.strip_prefix("signal:") {
+                    secrets_sidecar::notify::parse_signal(sig)
+                        .map_err(|m| AnnotationError::invalid(key, format!("signal {m}")))?;
+                } else if value != "restart" && value != "none" {
+                    return Err(AnnotationError::invalid(
+                        key,
+                        format!("{value:?}: use restart, signal:<SIGNAL> (signal:HUP) or none"),
+                    ));
+                }
+                out.on_change = Some(value.to_owned());
+            }
+            "on-revoke" => {
+                if value != "stop" && value != "keep" {
+                    return Err(AnnotationError::invalid(
+                        key,
+                        format!("{value:?}: use stop (the app is stopped, the container restarts) or keep"),
+                    ));
+                }
+                out.on_revoke = Some(value.to_owned());
+            }
             "ttl" => out.ttl = Some(parse_ttl(key, value)?),
             "tmpfs-size" => {
                 let q = quantity(key, value)?;
@@ -390,6 +436,20 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Annotations, Anno
                     }
                     out.secrets.push(SecretFile {
                         file: file.to_owned(),
+                        secret: value.to_owned(),
+                    });
+                } else if let Some(name) = key.strip_prefix("env-") {
+                    if !secrets_sidecar::config::is_env_name(name) {
+                        return Err(AnnotationError::invalid(
+                            key,
+                            format!(
+                                "{name:?} is not an environment variable name: use letters, digits and '_', not starting with a digit"
+                            ),
+                        ));
+                    }
+                    check_secret(key, value)?;
+                    out.env.push(EnvSecret {
+                        name: name.to_owned(),
                         secret: value.to_owned(),
                     });
                 } else if let Some(file) = key.strip_prefix("template-") {
@@ -446,13 +506,45 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Annotations, Anno
             ),
         ));
     }
-    if out.inject && !out.injected && out.secrets.is_empty() && out.templates.is_empty() {
+    if out.inject
+        && !out.injected
+        && out.secrets.is_empty()
+        && out.templates.is_empty()
+        && out.env.is_empty()
+    {
         return Err(AnnotationError::invalid(
             "inject",
             format!(
-                "nothing to inject: add {} (or {}) annotations",
+                "nothing to inject: add {} (or {}, or with mode exec {}) annotations",
                 full("secret-<file>"),
-                full("template-<file>")
+                full("template-<file>"),
+                full("env-<NAME>")
+            ),
+        ));
+    }
+    if out.mode != Some(Mode::Exec) {
+        let exec_only = out
+            .env
+            .first()
+            .map(|e| format!("env-{}", e.name))
+            .or(out.on_change.as_ref().map(|_| "on-change".to_owned()))
+            .or(out.on_revoke.as_ref().map(|_| "on-revoke".to_owned()));
+        if let Some(key) = exec_only {
+            return Err(AnnotationError::invalid(
+                &key,
+                format!(
+                    "only with {}: \"exec\" (the sidecar runs the app's command with secrets in its environment)",
+                    full("mode")
+                ),
+            ));
+        }
+    }
+    if let (Some(Mode::Exec), Some(Notify::Signal { .. })) = (out.mode, &out.notify) {
+        return Err(AnnotationError::invalid(
+            "notify",
+            format!(
+                "in mode exec the app is the sidecar's own child: signal it with {}: signal:HUP",
+                full("on-change")
             ),
         ));
     }
@@ -743,6 +835,46 @@ mod tests {
     }
 
     #[test]
+    fn exec_mode_takes_env_on_change_and_on_revoke() {
+        let a = parse(&map(&[
+            ("inject", "true"),
+            ("mode", "exec"),
+            ("env-DB_PASSWORD", "payments/db-password"),
+            ("env-API_KEY", "payments/api-key"),
+            ("secret-ca.crt", "payments/ca"),
+            ("on-change", "signal:HUP"),
+            ("on-revoke", "keep"),
+        ]))
+        .unwrap();
+        assert_eq!(a.mode, Some(Mode::Exec));
+        // Sorted by annotation name, so by variable.
+        assert_eq!(
+            a.env,
+            vec![
+                EnvSecret {
+                    name: "API_KEY".into(),
+                    secret: "payments/api-key".into()
+                },
+                EnvSecret {
+                    name: "DB_PASSWORD".into(),
+                    secret: "payments/db-password".into()
+                },
+            ]
+        );
+        assert_eq!(a.on_change.as_deref(), Some("signal:HUP"));
+        assert_eq!(a.on_revoke.as_deref(), Some("keep"));
+        // env-<NAME> alone is something to inject.
+        assert!(
+            parse(&map(&[
+                ("inject", "true"),
+                ("mode", "exec"),
+                ("env-A", "a/b")
+            ]))
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn other_annotations_are_ignored() {
         let mut m = map(&[]);
         m.insert("example.com/secret-x".into(), "../../x".into());
@@ -987,6 +1119,80 @@ mod tests {
                 &[("inject", "true"), ("secret-x", "a/b"), ("status", "done")],
                 "status",
                 "set by the injector",
+            ),
+            (
+                &[("inject", "true"), ("mode", "exec"), ("env-1X", "a/b")],
+                "env-1X",
+                "not an environment variable name",
+            ),
+            (
+                &[("inject", "true"), ("mode", "exec"), ("env-A", "a b")],
+                "env-A",
+                "contains ' '",
+            ),
+            (
+                &[("inject", "true"), ("env-A", "a/b")],
+                "env-A",
+                "only with secrets-broker.io/mode: \"exec\"",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("secret-x", "a/b"),
+                    ("on-change", "restart"),
+                ],
+                "on-change",
+                "only with",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("mode", "native"),
+                    ("secret-x", "a/b"),
+                    ("on-revoke", "keep"),
+                ],
+                "on-revoke",
+                "only with",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("mode", "exec"),
+                    ("env-A", "a/b"),
+                    ("on-change", "reload"),
+                ],
+                "on-change",
+                "use restart, signal:<SIGNAL>",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("mode", "exec"),
+                    ("env-A", "a/b"),
+                    ("on-change", "signal:KILL"),
+                ],
+                "on-change",
+                "signal",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("mode", "exec"),
+                    ("env-A", "a/b"),
+                    ("on-revoke", "ignore"),
+                ],
+                "on-revoke",
+                "use stop",
+            ),
+            (
+                &[
+                    ("inject", "true"),
+                    ("mode", "exec"),
+                    ("env-A", "a/b"),
+                    ("notify", "signal:HUP:app"),
+                ],
+                "notify",
+                "secrets-broker.io/on-change: signal:HUP",
             ),
         ];
         for (pairs, annotation, problem) in cases {

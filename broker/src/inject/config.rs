@@ -354,6 +354,13 @@ impl Config {
                 "once keeps nothing fresh: choose it per pod with the mode annotation".into(),
             ));
         }
+        if default_mode == Mode::Exec {
+            return Err(err(
+                "sidecar.default_mode",
+                "exec wraps one container's command: choose it per pod with the mode annotation"
+                    .into(),
+            ));
+        }
         let r = c.resources;
         let cpu_request = quantity("sidecar.resources.cpu_request", &r.cpu_request)?;
         let cpu_limit = quantity("sidecar.resources.cpu_limit", &r.cpu_limit)?;
@@ -501,6 +508,11 @@ broker_ca_file = "ca.crt"
             (
                 "[sidecar]",
                 "[sidecar]\ndefault_mode = \"once\"",
+                "sidecar.default_mode",
+            ),
+            (
+                "[sidecar]",
+                "[sidecar]\ndefault_mode = \"exec\"",
                 "sidecar.default_mode",
             ),
             ("https://secrets", "http://secrets", "sidecar.broker_url"),

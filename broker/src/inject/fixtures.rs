@@ -16,7 +16,9 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::Value;
 
 use super::annotations::PREFIX;
-use super::patch::{FILES_VOLUME, INIT_NAME, SIDECAR_NAME, TOKEN_DIR, TOKEN_VOLUME};
+use super::patch::{
+    BIN_DIR, BIN_VOLUME, FILES_VOLUME, INIT_NAME, SIDECAR_NAME, TOKEN_DIR, TOKEN_VOLUME,
+};
 use super::{Config, Injector, review};
 
 const INJECTED: &[&str] = &[
@@ -24,6 +26,7 @@ const INJECTED: &[&str] = &[
     "init-containers",
     "job-once",
     "fallback",
+    "exec",
 ];
 
 fn testdata(name: &str) -> PathBuf {
@@ -142,8 +145,16 @@ fn mount<'a>(
 }
 
 /// The hardening of deploy/ (deploy/tests/check_hardening.py) on an
-/// injected container.
+/// injected container, and the token mounted read-only.
 fn assert_hardened(c: &Container) {
+    assert_secure(c);
+    let token = mount(c, TOKEN_VOLUME).expect("token mount");
+    assert_eq!(token.mount_path, TOKEN_DIR);
+    assert_eq!(token.read_only, Some(true));
+}
+
+/// The hardening of deploy/ on an injected container.
+fn assert_secure(c: &Container) {
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
     assert_eq!(sc.run_as_user, Some(65532));
@@ -164,9 +175,6 @@ fn assert_hardened(c: &Container) {
         c.image.as_deref(),
         Some("ghcr.io/example-org/secrets-sidecar:0.1.0")
     );
-    let token = mount(c, TOKEN_VOLUME).expect("token mount");
-    assert_eq!(token.mount_path, TOKEN_DIR);
-    assert_eq!(token.read_only, Some(true));
 }
 
 fn assert_volumes(pod: &Pod, size: &str) {
@@ -396,6 +404,155 @@ fn fallback_mode_adds_a_once_init_container_and_a_regular_sidecar() {
         answer.warnings
     );
     assert_eq!(sidecar_config(sidecar).group, None);
+}
+
+#[test]
+fn exec_mode_wraps_the_command_after_copying_the_binary_in() {
+    let (doc, pod, answer) = injected("exec");
+    assert!(answer.warnings.is_empty(), "{:?}", answer.warnings);
+    assert_eq!(status(&pod), Some("injected"));
+    // The init container only copies the binary into the shared volume.
+    assert_eq!(inits(&pod).len(), 1);
+    let copy = &inits(&pod)[0];
+    assert_eq!(copy.name, SIDECAR_NAME);
+    assert_eq!(copy.restart_policy, None, "a plain init container");
+    assert_eq!(copy.args.as_deref().unwrap(), ["copy-to", BIN_DIR]);
+    assert!(copy.env.is_none(), "no config: it only copies");
+    assert!(copy.startup_probe.is_none() && copy.ports.is_none());
+    assert_secure(copy);
+    let bin = mount(copy, BIN_VOLUME).unwrap();
+    assert_eq!(bin.mount_path, BIN_DIR);
+    assert_ne!(bin.read_only, Some(true));
+    assert!(mount(copy, TOKEN_VOLUME).is_none());
+
+    // The named container runs its command under exec; its args follow.
+    let before = &doc["request"]["object"]["spec"]["containers"][0];
+    let worker = &containers(&pod)[0];
+    assert_eq!(worker.name, "worker");
+    assert_eq!(
+        worker.command.as_deref().unwrap(),
+        [
+            "/secrets-bin/secrets-sidecar",
+            "exec",
+            "--",
+            "/app/payments-worker"
+        ]
+    );
+    assert_eq!(
+        serde_json::to_value(&worker.args).unwrap(),
+        before["args"],
+        "args unchanged"
+    );
+    assert_eq!(env(worker, "LOG_LEVEL"), "info", "its own env stays");
+    assert_eq!(env(worker, "SECRETS_SIDECAR_LOG_FORMAT"), "json");
+    assert_eq!(worker.security_context, None, "its own security context");
+    let files = mount(worker, FILES_VOLUME).unwrap();
+    assert_eq!(files.mount_path, "/secrets");
+    assert_ne!(files.read_only, Some(true), "exec writes the files");
+    let token = mount(worker, TOKEN_VOLUME).unwrap();
+    assert_eq!(
+        (token.mount_path.as_str(), token.read_only),
+        (TOKEN_DIR, Some(true))
+    );
+    let bin = mount(worker, BIN_VOLUME).unwrap();
+    assert_eq!(
+        (bin.mount_path.as_str(), bin.read_only),
+        (BIN_DIR, Some(true))
+    );
+    assert!(mount(worker, "app-config").is_some(), "its mounts stay");
+    // The other container is left as it was.
+    let shipper = &containers(&pod)[1];
+    assert_eq!(
+        serde_json::to_value(shipper).unwrap(),
+        doc["request"]["object"]["spec"]["containers"][1]
+    );
+
+    // The config exec reads: env entries, on_change, on_revoke, a file.
+    let cfg = sidecar_config(worker);
+    assert!(cfg.health_listen.is_none());
+    assert_eq!(cfg.dir, std::path::Path::new("/secrets"));
+    assert_eq!(cfg.group, Some(2000));
+    let vars: Vec<(&str, String)> = cfg
+        .exec
+        .env
+        .iter()
+        .map(|e| (e.name.as_str(), format!("{:?}", e.source)))
+        .collect();
+    assert_eq!(
+        vars,
+        [
+            ("API_KEY", "Secret(\"payments/api-key\")".to_owned()),
+            ("DB_PASSWORD", "Secret(\"payments/db-password\")".to_owned())
+        ]
+    );
+    assert_eq!(
+        cfg.exec.on_change,
+        secrets_sidecar::config::OnChange::Restart
+    );
+    assert_eq!(cfg.exec.on_revoke, secrets_sidecar::config::OnRevoke::Stop);
+    let secrets: Vec<(&str, Option<&str>)> = cfg
+        .secrets
+        .iter()
+        .map(|s| (s.name.as_str(), s.file.as_deref()))
+        .collect();
+    assert_eq!(
+        secrets,
+        [
+            ("payments/ca", Some("ca.crt")),
+            ("payments/api-key", None),
+            ("payments/db-password", None)
+        ]
+    );
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_deref().unwrap();
+    let bin = volumes.iter().find(|v| v.name == BIN_VOLUME).unwrap();
+    let ed = bin.empty_dir.as_ref().unwrap();
+    assert_eq!(ed.medium, None, "the binary is no secret: not in memory");
+    assert_eq!(ed.size_limit.as_ref().unwrap().0, "32Mi");
+    assert_volumes(&pod, "4Mi");
+}
+
+#[test]
+fn exec_mode_is_denied_where_the_command_is_not_known() {
+    // Two containers and none named: which command?
+    let m = denied(&with_annotation("exec", "containers", None));
+    assert!(
+        m.contains("mode exec wraps one container's command")
+            && m.contains("(worker, log-shipper)")
+            && m.contains("secrets-broker.io/containers"),
+        "{m}"
+    );
+    // A container without an explicit command: its entrypoint is the image's.
+    let m = denied(&with_annotation("exec", "containers", Some("log-shipper")));
+    assert!(
+        m.contains("container \"log-shipper\" sets no command")
+            && m.contains("entrypoint is not known at admission"),
+        "{m}"
+    );
+    // An empty command is no command.
+    let mut doc = fixture("exec");
+    doc["request"]["object"]["spec"]["containers"][0]["command"] = serde_json::json!([]);
+    assert!(denied(&doc).contains("sets no command"));
+    // env-<NAME> needs mode exec.
+    let m = denied(&with_annotation("exec", "mode", Some("native")));
+    assert!(
+        m.contains("secrets-broker.io/env-API_KEY") && m.contains("only with"),
+        "{m}"
+    );
+    // The container sets the config variable itself.
+    let mut doc = fixture("exec");
+    doc["request"]["object"]["spec"]["containers"][0]["env"] =
+        serde_json::json!([{ "name": "SECRETS_SIDECAR_CONFIG", "value": "x" }]);
+    assert!(denied(&doc).contains("already sets SECRETS_SIDECAR_CONFIG"));
+    // A volume of ours exists already.
+    let mut doc = fixture("exec");
+    doc["request"]["object"]["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "name": BIN_VOLUME, "emptyDir": {} }));
+    assert!(denied(&doc).contains(BIN_VOLUME));
+    // The mount path would hide the binary.
+    let m = denied(&with_annotation("exec", "mount-path", Some("/secrets-bin")));
+    assert!(m.contains("secrets-broker.io/mount-path"), "{m}");
 }
 
 #[test]

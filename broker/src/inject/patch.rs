@@ -11,6 +11,15 @@
 //! init containers (at their original indices), and last the sidecar at
 //! `/spec/initContainers/0`, so it starts before every other init container
 //! (which may then read the secrets).
+//!
+//! Mode exec is the one exception to "only adds": the app container's
+//! `command` is replaced by `[/secrets-bin/secrets-sidecar, exec, --,
+//! <that command>]` (its `args` stay, and follow), after an init container
+//! has copied the sidecar binary into the `/secrets-bin` volume; the app
+//! container also gets the token, the files volume (writable: exec writes
+//! the files) and the sidecar config in its environment. A container without
+//! an explicit `command` is denied: its image's entrypoint is not known at
+//! admission.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +50,10 @@ pub const TOKEN_VOLUME: &str = "secrets-broker-token";
 /// Where the sidecar finds its token.
 pub const TOKEN_DIR: &str = "/var/run/secrets/secrets-broker";
 const TOKEN_FILE: &str = "token";
+/// Mode exec: the volume the sidecar binary is copied into.
+pub const BIN_VOLUME: &str = "secrets-broker-bin";
+/// Mode exec: where that volume is, in the init container and the app's.
+pub const BIN_DIR: &str = "/secrets-bin";
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,6 +186,9 @@ impl Injector {
         let app_inits: Vec<usize> = (0..inits.len())
             .filter(|&i| selected(&inits[i].name))
             .collect();
+        if mode == Mode::Exec {
+            check_exec(spec, &app, &app_inits, mount_path)?;
+        }
         let targets = app
             .iter()
             .map(|&i| (&spec.containers[i], "container"))
@@ -193,7 +209,7 @@ impl Injector {
 
         // Names and ports the injection needs must be free.
         for v in spec.volumes.iter().flatten() {
-            if v.name == FILES_VOLUME || v.name == TOKEN_VOLUME {
+            if v.name == FILES_VOLUME || v.name == TOKEN_VOLUME || v.name == BIN_VOLUME {
                 return Err(format!(
                     "the pod already has a volume named {:?}, which the injector adds; rename it",
                     v.name
@@ -211,7 +227,7 @@ impl Injector {
                 c.name
             ));
         }
-        if mode != Mode::Once {
+        if matches!(mode, Mode::Native | Mode::Fallback) {
             let port = i32::from(c.health_port);
             if let Some(other) = spec
                 .containers
@@ -293,7 +309,7 @@ impl Injector {
             .tmpfs_size
             .clone()
             .unwrap_or_else(|| c.tmpfs_size.clone());
-        if mode != Mode::Once && tmpfs_size.value >= memory_limit.value {
+        if matches!(mode, Mode::Native | Mode::Fallback) && tmpfs_size.value >= memory_limit.value {
             warnings.push(format!(
                 "secrets-broker: the tmpfs ({}) is charged to the sidecar's memory, whose limit is {}: raise {}",
                 tmpfs_size.text,
@@ -306,7 +322,8 @@ impl Injector {
             .as_ref()
             .and_then(|s| s.fs_group)
             .filter(|g| (1..=i64::from(u32::MAX)).contains(g));
-        if fs_group.is_none() {
+        // In mode exec the app's own UID writes (and reads) the files.
+        if fs_group.is_none() && mode != Mode::Exec {
             warnings.push(format!(
                 "secrets-broker: the pod sets no spec.securityContext.fsGroup, so the secret files are readable by UID {} only; set fsGroup to let the application read them",
                 c.run_as_user
@@ -356,6 +373,16 @@ impl Injector {
                     .map(|t| TemplateToml {
                         file: &t.file,
                         source: &t.source,
+                    })
+                    .collect(),
+                on_change: ann.on_change.as_deref(),
+                on_revoke: ann.on_revoke.as_deref(),
+                env: ann
+                    .env
+                    .iter()
+                    .map(|e| EnvToml {
+                        name: &e.name,
+                        secret: &e.secret,
                     })
                     .collect(),
             };
@@ -463,13 +490,28 @@ impl Injector {
                 sidecar_config(false)?,
             ))
         };
+        // Mode exec: the init container only copies the binary.
+        let copier = || Container {
+            env: None,
+            volume_mounts: Some(vec![VolumeMount {
+                name: BIN_VOLUME.into(),
+                mount_path: BIN_DIR.into(),
+                ..Default::default()
+            }]),
+            ..base(
+                SIDECAR_NAME,
+                vec!["copy-to".into(), BIN_DIR.into()],
+                String::new(),
+            )
+        };
         let (init, regular) = match mode {
             Mode::Native => (runner(SIDECAR_NAME, true)?, None),
             Mode::Once => (once(SIDECAR_NAME)?, None),
             Mode::Fallback => (once(INIT_NAME)?, Some(runner(SIDECAR_NAME, false)?)),
+            Mode::Exec => (copier(), None),
         };
 
-        let volumes = [
+        let mut volumes = vec![
             Volume {
                 name: FILES_VOLUME.into(),
                 empty_dir: Some(EmptyDirVolumeSource {
@@ -494,6 +536,16 @@ impl Injector {
                 ..Default::default()
             },
         ];
+        if mode == Mode::Exec {
+            volumes.push(Volume {
+                name: BIN_VOLUME.into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: None,
+                    size_limit: Some(KubeQuantity(BIN_SIZE.into())),
+                }),
+                ..Default::default()
+            });
+        }
         let app_mount = VolumeMount {
             name: FILES_VOLUME.into(),
             mount_path: mount_path.to_owned(),
@@ -507,6 +559,49 @@ impl Injector {
             Value::String(annotations::STATUS_INJECTED.into()),
         );
         ops.append_all(&["spec", "volumes"], spec.volumes.is_some(), &volumes)?;
+        if mode == Mode::Exec {
+            // The one app container (check_exec): its command wrapped, the
+            // config in its environment, the files writable, the token.
+            let i = app[0];
+            let container = &spec.containers[i];
+            let at = i.to_string();
+            let mut command = vec![
+                format!("{BIN_DIR}/secrets-sidecar"),
+                "exec".to_owned(),
+                "--".to_owned(),
+            ];
+            command.extend(container.command.iter().flatten().cloned());
+            ops.add(&["spec", "containers", &at, "command"], to_value(&command)?);
+            ops.append_all(
+                &["spec", "containers", &at, "env"],
+                container.env.is_some(),
+                &[
+                    EnvVar {
+                        name: secrets_sidecar::config::CONFIG_ENV.into(),
+                        value: Some(sidecar_config(false)?),
+                        ..Default::default()
+                    },
+                    EnvVar {
+                        name: "SECRETS_SIDECAR_LOG_FORMAT".into(),
+                        value: Some("json".into()),
+                        ..Default::default()
+                    },
+                ],
+            )?;
+            let mut mounts = sidecar_mounts.clone();
+            mounts.push(VolumeMount {
+                name: BIN_VOLUME.into(),
+                mount_path: BIN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+            ops.append_all(
+                &["spec", "containers", &at, "volumeMounts"],
+                container.volume_mounts.is_some(),
+                &mounts,
+            )?;
+        }
+        let app = if mode == Mode::Exec { Vec::new() } else { app };
         for &i in &app {
             let has = spec.containers[i].volume_mounts.is_some();
             ops.append_all(
@@ -537,6 +632,82 @@ impl Injector {
             warnings,
         })
     }
+}
+
+/// Mode exec: the size limit of the volume the binary is copied into.
+const BIN_SIZE: &str = "32Mi";
+
+/// Mode exec wraps exactly one container's command, which must be given in
+/// the pod spec.
+fn check_exec(
+    spec: &PodSpec,
+    app: &[usize],
+    app_inits: &[usize],
+    mount_path: &str,
+) -> Result<(), String> {
+    let inits = spec.init_containers.as_deref().unwrap_or_default();
+    if let Some(&i) = app_inits.first() {
+        return Err(AnnotationError::invalid(
+            "containers",
+            format!(
+                "{:?} is an init container: mode exec wraps the command of one container of spec.containers",
+                inits[i].name
+            ),
+        )
+        .to_string());
+    }
+    if app.len() != 1 {
+        let names: Vec<&str> = app
+            .iter()
+            .map(|&i| spec.containers[i].name.as_str())
+            .collect();
+        return Err(format!(
+            "mode exec wraps one container's command, and the pod has {} ({}): name the one with {}",
+            names.len(),
+            names.join(", "),
+            full("containers")
+        ));
+    }
+    let c = &spec.containers[app[0]];
+    if c.command.as_ref().is_none_or(Vec::is_empty) {
+        return Err(format!(
+            "container {:?} sets no command: mode exec runs secrets-sidecar exec -- <command>, and the image's entrypoint is not known at admission (the injector never asks a registry); set command (and args) in the pod spec, or build the image with secrets-sidecar exec as its ENTRYPOINT and use {}: native",
+            c.name,
+            full("mode")
+        ));
+    }
+    if let Some(e) = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == secrets_sidecar::config::CONFIG_ENV)
+    {
+        return Err(format!(
+            "container {:?} already sets {}, which mode exec sets to the sidecar's config",
+            c.name, e.name
+        ));
+    }
+    for dir in [BIN_DIR, TOKEN_DIR] {
+        if let Some(m) = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == dir)
+        {
+            return Err(format!(
+                "container {:?} already mounts {:?} at {dir}, where mode exec mounts its own volume",
+                c.name, m.name
+            ));
+        }
+    }
+    if mount_path == BIN_DIR || mount_path.starts_with(&format!("{BIN_DIR}/")) {
+        return Err(AnnotationError::invalid(
+            "mount-path",
+            format!("{mount_path:?} overlaps {BIN_DIR}, where mode exec puts the sidecar binary"),
+        )
+        .to_string());
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -593,10 +764,23 @@ struct SidecarToml<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     health_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    on_change: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_revoke: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     notify: Option<NotifyToml<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     secrets: Vec<SecretToml<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     templates: Vec<TemplateToml<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    env: Vec<EnvToml<'a>>,
+}
+
+#[derive(Serialize)]
+struct EnvToml<'a> {
+    name: &'a str,
+    secret: &'a str,
 }
 
 #[derive(Serialize)]
