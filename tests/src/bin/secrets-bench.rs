@@ -90,6 +90,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             needs: None,
         },
         Scenario {
+            name: "exec",
+            bin: "exec-bench",
+            args: pick(
+                vec!["--starts", "20", "--rotations", "100"],
+                vec!["--starts", "3", "--rotations", "5"],
+            ),
+            needs: None,
+        },
+        Scenario {
             name: "propagation",
             bin: "propagation-bench",
             args: pick(
