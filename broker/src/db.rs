@@ -55,13 +55,19 @@ macro_rules! on_db {
 pub(crate) use on_db;
 
 /// Schema version this build migrates to.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Changes after version 1, applied in order to a database at an older version.
 const MIGRATIONS: &[(i64, &str)] = &[
     // Several clusters: a revocation rule may name one.
     (2, "ALTER TABLE revocations ADD COLUMN cluster TEXT"),
     (2, "ALTER TABLE leases ADD COLUMN cluster TEXT"),
+    // The embedded store's associated data binds the version too (`aad` 2);
+    // rows written before say 1 and are sealed again at the next start.
+    (
+        4,
+        "ALTER TABLE secret_versions ADD COLUMN aad BIGINT NOT NULL DEFAULT 1",
+    ),
 ];
 
 fn schema(postgres: bool) -> Vec<String> {

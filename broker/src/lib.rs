@@ -115,6 +115,17 @@ pub async fn run(
 
     let db = Db::connect(&config.database).await?;
     let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
+    // Rows written before the version was bound into their associated data.
+    match store.reseal_legacy().await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            rows = n,
+            "embedded store: older rows sealed again with their version bound"
+        ),
+        Err(e) => {
+            warn!(error = %e, "embedded store: cannot seal older rows again; they are still served")
+        }
+    }
     let revocations = Revocations::new(db.clone());
     let view = Arc::new(View::new(config.revocation.max_staleness));
     let refreshes = prometheus_client::metrics::family::Family::default();

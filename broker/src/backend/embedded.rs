@@ -84,12 +84,78 @@ impl EmbeddedStore {
         })
     }
 
-    fn aad(name: &str, key_id: &str) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(name.len() + key_id.len() + 1);
+    /// The associated data of a row: its name, key ID and (since `aad` 2)
+    /// version, so a ciphertext copied to another name, key or version (an
+    /// old value replayed as a "rotation") fails authentication.
+    fn aad(name: &str, key_id: &str, version: Option<u64>) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(name.len() + key_id.len() + 10);
         aad.extend_from_slice(name.as_bytes());
         aad.push(0);
         aad.extend_from_slice(key_id.as_bytes());
+        if let Some(v) = version {
+            aad.push(0);
+            aad.extend_from_slice(&v.to_be_bytes());
+        }
         aad
+    }
+
+    /// Seals `value` for row (`name`, `version`) with the newest key:
+    /// (key ID, nonce, ciphertext).
+    fn seal(
+        &self,
+        name: &str,
+        version: u64,
+        value: &[u8],
+    ) -> Result<(String, [u8; NONCE_LEN], Zeroizing<Vec<u8>>), StoreError> {
+        let seal = &self.keys[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| StoreError::Invalid("no randomness".into()))?;
+        let mut sealed = Zeroizing::new(value.to_vec());
+        seal.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(name, &seal.id, Some(version))),
+                &mut *sealed,
+            )
+            .map_err(|_| StoreError::Invalid("encryption failed".into()))?;
+        Ok((seal.id.clone(), nonce, sealed))
+    }
+
+    /// Seals again, with the version bound, every row written before the
+    /// associated data carried it (`aad` 1). Run at start; a row another
+    /// replica re-sealed meanwhile is left as that replica wrote it.
+    pub async fn reseal_legacy(&self) -> Result<u64, StoreError> {
+        const LEGACY: &str =
+            "SELECT name, version, key_id, nonce, ciphertext FROM secret_versions WHERE aad = 1";
+        let rows = on_db!(&self.db, pool => sqlx::query(LEGACY).fetch_all(pool).await.map(|rows| {
+            rows.into_iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64, r.get::<String, _>(2), r.get::<Vec<u8>, _>(3), r.get::<Vec<u8>, _>(4)))
+                .collect::<Vec<_>>()
+        }))?;
+        let mut resealed = 0;
+        for (name, version, key_id, nonce, ciphertext) in rows {
+            // A row that does not open (its key gone, or tampered with) is
+            // left for a read to report.
+            let Ok(value) = self.open_row(&name, version, &key_id, &nonce, ciphertext, 1) else {
+                continue;
+            };
+            let (key_id, nonce, sealed) = self.seal(&name, version, value.value())?;
+            const RESEAL: &str =
+                "UPDATE secret_versions SET key_id = $1, nonce = $2, ciphertext = $3, aad = 2
+                 WHERE name = $4 AND version = $5 AND aad = 1";
+            on_db!(&self.db, pool => sqlx::query(RESEAL)
+                .bind(&key_id)
+                .bind(&nonce[..])
+                .bind(&sealed[..])
+                .bind(&name)
+                .bind(version as i64)
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
+            resealed += 1;
+        }
+        Ok(resealed)
     }
 
     /// Stores a new version of `name`; returns its version number.
@@ -101,39 +167,34 @@ impl EmbeddedStore {
                 value.len()
             )));
         }
-        let seal = &self.keys[0];
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| StoreError::Invalid("no randomness".into()))?;
-        let mut sealed = Zeroizing::new(value.to_vec());
-        seal.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(Self::aad(name, &seal.id)),
-                &mut *sealed,
-            )
-            .map_err(|_| StoreError::Invalid("encryption failed".into()))?;
-        // One statement computes the next version; two writers racing for the
-        // same one collide on the primary key, and the loser tries again.
-        const PUT: &str =
-            "INSERT INTO secret_versions (name, version, key_id, nonce, ciphertext, created_at)
-             SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4, $5
-             FROM secret_versions WHERE name = $1
-             RETURNING version";
+        // The version is sealed into the row, so it is chosen first; two
+        // writers racing for the same one collide on the primary key, and
+        // the loser seals again for the next.
+        const NEXT: &str =
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM secret_versions WHERE name = $1";
+        const PUT: &str = "INSERT INTO secret_versions (name, version, key_id, nonce, ciphertext, created_at, aad)
+             VALUES ($1, $2, $3, $4, $5, $6, 2)";
         let mut attempt = 0;
         loop {
-            let result = on_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(PUT)
+            let version = on_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(NEXT)
                 .bind(name)
-                .bind(&seal.id)
+                .fetch_one(pool)
+                .await)? as u64;
+            let (key_id, nonce, sealed) = self.seal(name, version, value)?;
+            let result = on_db!(&self.db, pool => sqlx::query(PUT)
+                .bind(name)
+                .bind(version as i64)
+                .bind(&key_id)
                 .bind(&nonce[..])
                 .bind(&sealed[..])
                 .bind(unix_now())
-                .fetch_one(pool)
-                .await);
+                .execute(pool)
+                .await
+                .map(|_| ()));
             match result {
-                Ok(v) => {
+                Ok(()) => {
                     self.announce().await;
-                    return Ok(v as u64);
+                    return Ok(version);
                 }
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => {
                     attempt += 1
@@ -173,16 +234,16 @@ impl EmbeddedStore {
 
     /// The latest version of `name`, or `None` when it does not exist.
     pub async fn get(&self, name: &str) -> Result<Option<SecretVersion>, StoreError> {
-        const GET: &str = "SELECT version, key_id, nonce, ciphertext FROM secret_versions
+        const GET: &str = "SELECT version, key_id, nonce, ciphertext, aad FROM secret_versions
              WHERE name = $1 ORDER BY version DESC LIMIT 1";
         let row = on_db!(&self.db, pool => sqlx::query(GET).bind(name).fetch_optional(pool).await.map(|row| {
-            row.map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1), r.get::<Vec<u8>, _>(2), r.get::<Vec<u8>, _>(3)))
+            row.map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1), r.get::<Vec<u8>, _>(2), r.get::<Vec<u8>, _>(3), r.get::<i64, _>(4)))
         }))?;
-        let Some((version, key_id, nonce, ciphertext)) = row else {
+        let Some((version, key_id, nonce, ciphertext, aad)) = row else {
             return Ok(None);
         };
         let version = version as u64;
-        self.open_row(name, version, &key_id, &nonce, ciphertext)
+        self.open_row(name, version, &key_id, &nonce, ciphertext, aad)
             .map(Some)
     }
 
@@ -193,6 +254,7 @@ impl EmbeddedStore {
         key_id: &str,
         nonce: &[u8],
         ciphertext: Vec<u8>,
+        aad: i64,
     ) -> Result<SecretVersion, StoreError> {
         let key =
             self.keys
@@ -211,7 +273,11 @@ impl EmbeddedStore {
         let mut buf = Zeroizing::new(ciphertext);
         let plain = key
             .key
-            .open_in_place(nonce, Aad::from(Self::aad(name, key_id)), &mut buf)
+            .open_in_place(
+                nonce,
+                Aad::from(Self::aad(name, key_id, (aad >= 2).then_some(version))),
+                &mut buf,
+            )
             .map_err(|_| tampered())?;
         Ok(SecretVersion {
             name: name.to_owned(),
@@ -393,6 +459,67 @@ mod tests {
         let err = s.get("a").await.unwrap_err().to_string();
         assert!(err.contains("fails authentication"), "{err}");
         assert!(!err.contains("value-"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_old_version_replayed_as_a_new_one_fails_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        s.put("a", b"old-value").await.unwrap();
+        s.put("a", b"new-value").await.unwrap();
+        let pool = match &s.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(_) => unreachable!(),
+        };
+        // A database writer copies version 1's row as version 3.
+        sqlx::query(
+            "INSERT INTO secret_versions (name, version, key_id, nonce, ciphertext, created_at, aad)
+             SELECT name, 3, key_id, nonce, ciphertext, created_at, aad FROM secret_versions
+             WHERE name = 'a' AND version = 1",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let err = s.get("a").await.unwrap_err().to_string();
+        assert!(err.contains("fails authentication"), "{err}");
+        assert!(!err.contains("old-value"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rows_sealed_before_the_version_was_bound_open_and_are_sealed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        let pool = match &s.db {
+            Db::Sqlite(pool) => pool.clone(),
+            Db::Postgres(_) => unreachable!(),
+        };
+        // A row as an older broker wrote it: name and key ID bound, not the version.
+        let key = &s.keys[0];
+        let nonce = [7u8; NONCE_LEN];
+        let mut sealed = b"legacy-value".to_vec();
+        key.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(EmbeddedStore::aad("l", &key.id, None)),
+                &mut sealed,
+            )
+            .unwrap();
+        sqlx::query("INSERT INTO secret_versions (name, version, key_id, nonce, ciphertext, created_at) VALUES ('l', 1, $1, $2, $3, 0)")
+            .bind(&key.id)
+            .bind(&nonce[..])
+            .bind(&sealed[..])
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(s.get("l").await.unwrap().unwrap().value(), b"legacy-value");
+        assert_eq!(s.reseal_legacy().await.unwrap(), 1);
+        let aad: i64 = sqlx::query_scalar("SELECT aad FROM secret_versions WHERE name = 'l'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(aad, 2);
+        assert_eq!(s.get("l").await.unwrap().unwrap().value(), b"legacy-value");
+        assert_eq!(s.reseal_legacy().await.unwrap(), 0);
     }
 
     #[test]
