@@ -99,14 +99,8 @@ impl EmbeddedStore {
         aad
     }
 
-    /// Seals `value` for row (`name`, `version`) with the newest key:
-    /// (key ID, nonce, ciphertext).
-    fn seal(
-        &self,
-        name: &str,
-        version: u64,
-        value: &[u8],
-    ) -> Result<(String, [u8; NONCE_LEN], Zeroizing<Vec<u8>>), StoreError> {
+    /// Seals `value` for row (`name`, `version`) with the newest key.
+    fn seal(&self, name: &str, version: u64, value: &[u8]) -> Result<Sealed, StoreError> {
         let seal = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
@@ -119,7 +113,11 @@ impl EmbeddedStore {
                 &mut *sealed,
             )
             .map_err(|_| StoreError::Invalid("encryption failed".into()))?;
-        Ok((seal.id.clone(), nonce, sealed))
+        Ok(Sealed {
+            key_id: seal.id.clone(),
+            nonce,
+            ciphertext: sealed,
+        })
     }
 
     /// Seals again, with the version bound, every row written before the
@@ -140,7 +138,11 @@ impl EmbeddedStore {
             let Ok(value) = self.open_row(&name, version, &key_id, &nonce, ciphertext, 1) else {
                 continue;
             };
-            let (key_id, nonce, sealed) = self.seal(&name, version, value.value())?;
+            let Sealed {
+                key_id,
+                nonce,
+                ciphertext: sealed,
+            } = self.seal(&name, version, value.value())?;
             const RESEAL: &str =
                 "UPDATE secret_versions SET key_id = $1, nonce = $2, ciphertext = $3, aad = 2
                  WHERE name = $4 AND version = $5 AND aad = 1";
@@ -180,7 +182,11 @@ impl EmbeddedStore {
                 .bind(name)
                 .fetch_one(pool)
                 .await)? as u64;
-            let (key_id, nonce, sealed) = self.seal(name, version, value)?;
+            let Sealed {
+                key_id,
+                nonce,
+                ciphertext: sealed,
+            } = self.seal(name, version, value)?;
             let result = on_db!(&self.db, pool => sqlx::query(PUT)
                 .bind(name)
                 .bind(version as i64)
@@ -296,6 +302,14 @@ impl EmbeddedStore {
         }))?;
         Ok(rows)
     }
+}
+
+/// A value sealed for one row: the key that sealed it, the nonce, and the
+/// ciphertext with its tag.
+struct Sealed {
+    key_id: String,
+    nonce: [u8; NONCE_LEN],
+    ciphertext: Zeroizing<Vec<u8>>,
 }
 
 fn load_keys(path: &Path) -> Result<Vec<SealKey>, StoreError> {
