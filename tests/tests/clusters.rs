@@ -37,20 +37,25 @@ fn check(world: &World, cfg: &Path, token: &Path, role: &str) -> std::process::O
     world.run("secrets-broker", &args).unwrap()
 }
 
+/// The world's broker config with two [[issuers]] instead of its one
+/// [identity]: the world's issuer as cluster `a`, `b` as cluster `b`.
+fn two_clusters(world: &World, b: &secrets_broker::dev::issuer::Issuer) -> String {
+    let single = std::fs::read_to_string(world.broker_config()).unwrap();
+    let block_b = format!(
+        "[[issuers]]\ncluster = \"b\"\nissuer = \"{}\"\naudiences = [\"{AUDIENCE}\"]\nca_file = \"tls/ca.crt\"\n\n[database]",
+        b.url()
+    );
+    single
+        .replace("[identity]\n", "[[issuers]]\ncluster = \"a\"\n")
+        .replacen("[database]", &block_b, 1)
+}
+
 #[test]
 fn identities_are_qualified_by_cluster() {
     let world = World::new(ROLES).unwrap();
     let issuer_b = world.add_issuer().unwrap();
     let stranger = world.add_issuer().unwrap();
-    // Two [[issuers]] instead of the one [identity].
-    let single = std::fs::read_to_string(world.broker_config()).unwrap();
-    let block_b = format!(
-        "[[issuers]]\ncluster = \"b\"\nissuer = \"{}\"\naudiences = [\"{AUDIENCE}\"]\nca_file = \"tls/ca.crt\"\n\n[database]",
-        issuer_b.url()
-    );
-    let two = single
-        .replace("[identity]\n", "[[issuers]]\ncluster = \"a\"\n")
-        .replacen("[database]", &block_b, 1);
+    let two = two_clusters(&world, &issuer_b);
     let cfg = world.path("clusters.toml");
     std::fs::write(&cfg, &two).unwrap();
 
@@ -172,14 +177,7 @@ secrets = ["payments/*"]
 "#;
     let world = World::new(BOTH).unwrap();
     let issuer_b = world.add_issuer().unwrap();
-    let single = std::fs::read_to_string(world.broker_config()).unwrap();
-    let block_b = format!(
-        "[[issuers]]\ncluster = \"b\"\nissuer = \"{}\"\naudiences = [\"{AUDIENCE}\"]\nca_file = \"tls/ca.crt\"\n\n[database]",
-        issuer_b.url()
-    );
-    let two = single
-        .replace("[identity]\n", "[[issuers]]\ncluster = \"a\"\n")
-        .replacen("[database]", &block_b, 1);
+    let two = two_clusters(&world, &issuer_b);
     // The world's own config, so `put` reads it too.
     std::fs::write(world.broker_config(), &two).unwrap();
     world.put("payments/db", "db-value-42aa").unwrap();
