@@ -235,8 +235,19 @@ async fn check_token(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let token = match std::fs::read_to_string(token_file) {
-        Ok(t) => zeroize::Zeroizing::new(t),
+    let token = match std::fs::read(token_file) {
+        // A login refuses bytes that are not text as a bad token: so does this.
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => zeroize::Zeroizing::new(t),
+            Err(e) => {
+                zeroize::Zeroize::zeroize(&mut e.into_bytes());
+                println!(
+                    "rejected: malformed token: {} is not UTF-8 text (a JWT is base64url and dots)",
+                    token_file.display()
+                );
+                return ExitCode::from(1);
+            }
+        },
         Err(e) => {
             eprintln!(
                 "error: cannot read token file {}: {e}",

@@ -1,7 +1,10 @@
 //! The admin API: HTTPS with client-certificate authentication, JSON bodies,
 //! an OpenAPI document at `/v1/openapi.json`. Each certificate maps to a role
-//! (`viewer` < `revoker` < `admin`) by subject CN or SAN; every call is
-//! written to the audit log.
+//! (`viewer` < `revoker` < `admin`) by one typed field: the subject CN (only
+//! when the subject has exactly one), or a SAN of one type (`uri:`, `dns:`,
+//! `email:`). Every call is written to the audit log as a bounded summary;
+//! the role is checked before a request body is read, and bodies are limited
+//! to [`MAX_BODY_BYTES`] (a secret's value to [`MAX_SECRET_BODY_BYTES`]).
 //!
 //! | method | path | role |
 //! |---|---|---|
@@ -40,6 +43,46 @@ use crate::db::unix_now;
 use crate::state::Leases;
 use crate::state::audit::{Audit, Auditor, Entry};
 use crate::state::revocation::{NewRule, Revocations, RuleError, View};
+
+/// Largest request body read, and only once the caller's role allows the call.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Largest body of `PUT /v1/secrets/{name}`: the largest value the store
+/// takes, base64-encoded, and a little JSON around it.
+pub const MAX_SECRET_BODY_BYTES: usize = crate::backend::MAX_SECRET_BYTES.div_ceil(3) * 4 + 1024;
+
+/// Longest string from a request kept in an audit record or an error.
+const MAX_SUMMARY_CHARS: usize = 128;
+
+/// A string from a request as it may appear in an audit record or an error:
+/// at most [`MAX_SUMMARY_CHARS`] characters, and the full length when cut.
+fn summary(s: &str) -> String {
+    match s.char_indices().nth(MAX_SUMMARY_CHARS) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}…({} bytes)", &s[..at], s.len()),
+    }
+}
+
+/// Reads a JSON request body of at most `limit` bytes; call it only after
+/// [`authorize`], so that a caller without the role costs no read.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than the {limit}-byte limit (or cut off)"),
+        )
+    })?;
+    let bytes = zeroize::Zeroizing::new(bytes.to_vec());
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {}", summary(&e.to_string())),
+        )
+    })
+}
 
 /// Who is calling, from the TLS handshake.
 #[derive(Debug, Clone)]
@@ -202,21 +245,10 @@ async fn list_revocations(
 async fn create_revocation(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
-    body: Result<Json<NewRule>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(new) = body.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {}", e.body_text()),
-        )
-    })?;
-    authorize(
-        &s,
-        &c,
-        AdminRole::Revoker,
-        "revoke",
-        &json!({ "request": new }),
-    )?;
+    authorize(&s, &c, AdminRole::Revoker, "revoke", &json!({}))?;
+    let new: NewRule = read_json(body, MAX_BODY_BYTES).await?;
     let rule = s
         .revocations
         .create(new, &c.actor(), &s.leases)
@@ -266,12 +298,12 @@ async fn delete_revocation(
         &c,
         AdminRole::Revoker,
         "revocations.delete",
-        &json!({ "rule_id": id }),
+        &json!({ "rule_id": summary(&id) }),
     )?;
     if !s.revocations.delete(&id).await? {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("revocation rule {id:?} does not exist"),
+            format!("revocation rule {:?} does not exist", summary(&id)),
         ));
     }
     enforce_here(&s).await;
@@ -295,7 +327,7 @@ async fn list_leases(
         &c,
         AdminRole::Viewer,
         "leases.list",
-        &json!({ "namespace": q.namespace }),
+        &json!({ "namespace": q.namespace.as_deref().map(summary) }),
     )?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let leases = s
@@ -369,12 +401,12 @@ async fn get_secret(
         &c,
         AdminRole::Admin,
         "secrets.get",
-        &json!({ "secret": name }),
+        &json!({ "secret": summary(&name) }),
     )?;
     let v = s.store.get(&name).await?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
-            format!("secret {name:?} does not exist"),
+            format!("secret {:?} does not exist", summary(&name)),
         )
     })?;
     Ok(Json(
@@ -392,21 +424,16 @@ async fn put_secret(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
-    body: Result<Json<PutSecret>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(
         &s,
         &c,
         AdminRole::Admin,
         "secrets.put",
-        &json!({ "secret": name }),
+        &json!({ "secret": summary(&name) }),
     )?;
-    let Json(body) = body.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {}", e.body_text()),
-        )
-    })?;
+    let body: PutSecret = read_json(body, MAX_SECRET_BODY_BYTES).await?;
     let value =
         zeroize::Zeroizing::new(STANDARD.decode(body.value_base64.as_bytes()).map_err(|_| {
             ApiError(
@@ -436,20 +463,52 @@ async fn delete_secret(
         &c,
         AdminRole::Admin,
         "secrets.delete",
-        &json!({ "secret": name }),
+        &json!({ "secret": summary(&name) }),
     )?;
     let n = s.store.delete(&name).await?;
     serve_here(&s).await;
     if n == 0 {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("secret {name:?} does not exist"),
+            format!("secret {:?} does not exist", summary(&name)),
         ));
     }
     Ok(Json(json!({ "name": name, "versions_deleted": n })))
 }
 
-/// Maps a verified client certificate to a caller.
+/// A SAN of one type, as a certificate carries it or a rule names it.
+#[derive(Debug, PartialEq, Eq)]
+enum San<'a> {
+    Dns(&'a str),
+    Email(&'a str),
+    Uri(&'a str),
+}
+
+impl<'a> San<'a> {
+    /// The SAN an `[[admin.clients]] san` names: typed by its prefix
+    /// (`uri:`, `dns:`, `email:`), else by its shape (`://` a URI, `@` an
+    /// email address, anything else a DNS name). It matches a SAN of that
+    /// type only, so a DNS name never satisfies a rule meant for a URI.
+    fn of_rule(rule: &'a str) -> San<'a> {
+        if let Some(v) = rule.strip_prefix("uri:") {
+            San::Uri(v)
+        } else if let Some(v) = rule.strip_prefix("dns:") {
+            San::Dns(v)
+        } else if let Some(v) = rule.strip_prefix("email:") {
+            San::Email(v)
+        } else if rule.contains("://") {
+            San::Uri(rule)
+        } else if rule.contains('@') {
+            San::Email(rule)
+        } else {
+            San::Dns(rule)
+        }
+    }
+}
+
+/// Maps a verified client certificate to a caller. A `subject_cn` rule
+/// matches only a subject with exactly one CN (`CN=nobody, CN=admin` is
+/// nobody's); a `san` rule matches one SAN of its own type.
 pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> Caller {
     let Some(cert) = cert else {
         return Caller::Anonymous;
@@ -459,24 +518,33 @@ pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> C
             subject: "unparsable certificate".into(),
         };
     };
-    let cns: Vec<String> = parsed
+    let cns: Vec<Option<&str>> = parsed
         .subject()
         .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .map(|cn| cn.as_str().ok())
         .collect();
-    let mut sans: Vec<String> = Vec::new();
+    let cn = match cns.as_slice() {
+        [Some(one)] => Some(*one),
+        _ => None,
+    };
+    let mut sans: Vec<San<'_>> = Vec::new();
     if let Ok(Some(ext)) = parsed.subject_alternative_name() {
         for name in &ext.value.general_names {
             use x509_parser::extensions::GeneralName as G;
             match name {
-                G::DNSName(s) | G::RFC822Name(s) | G::URI(s) => sans.push((*s).to_owned()),
+                G::DNSName(s) => sans.push(San::Dns(s)),
+                G::RFC822Name(s) => sans.push(San::Email(s)),
+                G::URI(s) => sans.push(San::Uri(s)),
                 _ => {}
             }
         }
     }
     for c in clients {
-        let by_cn = c.subject_cn.as_ref().is_some_and(|cn| cns.contains(cn));
-        let by_san = c.san.as_ref().is_some_and(|san| sans.contains(san));
+        let by_cn = c.subject_cn.as_deref().is_some_and(|want| cn == Some(want));
+        let by_san = c
+            .san
+            .as_deref()
+            .is_some_and(|want| sans.contains(&San::of_rule(want)));
         if by_cn || by_san {
             return Caller::Known {
                 name: c.name.clone(),
@@ -485,7 +553,7 @@ pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> C
         }
     }
     Caller::Unknown {
-        subject: parsed.subject().to_string(),
+        subject: summary(&parsed.subject().to_string()),
     }
 }
 
@@ -718,4 +786,110 @@ pub fn openapi_document() -> Value {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{DnType, DnValue, SanType};
+
+    /// A self-signed certificate with these subject CNs (in order) and SANs.
+    fn cert(cns: &[&str], sans: Vec<SanType>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (i, cn) in cns.iter().enumerate() {
+            // rcgen keeps one value per type: further CNs go in under the
+            // CN's OID (2.5.4.3) as a "custom" type.
+            let ty = if i == 0 {
+                DnType::CommonName
+            } else {
+                DnType::CustomDnType(vec![2, 5, 4, 3])
+            };
+            params
+                .distinguished_name
+                .push(ty, DnValue::Utf8String((*cn).to_owned()));
+        }
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn client(name: &str, cn: Option<&str>, san: Option<&str>, role: AdminRole) -> AdminClient {
+        AdminClient {
+            name: name.into(),
+            subject_cn: cn.map(Into::into),
+            san: san.map(Into::into),
+            role,
+        }
+    }
+
+    fn role_of(cert: &CertificateDer<'_>, clients: &[AdminClient]) -> Option<String> {
+        match identify(Some(cert), clients) {
+            Caller::Known { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_subject_with_two_cns_matches_no_cn_rule() {
+        let clients = [
+            client("admin", Some("admin"), None, AdminRole::Admin),
+            client("nobody", Some("nobody"), None, AdminRole::Viewer),
+        ];
+        let two = cert(&["nobody", "admin"], vec![]);
+        let x509 = x509_parser::parse_x509_certificate(two.as_ref()).unwrap().1;
+        assert_eq!(x509.subject().iter_common_name().count(), 2, "fixture");
+        assert_eq!(role_of(&two, &clients), None);
+        assert_eq!(
+            role_of(&cert(&["admin"], vec![]), &clients).as_deref(),
+            Some("admin")
+        );
+    }
+
+    #[test]
+    fn a_san_rule_matches_only_a_san_of_its_type() {
+        let ia5 = |s: &str| rcgen::string::Ia5String::try_from(s).unwrap();
+        let spiffe = "spiffe://cluster.local/ns/ops/sa/oncall";
+        let clients = [
+            client("by-uri", None, Some(spiffe), AdminRole::Admin),
+            client(
+                "by-dns",
+                None,
+                Some("uri:dashboards.svc"),
+                AdminRole::Viewer,
+            ),
+        ];
+        // A DNS SAN spelled like the URI does not match the URI rule.
+        let dns = cert(&["x"], vec![SanType::DnsName(ia5(spiffe))]);
+        assert_eq!(role_of(&dns, &clients), None);
+        let uri = cert(&["x"], vec![SanType::URI(ia5(spiffe))]);
+        assert_eq!(role_of(&uri, &clients).as_deref(), Some("by-uri"));
+        // An explicitly typed rule: `uri:` never matches a DNS SAN.
+        let dns = cert(&["x"], vec![SanType::DnsName(ia5("dashboards.svc"))]);
+        assert_eq!(role_of(&dns, &clients), None);
+        let typed = [client(
+            "dash",
+            None,
+            Some("dns:dashboards.svc"),
+            AdminRole::Viewer,
+        )];
+        assert_eq!(role_of(&dns, &typed).as_deref(), Some("dash"));
+        let untyped = [client(
+            "dash",
+            None,
+            Some("dashboards.svc"),
+            AdminRole::Viewer,
+        )];
+        assert_eq!(role_of(&dns, &untyped).as_deref(), Some("dash"));
+        assert_eq!(role_of(&uri, &untyped), None);
+    }
+
+    #[test]
+    fn summaries_are_bounded() {
+        assert_eq!(summary("INC-1"), "INC-1");
+        let long = "é".repeat(100_000);
+        let s = summary(&long);
+        assert!(s.len() < 400, "{}", s.len());
+        assert!(s.ends_with("…(200000 bytes)"), "{s}");
+    }
 }

@@ -145,7 +145,7 @@ enum SecretsCommand {
 
 struct Api {
     client: reqwest::Client,
-    base: String,
+    base: reqwest::Url,
 }
 
 enum Failure {
@@ -185,30 +185,42 @@ impl Api {
         let client = builder
             .build()
             .map_err(|e| Failure::Local(format!("HTTPS client: {e}")))?;
-        Ok(Api {
-            client,
-            base: cli.server.trim_end_matches('/').to_owned(),
-        })
+        let base = reqwest::Url::parse(cli.server.trim_end_matches('/'))
+            .ok()
+            .filter(|u| u.scheme() == "https" && !u.cannot_be_a_base())
+            .ok_or_else(|| {
+                Failure::Local(format!("--server {:?} is not an https:// URL", cli.server))
+            })?;
+        Ok(Api { client, base })
+    }
+
+    /// The URL of an API path given as segments; each segment is
+    /// percent-encoded, so a name can never add a query, a fragment or
+    /// another path (`a?b=1`, `x/../../revocations/…`).
+    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, Failure> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| Failure::Local(format!("--server {} cannot take a path", self.base)))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
     }
 
     async fn call(
         &self,
         method: reqwest::Method,
-        path: &str,
+        path: &[&str],
         query: &[(&str, String)],
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .query(query);
+        let mut req = self.client.request(method, self.url(path)?).query(query);
         if let Some(body) = body {
             req = req.json(&body);
         }
         let resp = req.send().await.map_err(|e| {
             Failure::Remote(format!(
                 "cannot reach {}: {}",
-                self.base,
+                self.base.as_str().trim_end_matches('/'),
                 secrets_broker::identity::jwks::error_chain(&e)
             ))
         })?;
@@ -303,6 +315,33 @@ const RULE_HEADERS: [&str; 8] = [
     "lapses",
 ];
 
+/// The API path of a secret, refused before anything is sent when the
+/// broker would refuse the name: each `/`-separated part is one segment.
+fn secret_path(name: &str) -> Result<Vec<&str>, Failure> {
+    secrets_broker::backend::validate_secret_name(name).map_err(Failure::Local)?;
+    Ok(["v1", "secrets"]
+        .into_iter()
+        .chain(name.split('/'))
+        .collect())
+}
+
+/// A revocation rule ID as the broker makes them (`rv-` and hex): anything
+/// else names no rule, and is refused before it is sent.
+fn check_rule_id(id: &str) -> Result<(), Failure> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::Local(format!(
+            "{id:?} is not a revocation rule ID (like rv-0123456789abcdef; see `brokerctl revocations list`)"
+        )))
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let api = Api::new(&cli)?;
     let json_out = cli.output == Output::Json;
@@ -326,7 +365,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "for_seconds": for_duration.map(|d| d.as_secs().max(1)),
             });
             let v = api
-                .call(Method::POST, "/v1/revocations", &[], Some(body))
+                .call(Method::POST, &["v1", "revocations"], &[], Some(body))
                 .await?;
             if json_out {
                 print_json(&v);
@@ -337,7 +376,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Revocations { command } => match command {
             RevocationsCommand::List => {
-                let v = api.call(Method::GET, "/v1/revocations", &[], None).await?;
+                let v = api
+                    .call(Method::GET, &["v1", "revocations"], &[], None)
+                    .await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -353,7 +394,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             RevocationsCommand::Delete { id } => {
-                api.call(Method::DELETE, &format!("/v1/revocations/{id}"), &[], None)
+                check_rule_id(&id)?;
+                api.call(Method::DELETE, &["v1", "revocations", &id], &[], None)
                     .await?;
                 if json_out {
                     print_json(&json!({ "deleted": id }));
@@ -369,7 +411,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(ns) = namespace {
                 query.push(("namespace", ns));
             }
-            let v = api.call(Method::GET, "/v1/leases", &query, None).await?;
+            let v = api
+                .call(Method::GET, &["v1", "leases"], &query, None)
+                .await?;
             if json_out {
                 print_json(&v);
             } else {
@@ -409,7 +453,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let v = api
                     .call(
                         Method::GET,
-                        "/v1/audit",
+                        &["v1", "audit"],
                         &[("tail", lines.to_string())],
                         None,
                     )
@@ -450,7 +494,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             AuditCommand::Verify => {
-                let v = api.call(Method::GET, "/v1/audit/verify", &[], None).await?;
+                let v = api
+                    .call(Method::GET, &["v1", "audit", "verify"], &[], None)
+                    .await?;
                 if json_out {
                     print_json(&v);
                 } else if v["ok"] == true {
@@ -470,6 +516,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         },
         Command::Secrets { command } => match command {
             SecretsCommand::Put { name, value_file } => {
+                let path = secret_path(&name)?;
                 let value = zeroize::Zeroizing::new(if value_file.as_os_str() == "-" {
                     let mut buf = Vec::new();
                     std::io::stdin()
@@ -482,9 +529,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     })?
                 });
                 let body = json!({ "value_base64": STANDARD.encode(&*value) });
-                let v = api
-                    .call(Method::PUT, &format!("/v1/secrets/{name}"), &[], Some(body))
-                    .await?;
+                let v = api.call(Method::PUT, &path, &[], Some(body)).await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -493,7 +538,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             SecretsCommand::Get { name } => {
                 let v = api
-                    .call(Method::GET, &format!("/v1/secrets/{name}"), &[], None)
+                    .call(Method::GET, &secret_path(&name)?, &[], None)
                     .await?;
                 if json_out {
                     print_json(&v);
@@ -512,7 +557,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             SecretsCommand::List => {
-                let v = api.call(Method::GET, "/v1/secrets", &[], None).await?;
+                let v = api.call(Method::GET, &["v1", "secrets"], &[], None).await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -528,7 +573,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             SecretsCommand::Delete { name } => {
                 let v = api
-                    .call(Method::DELETE, &format!("/v1/secrets/{name}"), &[], None)
+                    .call(Method::DELETE, &secret_path(&name)?, &[], None)
                     .await?;
                 if json_out {
                     print_json(&v);

@@ -23,6 +23,10 @@ use prometheus_client::metrics::family::Family;
 /// Largest discovery document or JWKS accepted from an issuer.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 
+/// Smallest RSA modulus kept from a JWKS. Smaller keys can be factored, and
+/// the verifier would refuse their signatures anyway.
+pub const MIN_RSA_BITS: usize = 2048;
+
 /// Why keys could not be obtained.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JwksError {
@@ -55,6 +59,10 @@ struct KeySet {
     by_kid: HashMap<String, Vec<Key>>,
     /// Keys published without a `kid`.
     unnamed: Vec<Key>,
+    /// RSA keys refused for being under [`MIN_RSA_BITS`], by `kid` (`None`
+    /// for a key without one), with their size: a token signed by one is
+    /// refused by saying so.
+    weak: HashMap<Option<String>, usize>,
     fetched_at: Option<Instant>,
 }
 
@@ -141,6 +149,12 @@ impl Jwks {
         }
     }
 
+    /// The size of a published RSA key refused for being too small, when
+    /// the token's `kid` names one (or, without a `kid`, one without a `kid`).
+    pub fn weak_key(&self, kid: Option<&str>) -> Option<usize> {
+        self.current().weak.get(&kid.map(str::to_owned)).copied()
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.current().fetched_at.is_some()
     }
@@ -207,31 +221,40 @@ impl Jwks {
         }
         *last = Some(Instant::now());
         let fetched = self.fetch().await;
-        let parsed = fetched.and_then(|raw| parse_jwks(&raw, &self.source_name()));
+        let parsed = fetched.and_then(|(raw, source)| parse_jwks(&raw, &source));
         let result = if parsed.is_ok() { "ok" } else { "error" };
         self.refreshes.get_or_create(&ResultLabels { result }).inc();
         let set = parsed?;
+        // Logged once per key: not again on each periodic refetch.
+        let before = self.current();
+        for (kid, bits) in &set.weak {
+            if !before.weak.contains_key(kid) {
+                warn!(
+                    issuer = %self.issuer,
+                    kid = kid.as_deref().unwrap_or("(none)"),
+                    bits,
+                    min_bits = MIN_RSA_BITS,
+                    "refusing the issuer's RSA signing key: smaller than {MIN_RSA_BITS} bits; tokens it signs are refused"
+                );
+            }
+        }
         let count = set.by_kid.values().map(Vec::len).sum::<usize>() + set.unnamed.len();
         info!(issuer = %self.issuer, keys = count, "signing keys loaded");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         Ok(())
     }
 
-    fn source_name(&self) -> String {
-        match &self.source {
-            KeySource::StaticFile(p) => p.display().to_string(),
-            KeySource::Discovery { url, .. } => url.clone(),
-        }
-    }
-
-    async fn fetch(&self) -> Result<Vec<u8>, JwksError> {
+    /// The JWKS document and where it came from (the file, or the
+    /// discovery document's `jwks_uri`), so errors name what was wrong.
+    async fn fetch(&self) -> Result<(Vec<u8>, String), JwksError> {
         match (&self.source, &self.client) {
-            (KeySource::StaticFile(path), _) => {
-                tokio::fs::read(path).await.map_err(|e| JwksError::Fetch {
+            (KeySource::StaticFile(path), _) => tokio::fs::read(path)
+                .await
+                .map(|raw| (raw, path.display().to_string()))
+                .map_err(|e| JwksError::Fetch {
                     url: path.display().to_string(),
                     message: e.to_string(),
-                })
-            }
+                }),
             (KeySource::Discovery { url, .. }, Some(client)) => {
                 let body = get(client, url).await?;
                 let doc: Discovery =
@@ -257,7 +280,8 @@ impl Jwks {
                         message: format!("jwks_uri {:?} is not https://", doc.jwks_uri),
                     });
                 }
-                get(client, &doc.jwks_uri).await
+                let raw = get(client, &doc.jwks_uri).await?;
+                Ok((raw, doc.jwks_uri))
             }
             (KeySource::Discovery { url, .. }, None) => Err(JwksError::Fetch {
                 url: url.clone(),
@@ -325,6 +349,13 @@ fn parse_jwks(raw: &[u8], source_name: &str) -> Result<KeySet, JwksError> {
             continue;
         }
         let alg = value.get("alg").and_then(|a| a.as_str()).map(str::to_owned);
+        if let Some(bits) = rsa_bits(&value)
+            && bits < MIN_RSA_BITS
+        {
+            let kid = value.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+            set.weak.insert(kid, bits);
+            continue;
+        }
         let jwk: Jwk = match serde_json::from_value(value) {
             Ok(jwk) => jwk,
             Err(e) => {
@@ -345,7 +376,145 @@ fn parse_jwks(raw: &[u8], source_name: &str) -> Result<KeySet, JwksError> {
         }
     }
     if set.by_kid.is_empty() && set.unnamed.is_empty() {
-        return Err(invalid("no usable signing key".into()));
+        return Err(invalid(if set.weak.is_empty() {
+            "no usable signing key".into()
+        } else {
+            format!("no usable signing key (RSA keys under {MIN_RSA_BITS} bits are refused)")
+        }));
     }
     Ok(set)
+}
+
+/// The modulus size of an RSA JWK, in bits (`None` for other key types or
+/// a modulus that is not base64url).
+fn rsa_bits(jwk: &serde_json::Value) -> Option<usize> {
+    use base64::Engine;
+    if jwk.get("kty").and_then(|k| k.as_str()) != Some("RSA") {
+        return None;
+    }
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(jwk.get("n")?.as_str()?.trim_end_matches('='))
+        .ok()?;
+    let start = n.iter().position(|b| *b != 0).unwrap_or(n.len());
+    let n = &n[start..];
+    let first = *n.first()?;
+    Some((n.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use serde_json::json;
+
+    fn config(keys: KeySource) -> IdentityConfig {
+        IdentityConfig {
+            cluster: "default".into(),
+            mode: crate::identity::tokenreview::Mode::Jwks,
+            kubeconfig: None,
+            tokenreview_cache: Duration::from_secs(5),
+            verify_cache: Duration::ZERO,
+            tokenreview_timeout: Duration::from_secs(5),
+            allow_on_api_error: false,
+            issuer: "https://issuer.test".into(),
+            audiences: vec!["secrets-broker".into()],
+            keys,
+            algorithms: Vec::new(),
+            leeway: Duration::from_secs(5),
+            jwks_refresh_min_interval: Duration::from_secs(60),
+            jwks_max_age: Duration::from_secs(3600),
+            max_token_bytes: 8192,
+            http_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// An RSA JWK whose modulus has exactly `bits` bits.
+    pub(crate) fn rsa_jwk(kid: &str, bits: usize) -> serde_json::Value {
+        let mut n = vec![0x5a_u8; bits / 8];
+        n[0] = 0x80;
+        json!({
+            "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+            "n": URL_SAFE_NO_PAD.encode(&n), "e": "AQAB",
+        })
+    }
+
+    #[test]
+    fn rsa_keys_under_2048_bits_are_refused_at_load() {
+        let set = parse_jwks(
+            json!({ "keys": [rsa_jwk("weak", 1024), rsa_jwk("ok", 2048)] })
+                .to_string()
+                .as_bytes(),
+            "jwks.json",
+        )
+        .unwrap();
+        assert!(!set.by_kid.contains_key("weak"));
+        assert!(set.by_kid.contains_key("ok"));
+        assert_eq!(set.weak.get(&Some("weak".to_owned())), Some(&1024));
+        let err = parse_jwks(
+            json!({ "keys": [rsa_jwk("weak", 1024)] })
+                .to_string()
+                .as_bytes(),
+            "jwks.json",
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("under 2048 bits"), "{err}");
+    }
+
+    /// A bad JWKS behind discovery is named by the `jwks_uri` that served
+    /// it, not by the discovery URL.
+    #[tokio::test]
+    async fn a_bad_jwks_names_its_jwks_uri() {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        crate::install_crypto_provider();
+        let tls = crate::dev::tls::DevTls::generate().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!(
+            "https://localhost:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let served = base.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let base = served.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let body = if req.uri().path() == "/.well-known/openid-configuration" {
+                                json!({ "issuer": "https://issuer.test", "jwks_uri": format!("{base}/keys/v9") })
+                            } else {
+                                json!({ "keys": "not a list" })
+                            };
+                            async move {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from(body.to_string())),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, &tls.ca_pem).unwrap();
+        let discovery = format!("{base}/.well-known/openid-configuration");
+        let jwks = Jwks::new(&config(KeySource::Discovery {
+            url: discovery.clone(),
+            ca_file: Some(ca),
+        }))
+        .unwrap();
+        let err = jwks.refresh(true).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("{base}/keys/v9")), "{err}");
+        assert!(!err.contains(&discovery), "{err}");
+    }
 }

@@ -84,6 +84,13 @@ pub enum TokenError {
     /// No header `kid` and no key without one is published.
     #[error("token header has no `kid` and the issuer publishes no key without one")]
     NoKeyId,
+    /// The issuer publishes the token's key as an RSA key under
+    /// [`super::jwks::MIN_RSA_BITS`] bits, which the broker refuses.
+    #[error(
+        "token is signed with key id {kid:?}, a {bits}-bit RSA key: keys under {min} bits are refused; the issuer must sign with a larger key",
+        min = super::jwks::MIN_RSA_BITS
+    )]
+    WeakKey { kid: String, bits: usize },
     /// The signature does not verify with the issuer's key.
     #[error("token signature does not verify with the issuer's key {kid:?}")]
     BadSignature { kid: String },
@@ -113,6 +120,20 @@ pub enum TokenError {
     /// A required claim is missing or has the wrong type.
     #[error("token claim `{0}` is missing or invalid")]
     Claim(&'static str),
+    /// A claim is present with a value of the wrong type or shape.
+    #[error("token claim `{claim}` is invalid: {problem}")]
+    ClaimInvalid {
+        claim: &'static str,
+        problem: String,
+    },
+    /// A namespace, service-account or pod name that Kubernetes could not
+    /// have issued (`app:extra`): refused so a name pattern cannot bind it.
+    #[error("token claim `{claim}` {value:?} is not a Kubernetes {want}")]
+    Name {
+        claim: &'static str,
+        value: String,
+        want: &'static str,
+    },
     /// The API server's TokenReview refused the token.
     #[error("the Kubernetes API server refused the token: {0}")]
     Rejected(String),
@@ -149,18 +170,123 @@ enum Audience {
     Many(Vec<String>),
 }
 
+/// The claims read from the verified payload; each is type-checked by
+/// name below, so a wrong type names its claim.
 #[derive(Deserialize)]
 struct Claims {
-    iss: Option<String>,
-    sub: Option<String>,
-    aud: Option<Audience>,
-    exp: Option<f64>,
-    nbf: Option<f64>,
-    iat: Option<f64>,
+    iss: Option<serde_json::Value>,
+    sub: Option<serde_json::Value>,
+    aud: Option<serde_json::Value>,
+    exp: Option<serde_json::Value>,
+    nbf: Option<serde_json::Value>,
+    iat: Option<serde_json::Value>,
     #[serde(rename = "kubernetes.io")]
-    kubernetes: Option<KubernetesClaims>,
+    kubernetes: Option<serde_json::Value>,
     #[serde(rename = "kubernetes.io/serviceaccount/namespace")]
     legacy_namespace: Option<serde_json::Value>,
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A string claim, or an error naming it.
+fn string_claim(
+    claim: &'static str,
+    v: Option<serde_json::Value>,
+) -> Result<Option<String>, TokenError> {
+    match v {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(TokenError::ClaimInvalid {
+            claim,
+            problem: format!("must be a string, found {}", json_type(&other)),
+        }),
+    }
+}
+
+/// A NumericDate claim (seconds since the epoch), or an error naming it.
+fn time_claim(
+    claim: &'static str,
+    v: Option<serde_json::Value>,
+) -> Result<Option<i64>, TokenError> {
+    match v {
+        None => Ok(None),
+        Some(serde_json::Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
+            Ok(n.as_f64().map(|f| f as i64))
+        }
+        Some(other) => Err(TokenError::ClaimInvalid {
+            claim,
+            problem: format!(
+                "must be a number of seconds since 1970 (a NumericDate), found {}",
+                json_type(&other)
+            ),
+        }),
+    }
+}
+
+/// A DNS-1123 label (a namespace): 1-63 of `a-z 0-9 -`, starting and ending
+/// with a letter or digit.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A DNS-1123 subdomain (a service-account or pod name): at most 253
+/// bytes of `.`-separated parts, each of `a-z 0-9 -` starting and ending
+/// with a letter or digit.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+        })
+}
+
+/// Checks the names an identity is made of, naming the claim that is wrong.
+fn check_names(
+    namespace: (&'static str, &str),
+    service_account: (&'static str, &str),
+    pod: Option<(&'static str, &str)>,
+) -> Result<(), TokenError> {
+    let bad = |claim: &'static str, value: &str, want: &'static str| TokenError::Name {
+        claim,
+        value: value.chars().take(64).collect(),
+        want,
+    };
+    if !is_dns1123_label(namespace.1) {
+        return Err(bad(
+            namespace.0,
+            namespace.1,
+            "namespace name (a DNS-1123 label: a-z, 0-9, '-', at most 63)",
+        ));
+    }
+    for (claim, value) in std::iter::once(service_account).chain(pod) {
+        if !is_dns1123_subdomain(value) {
+            return Err(bad(
+                claim,
+                value,
+                "object name (a DNS-1123 subdomain: a-z, 0-9, '-', '.', at most 253)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -295,6 +421,11 @@ impl Verifier {
                 "{username:?} is not a service account"
             )));
         };
+        check_names(
+            ("username (namespace)", namespace),
+            ("username (service account)", service_account),
+            pod_name.as_deref().map(|p| ("extra pod-name", p)),
+        )?;
         if !audiences.iter().any(|a| self.cfg.audiences.contains(a)) {
             return Err(TokenError::Audience {
                 got: audiences,
@@ -388,11 +519,15 @@ impl Verifier {
             .map_err(TokenError::KeysUnavailable)?;
         let kid = header.kid.clone().unwrap_or_default();
         if keys.is_empty() {
+            if let Some(bits) = self.jwks.weak_key(header.kid.as_deref()) {
+                return Err(TokenError::WeakKey { kid, bits });
+            }
             return Err(match header.kid {
                 Some(kid) => TokenError::UnknownKey { kid },
                 None => TokenError::NoKeyId,
             });
         }
+        check_json_object("claims", token.split('.').nth(1).unwrap_or_default())?;
 
         // Signature only; the claims are checked below with precise messages.
         let mut validation = Validation::new(alg.0);
@@ -430,27 +565,41 @@ impl Verifier {
         value: serde_json::Value,
         now: SystemTime,
     ) -> Result<Identity, TokenError> {
+        if !value.is_object() {
+            return Err(TokenError::Malformed("claims are not a JSON object".into()));
+        }
         let claims: Claims = serde_json::from_value(value)
-            .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+            .map_err(|_| TokenError::Malformed("claims are not a JSON object".into()))?;
         if claims.legacy_namespace.is_some() {
             return Err(TokenError::Legacy);
         }
+        let (exp, nbf, iat) = (
+            time_claim("exp", claims.exp)?,
+            time_claim("nbf", claims.nbf)?,
+            time_claim("iat", claims.iat)?,
+        );
         let now = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs() as i64;
         let leeway = self.cfg.leeway.as_secs() as i64;
 
-        let iss = claims.iss.ok_or(TokenError::Claim("iss"))?;
+        let iss = string_claim("iss", claims.iss)?.ok_or(TokenError::Claim("iss"))?;
         if iss != self.cfg.issuer {
             return Err(TokenError::Issuer {
                 got: iss,
                 want: self.cfg.issuer.clone(),
             });
         }
-        let audiences = match claims.aud {
-            Some(Audience::One(a)) => vec![a],
-            Some(Audience::Many(a)) => a,
+        let audiences = match claims.aud.map(serde_json::from_value::<Audience>) {
+            Some(Ok(Audience::One(a))) => vec![a],
+            Some(Ok(Audience::Many(a))) => a,
+            Some(Err(_)) => {
+                return Err(TokenError::ClaimInvalid {
+                    claim: "aud",
+                    problem: "must be a string or an array of strings".into(),
+                });
+            }
             None => Vec::new(),
         };
         if !audiences.iter().any(|a| self.cfg.audiences.contains(a)) {
@@ -459,25 +608,55 @@ impl Verifier {
                 want: self.cfg.audiences.clone(),
             });
         }
-        let exp = claims.exp.ok_or(TokenError::Legacy)? as i64;
+        // A token with the `kubernetes.io` claims is a projected token: one
+        // without `exp` is broken, not a legacy token (those are caught above).
+        let exp = match exp {
+            Some(exp) => exp,
+            None if claims.kubernetes.is_some() => {
+                return Err(TokenError::ClaimInvalid {
+                    claim: "exp",
+                    problem: "missing: a projected service-account token always expires".into(),
+                });
+            }
+            None => return Err(TokenError::Claim("exp")),
+        };
         if now > exp.saturating_add(leeway) {
             return Err(TokenError::Expired { exp, now });
         }
-        if let Some(nbf) = claims.nbf.map(|n| n as i64)
+        if let Some(nbf) = nbf
             && nbf > now.saturating_add(leeway)
         {
             return Err(TokenError::NotYetValid { nbf, now });
         }
-        if let Some(iat) = claims.iat.map(|n| n as i64)
+        if let Some(iat) = iat
             && iat > now.saturating_add(leeway)
         {
             return Err(TokenError::IssuedInFuture { iat, now });
         }
 
-        let k8s = claims
-            .kubernetes
-            .ok_or(TokenError::Claim("kubernetes.io"))?;
-        let sub = claims.sub.ok_or(TokenError::Claim("sub"))?;
+        let k8s: KubernetesClaims = serde_json::from_value(
+            claims
+                .kubernetes
+                .ok_or(TokenError::Claim("kubernetes.io"))?,
+        )
+        .map_err(|e| TokenError::ClaimInvalid {
+            claim: "kubernetes.io",
+            problem: format!(
+                "needs `namespace`, `serviceaccount.name` and `serviceaccount.uid` as strings ({})",
+                e.to_string().chars().take(120).collect::<String>()
+            ),
+        })?;
+        let sub = string_claim("sub", claims.sub)?.ok_or(TokenError::Claim("sub"))?;
+        check_names(
+            ("kubernetes.io.namespace", &k8s.namespace),
+            (
+                "kubernetes.io.serviceaccount.name",
+                &k8s.serviceaccount.name,
+            ),
+            k8s.pod
+                .as_ref()
+                .map(|p| ("kubernetes.io.pod.name", p.name.as_str())),
+        )?;
         let expected = format!(
             "system:serviceaccount:{}:{}",
             k8s.namespace, k8s.serviceaccount.name
@@ -638,8 +817,8 @@ pub fn parse_header(token: &str) -> Result<UnverifiedHeader, TokenError> {
             parts.len()
         )));
     }
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err(TokenError::Malformed("a part of the token is empty".into()));
+    if parts[0].is_empty() {
+        return Err(TokenError::Malformed("the header part is empty".into()));
     }
     if parts[0].len() > MAX_HEADER_BYTES {
         return Err(TokenError::Malformed("header too large".into()));
@@ -647,6 +826,7 @@ pub fn parse_header(token: &str) -> Result<UnverifiedHeader, TokenError> {
     let raw = URL_SAFE_NO_PAD
         .decode(parts[0])
         .map_err(|_| TokenError::Malformed("header is not base64url".into()))?;
+    json_object_problem("header", &raw)?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&raw)
         .map_err(|_| TokenError::Malformed("header is not a JSON object".into()))?;
     for field in ["jwk", "jku", "x5u", "x5c"] {
@@ -664,6 +844,21 @@ pub fn parse_header(token: &str) -> Result<UnverifiedHeader, TokenError> {
         .and_then(|a| a.as_str())
         .ok_or_else(|| TokenError::Malformed("header has no `alg`".into()))?
         .to_owned();
+    // An unsigned token (`alg: none`) has an empty signature: say what it
+    // is before looking at the shape of the signature.
+    if alg.eq_ignore_ascii_case("none") {
+        return Err(TokenError::Algorithm(
+            "alg \"none\" (unsigned tokens) is never accepted".into(),
+        ));
+    }
+    if parts[1].is_empty() {
+        return Err(TokenError::Malformed("the claims part is empty".into()));
+    }
+    if parts[2].is_empty() {
+        return Err(TokenError::Malformed(
+            "the signature part is empty (an unsigned token)".into(),
+        ));
+    }
     let kid = match header.get("kid") {
         None => None,
         Some(serde_json::Value::String(k)) if k.len() <= 256 => Some(k.clone()),
@@ -676,6 +871,110 @@ pub fn parse_header(token: &str) -> Result<UnverifiedHeader, TokenError> {
     Ok(UnverifiedHeader { alg, kid })
 }
 
+/// Deepest nesting of JSON accepted in a header or claims; real tokens nest 3.
+const MAX_JSON_DEPTH: usize = 16;
+
+/// What is wrong with a JSON text that does not parse, in words that name
+/// the problem (not "not a JSON object" for a repeated or deep claim).
+fn json_problem(what: &str, e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.contains("recursion limit") {
+        format!("{what}: nested too deeply")
+    } else if let Some(field) = text
+        .strip_prefix("duplicate field `")
+        .and_then(|t| t.split('`').next())
+    {
+        format!(
+            "{what}: key `{}` appears twice",
+            field.chars().take(64).collect::<String>()
+        )
+    } else {
+        match e.classify() {
+            serde_json::error::Category::Data => format!("{what}: not a JSON object"),
+            _ => format!("{what}: not valid JSON"),
+        }
+    }
+}
+
+/// Refuses a header or claims text that is not one JSON object with
+/// distinct keys and bounded nesting (serde_json would keep the last of two
+/// equal keys; the issuer and we might read different values).
+fn json_object_problem(what: &str, raw: &[u8]) -> Result<(), TokenError> {
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+    /// The first repeated key of an object.
+    struct Keys(Option<String>);
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Keys;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut repeated = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if repeated.is_none() && !seen.insert(key.clone()) {
+                    repeated = Some(key);
+                }
+            }
+            Ok(Keys(repeated))
+        }
+    }
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+            d.deserialize_map(V)
+        }
+    }
+    let fail = |m: String| Err(TokenError::Malformed(m));
+    match serde_json::from_slice::<Keys>(raw) {
+        Err(e) => return fail(json_problem(what, &e)),
+        Ok(Keys(Some(key))) => {
+            return fail(format!(
+                "{what}: key `{}` appears twice",
+                key.chars().take(64).collect::<String>()
+            ));
+        }
+        Ok(Keys(None)) => {}
+    }
+    // Depth, counted over the bytes outside strings.
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in raw {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if max > MAX_JSON_DEPTH {
+        return fail(format!(
+            "{what}: nested {max} levels deep, more than {MAX_JSON_DEPTH}"
+        ));
+    }
+    Ok(())
+}
+
+/// [`json_object_problem`] for a base64url part of the token.
+fn check_json_object(what: &str, part: &str) -> Result<(), TokenError> {
+    let raw = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed(format!("{what}: not base64url")))?;
+    json_object_problem(what, &raw)
+}
+
 fn signature_error(e: jsonwebtoken::errors::Error, kid: &str) -> TokenError {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
@@ -686,7 +985,8 @@ fn signature_error(e: jsonwebtoken::errors::Error, kid: &str) -> TokenError {
             "key {kid:?} is of a different type than the token's alg"
         )),
         K::Base64(_) => TokenError::Malformed("a part is not base64url".into()),
-        K::Json(_) | K::Utf8(_) => TokenError::Malformed("claims are not a JSON object".into()),
+        K::Json(e) => TokenError::Malformed(json_problem("the header or claims", e)),
+        K::Utf8(_) => TokenError::Malformed("the header or claims are not UTF-8".into()),
         other => TokenError::Malformed(format!("{other:?}")),
     }
 }
@@ -961,7 +1261,10 @@ mod tests {
             sign(&f.key, Some("k1"), &with("iat", json!(now() + 600))),
             "issued in the future",
         ));
-        cases.push((sign(&f.key, Some("k1"), &without("exp")), "legacy"));
+        cases.push((
+            sign(&f.key, Some("k1"), &without("exp")),
+            "`exp` is invalid: missing",
+        ));
         cases.push((
             sign(
                 &f.key,
@@ -989,6 +1292,139 @@ mod tests {
                 assert!(!err.contains(&token), "error echoes the token: {err}");
             }
         }
+    }
+
+    /// A token signed over exactly these payload bytes (for claims JSON
+    /// that `serde_json` cannot produce: repeated keys).
+    fn sign_raw(key: &EncodingKey, payload: &str) -> String {
+        let header = URL_SAFE_NO_PAD.encode(json!({"alg":"ES256","kid":"k1"}).to_string());
+        let message = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload));
+        let sig =
+            jsonwebtoken::crypto::sign(message.as_bytes(), key, jsonwebtoken::Algorithm::ES256)
+                .unwrap();
+        format!("{message}.{sig}")
+    }
+
+    /// Names Kubernetes could not have issued are refused by the claim that
+    /// carries them, even when `sub` agrees (`team-a/app:extra` must not
+    /// match a pattern like `app*`).
+    #[tokio::test]
+    async fn names_must_be_kubernetes_names() {
+        let f = fixture();
+        let token = |ns: &str, sa: &str, pod: &str| {
+            let mut c = claims();
+            c["sub"] = json!(format!("system:serviceaccount:{ns}:{sa}"));
+            c["kubernetes.io"]["namespace"] = json!(ns);
+            c["kubernetes.io"]["serviceaccount"]["name"] = json!(sa);
+            c["kubernetes.io"]["pod"]["name"] = json!(pod);
+            sign(&f.key, Some("k1"), &c)
+        };
+        for (ns, sa, pod, claim) in [
+            (
+                "team-a",
+                "app:extra",
+                "p",
+                "kubernetes.io.serviceaccount.name",
+            ),
+            ("team-a", "App", "p", "kubernetes.io.serviceaccount.name"),
+            ("team-a", "app.", "p", "kubernetes.io.serviceaccount.name"),
+            ("team-a", "app", "p/1", "kubernetes.io.pod.name"),
+            ("Team_A", "app", "p", "kubernetes.io.namespace"),
+            ("team.a", "app", "p", "kubernetes.io.namespace"),
+            ("-team", "app", "p", "kubernetes.io.namespace"),
+            (&"a".repeat(64), "app", "p", "kubernetes.io.namespace"),
+        ] {
+            let err = reject(&f, &token(ns, sa, pod)).await;
+            assert!(
+                matches!(err, TokenError::Name { claim: c, .. } if c == claim),
+                "{ns}/{sa} pod {pod}: {err}"
+            );
+            assert!(err.to_string().contains(claim), "{err}");
+        }
+        let id = f
+            .verifier
+            .verify(&token("team-a", "app.worker-1", "app-7d9f.x"))
+            .await
+            .unwrap();
+        assert_eq!(id.service_account, "app.worker-1");
+        assert!(is_dns1123_label(&"a".repeat(63)));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+    }
+
+    /// Each refusal names the problem it is about, not a neighbouring one.
+    #[tokio::test]
+    async fn refusals_name_the_right_problem() {
+        let f = fixture();
+        // `alg: none` with its empty signature: the algorithm, not the shape.
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(json!({"alg":"none"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        let err = reject(&f, &none).await;
+        assert!(matches!(err, TokenError::Algorithm(_)), "{err}");
+        assert!(err.to_string().contains("\"none\""), "{err}");
+        // A projected-shaped token without `exp` is not a legacy token.
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("exp");
+        let err = reject(&f, &sign(&f.key, Some("k1"), &c)).await.to_string();
+        assert!(err.contains("`exp`") && !err.contains("legacy"), "{err}");
+        // `exp` (and the others) of the wrong type name their claim.
+        for claim in ["exp", "nbf", "iat"] {
+            let mut c = claims();
+            c[claim] = json!("tomorrow");
+            let err = reject(&f, &sign(&f.key, Some("k1"), &c)).await.to_string();
+            assert!(err.contains(&format!("`{claim}`")), "{claim}: {err}");
+        }
+        let mut c = claims();
+        c["iss"] = json!(42);
+        let err = reject(&f, &sign(&f.key, Some("k1"), &c)).await.to_string();
+        assert!(err.contains("`iss`") && err.contains("string"), "{err}");
+        // Repeated claims, registered or not.
+        let body = claims().to_string();
+        let inner = body.trim_start_matches('{');
+        for dup in ["exp", "kubernetes.io"] {
+            let payload = format!("{{\"{dup}\":1,{inner}");
+            let err = reject(&f, &sign_raw(&f.key, &payload)).await.to_string();
+            assert!(
+                err.contains(&format!("`{dup}` appears twice")),
+                "{dup}: {err}"
+            );
+        }
+        // Deep nesting.
+        let mut c = claims();
+        let mut deep = json!(1);
+        for _ in 0..40 {
+            deep = json!([deep]);
+        }
+        c["x"] = deep;
+        let err = reject(&f, &sign(&f.key, Some("k1"), &c)).await.to_string();
+        assert!(err.contains("nested"), "{err}");
+        let payload = format!("{{\"x\":{}{}}}", "[".repeat(300), "]".repeat(300));
+        let err = reject(&f, &sign_raw(&f.key, &payload)).await.to_string();
+        assert!(err.contains("nested"), "{err}");
+    }
+
+    /// A token whose `kid` names an RSA key under 2048 bits is refused by
+    /// saying so, not as a bad signature.
+    #[tokio::test]
+    async fn tokens_of_small_rsa_keys_name_the_key_size() {
+        let f = fixture();
+        let (_, mut ec) = ec_key();
+        ec["kid"] = json!("k1");
+        std::fs::write(
+            f._dir.path().join("jwks.json"),
+            json!({ "keys": [ec, crate::identity::jwks::tests::rsa_jwk("old", 1024)] }).to_string(),
+        )
+        .unwrap();
+        f.verifier.jwks().refresh(true).await.unwrap();
+        let token = raw_token(json!({"alg":"RS256","kid":"old"}), &claims());
+        let err = reject(&f, &token).await;
+        assert!(
+            matches!(err, TokenError::WeakKey { bits: 1024, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("1024-bit RSA key"), "{err}");
     }
 
     #[tokio::test]

@@ -176,6 +176,13 @@ impl Revocations {
                 "give a reason (1-500 characters)".into(),
             ));
         }
+        // A newline in the reason would forge a line in the broker's and the
+        // sidecars' logs, which quote the reason.
+        if rule.reason.chars().any(char::is_control) {
+            return Err(RuleError::Invalid(
+                "the reason contains a control character (newline, tab, escape): give one line of plain text".into(),
+            ));
+        }
         if rule.service_account.is_some() && rule.namespace.is_none() {
             return Err(RuleError::Invalid(
                 "a service account needs its namespace".into(),
@@ -511,6 +518,31 @@ mod tests {
         assert!(rules.delete(&rule.id).await.unwrap());
         view.refresh(&rules).await.unwrap();
         assert!(view.check(&id, &[]).is_ok(), "lifted at once too");
+    }
+
+    #[tokio::test]
+    async fn a_reason_with_control_characters_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite_in(dir.path()).await;
+        let (rules, leases) = (Revocations::new(db.clone()), super::super::Leases::new(db));
+        for reason in [
+            "INC-1\n2026-12-08T00:00:00Z INFO forged line",
+            "INC-1\rforged",
+            "INC\u{1b}[2Jcleared",
+            "a\tb",
+        ] {
+            let new = NewRule {
+                namespace: Some("payments".into()),
+                reason: reason.into(),
+                ..NewRule::default()
+            };
+            let err = rules.create(new, "oncall", &leases).await.unwrap_err();
+            assert!(
+                err.to_string().contains("control character"),
+                "{reason:?}: {err}"
+            );
+        }
+        assert!(rules.list().await.unwrap().is_empty());
     }
 
     #[test]
