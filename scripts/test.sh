@@ -22,6 +22,11 @@ fi
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v mount >/dev/null 2>&1 || need_apt+=(mount)
+# ss (the connection-age test), script (check-readme's pseudo-terminal),
+# unshare (exec as PID 1).
+command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v script >/dev/null 2>&1 || need_apt+=(bsdutils)
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   $SUDO apt-get update -qq
