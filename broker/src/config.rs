@@ -133,6 +133,8 @@ struct RawIdentity {
     jwks_max_age: Duration,
     #[serde(default = "default_max_token_bytes")]
     max_token_bytes: usize,
+    #[serde(default = "default_max_token_lifetime", with = "humantime_serde")]
+    max_token_lifetime: Duration,
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     http_timeout: Duration,
     #[serde(default)]
@@ -245,6 +247,12 @@ fn default_jwks_refresh_min() -> Duration {
 }
 fn default_jwks_max_age() -> Duration {
     Duration::from_secs(3600)
+}
+/// Tokens of this broker's audience come from a projected volume
+/// (`expirationSeconds`, 1 h by default, capped by the API server's
+/// `--service-account-max-token-expiration`); EKS's IRSA tokens live 24 h.
+fn default_max_token_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_max_token_bytes() -> usize {
     16 * 1024
@@ -408,6 +416,9 @@ pub struct IdentityConfig {
     /// Keys are refetched in the background this often.
     pub jwks_max_age: Duration,
     pub max_token_bytes: usize,
+    /// A token whose `exp - iat` (or, without `iat`, whose remaining life)
+    /// is longer than this is refused.
+    pub max_token_lifetime: Duration,
     pub http_timeout: Duration,
 }
 
@@ -966,6 +977,12 @@ fn identity_config(
         } else {
             return Err(v.err(&key("max_token_bytes"), "must be between 256 and 1048576"));
         },
+        max_token_lifetime: v.bounded(
+            &key("max_token_lifetime"),
+            id.max_token_lifetime,
+            Duration::from_secs(60),
+            Duration::from_secs(366 * 24 * 3600),
+        )?,
         http_timeout: v.bounded(
             &key("http_timeout"),
             id.http_timeout,

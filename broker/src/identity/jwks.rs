@@ -425,6 +425,7 @@ pub(crate) mod tests {
             jwks_refresh_min_interval: Duration::from_secs(60),
             jwks_max_age: Duration::from_secs(3600),
             max_token_bytes: 8192,
+            max_token_lifetime: Duration::from_secs(24 * 3600),
             http_timeout: Duration::from_secs(5),
         }
     }

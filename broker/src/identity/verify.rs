@@ -109,6 +109,13 @@ pub enum TokenError {
     /// `nbf` is in the future (beyond the leeway).
     #[error("token not valid before {} (now {})", rfc3339(*nbf), rfc3339(*now))]
     NotYetValid { nbf: i64, now: i64 },
+    /// The token lives longer than `identity.max_token_lifetime`.
+    #[error(
+        "token lives {} (exp - iat), longer than identity.max_token_lifetime ({}): request a shorter-lived projected token",
+        humantime::format_duration(std::time::Duration::from_secs(*lifetime)),
+        humantime::format_duration(std::time::Duration::from_secs(*max))
+    )]
+    TooLong { lifetime: u64, max: u64 },
     /// `iat` is in the future (beyond the leeway): a clock problem or a forgery.
     #[error("token issued in the future at {} (now {})", rfc3339(*iat), rfc3339(*now))]
     IssuedInFuture { iat: i64, now: i64 },
@@ -633,6 +640,13 @@ impl Verifier {
         {
             return Err(TokenError::IssuedInFuture { iat, now });
         }
+        // No ceiling would make a stolen long-lived token good for its whole
+        // (forged or misconfigured) life.
+        let lifetime = exp.saturating_sub(iat.unwrap_or(now)).max(0) as u64;
+        let max = self.cfg.max_token_lifetime.as_secs();
+        if lifetime > max.saturating_add(leeway as u64) {
+            return Err(TokenError::TooLong { lifetime, max });
+        }
 
         let k8s: KubernetesClaims = serde_json::from_value(
             claims
@@ -1048,6 +1062,7 @@ mod tests {
             jwks_refresh_min_interval: Duration::from_secs(60),
             jwks_max_age: Duration::from_secs(3600),
             max_token_bytes: 8192,
+            max_token_lifetime: Duration::from_secs(24 * 3600),
             http_timeout: Duration::from_secs(5),
         };
         let mut cfg = cfg;
@@ -1264,6 +1279,15 @@ mod tests {
         cases.push((
             sign(&f.key, Some("k1"), &without("exp")),
             "`exp` is invalid: missing",
+        ));
+        // A token good for 100 years (iat now): over the 24 h ceiling.
+        cases.push((
+            sign(
+                &f.key,
+                Some("k1"),
+                &with("exp", json!(now() + 100 * 365 * 24 * 3600)),
+            ),
+            "longer than identity.max_token_lifetime (1day)",
         ));
         cases.push((
             sign(
