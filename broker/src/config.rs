@@ -417,7 +417,7 @@ pub struct IdentityConfig {
     pub jwks_max_age: Duration,
     pub max_token_bytes: usize,
     /// A token whose `exp - iat` (or, without `iat`, whose remaining life)
-    /// is longer than this is refused.
+    /// is longer than this is refused; zero: no ceiling.
     pub max_token_lifetime: Duration,
     pub http_timeout: Duration,
 }
@@ -977,12 +977,15 @@ fn identity_config(
         } else {
             return Err(v.err(&key("max_token_bytes"), "must be between 256 and 1048576"));
         },
-        max_token_lifetime: v.bounded(
-            &key("max_token_lifetime"),
-            id.max_token_lifetime,
-            Duration::from_secs(60),
-            Duration::from_secs(366 * 24 * 3600),
-        )?,
+        max_token_lifetime: match id.max_token_lifetime {
+            Duration::ZERO => Duration::ZERO,
+            lifetime => v.bounded(
+                &key("max_token_lifetime"),
+                lifetime,
+                Duration::from_secs(60),
+                Duration::from_secs(366 * 24 * 3600),
+            )?,
+        },
         http_timeout: v.bounded(
             &key("http_timeout"),
             id.http_timeout,

@@ -80,10 +80,11 @@ static VERIFYING: LazyLock<Verifying> = LazyLock::new(|| {
     )
     .expect("write the key set");
     // `verify_cache = "0s"`: every input is verified in full, never answered
-    // from a cache filled by an earlier input.
+    // from a cache filled by an earlier input. `max_token_lifetime = "0s"`:
+    // the valid seeds expire far ahead (in 2100), so they stay valid.
     let issuer = |cluster: &str, iss: &str| {
         format!(
-            "[[issuers]]\ncluster = \"{cluster}\"\nissuer = \"{iss}\"\naudiences = [\"secrets-broker\"]\njwks_file = \"{}\"\nalgorithms = [\"EdDSA\", \"ES256\", \"RS256\"]\nverify_cache = \"0s\"\n",
+            "[[issuers]]\ncluster = \"{cluster}\"\nissuer = \"{iss}\"\naudiences = [\"secrets-broker\"]\njwks_file = \"{}\"\nalgorithms = [\"EdDSA\", \"ES256\", \"RS256\"]\nverify_cache = \"0s\"\nmax_token_lifetime = \"0s\"\n",
             jwks.display()
         )
     };
