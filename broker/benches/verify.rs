@@ -66,6 +66,7 @@ fn measure(rt: &tokio::runtime::Runtime, algorithm: SigningAlgorithm, name: &str
         jwks_max_age: Duration::from_secs(3600),
         max_token_bytes: 16 * 1024,
         max_token_lifetime: std::time::Duration::from_secs(24 * 3600),
+        require_pod_binding: true,
         http_timeout: Duration::from_secs(5),
     };
     let uncached = Verifier::new(cfg(Duration::ZERO)).expect("verifier");

@@ -135,6 +135,8 @@ struct RawIdentity {
     max_token_bytes: usize,
     #[serde(default = "default_max_token_lifetime", with = "humantime_serde")]
     max_token_lifetime: Duration,
+    #[serde(default = "default_true")]
+    require_pod_binding: bool,
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     http_timeout: Duration,
     #[serde(default)]
@@ -251,6 +253,9 @@ fn default_jwks_max_age() -> Duration {
 /// Tokens of this broker's audience come from a projected volume
 /// (`expirationSeconds`, 1 h by default, capped by the API server's
 /// `--service-account-max-token-expiration`); EKS's IRSA tokens live 24 h.
+fn default_true() -> bool {
+    true
+}
 fn default_max_token_lifetime() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -419,6 +424,9 @@ pub struct IdentityConfig {
     /// A token whose `exp - iat` (or, without `iat`, whose remaining life)
     /// is longer than this is refused; zero: no ceiling.
     pub max_token_lifetime: Duration,
+    /// A token must name its pod (`kubernetes.io.pod`, or TokenReview's
+    /// pod extra), so a revocation by pod UID can cut it off.
+    pub require_pod_binding: bool,
     pub http_timeout: Duration,
 }
 
@@ -977,6 +985,7 @@ fn identity_config(
         } else {
             return Err(v.err(&key("max_token_bytes"), "must be between 256 and 1048576"));
         },
+        require_pod_binding: id.require_pod_binding,
         max_token_lifetime: match id.max_token_lifetime {
             Duration::ZERO => Duration::ZERO,
             lifetime => v.bounded(

@@ -81,10 +81,11 @@ static VERIFYING: LazyLock<Verifying> = LazyLock::new(|| {
     .expect("write the key set");
     // `verify_cache = "0s"`: every input is verified in full, never answered
     // from a cache filled by an earlier input. `max_token_lifetime = "0s"`:
-    // the valid seeds expire far ahead (in 2100), so they stay valid.
+    // the valid seeds expire far ahead (in 2100), so they stay valid; some
+    // name no pod (`require_pod_binding = false`).
     let issuer = |cluster: &str, iss: &str| {
         format!(
-            "[[issuers]]\ncluster = \"{cluster}\"\nissuer = \"{iss}\"\naudiences = [\"secrets-broker\"]\njwks_file = \"{}\"\nalgorithms = [\"EdDSA\", \"ES256\", \"RS256\"]\nverify_cache = \"0s\"\nmax_token_lifetime = \"0s\"\n",
+            "[[issuers]]\ncluster = \"{cluster}\"\nissuer = \"{iss}\"\naudiences = [\"secrets-broker\"]\njwks_file = \"{}\"\nalgorithms = [\"EdDSA\", \"ES256\", \"RS256\"]\nverify_cache = \"0s\"\nmax_token_lifetime = \"0s\"\nrequire_pod_binding = false\n",
             jwks.display()
         )
     };

@@ -426,6 +426,7 @@ pub(crate) mod tests {
             jwks_max_age: Duration::from_secs(3600),
             max_token_bytes: 8192,
             max_token_lifetime: Duration::from_secs(24 * 3600),
+            require_pod_binding: true,
             http_timeout: Duration::from_secs(5),
         }
     }

@@ -439,6 +439,12 @@ impl Verifier {
                 want: self.cfg.audiences.clone(),
             });
         }
+        if self.cfg.require_pod_binding && pod_uid.is_none() {
+            return Err(TokenError::ClaimInvalid {
+                claim: "extra authentication.kubernetes.io/pod-uid",
+                problem: UNBOUND.into(),
+            });
+        }
         // Expiry for stream deadlines only; the API server checked it.
         let exp = token
             .split('.')
@@ -681,6 +687,12 @@ impl Verifier {
         if k8s.namespace.is_empty() || k8s.serviceaccount.name.is_empty() {
             return Err(TokenError::Claim("kubernetes.io.namespace"));
         }
+        if self.cfg.require_pod_binding && k8s.pod.is_none() {
+            return Err(TokenError::ClaimInvalid {
+                claim: "kubernetes.io.pod",
+                problem: UNBOUND.into(),
+            });
+        }
         Ok(Identity {
             cluster: self.cfg.cluster.clone(),
             issuer: iss,
@@ -695,6 +707,9 @@ impl Verifier {
         })
     }
 }
+
+/// Why a token without a pod is refused (`identity.require_pod_binding`).
+const UNBOUND: &str = "missing: the token is bound to no pod, so a revocation by pod UID could not cut it off; mount a projected service-account token (or set identity.require_pod_binding = false)";
 
 /// The verifiers of every trusted issuer (one per cluster). A token goes to
 /// the verifier of its (not yet trusted) `iss`; that verifier then checks
@@ -1063,6 +1078,7 @@ mod tests {
             jwks_max_age: Duration::from_secs(3600),
             max_token_bytes: 8192,
             max_token_lifetime: Duration::from_secs(24 * 3600),
+            require_pod_binding: true,
             http_timeout: Duration::from_secs(5),
         };
         let mut cfg = cfg;
@@ -1279,6 +1295,16 @@ mod tests {
         cases.push((
             sign(&f.key, Some("k1"), &without("exp")),
             "`exp` is invalid: missing",
+        ));
+        // A token bound to no pod.
+        let mut unbound = claims();
+        unbound["kubernetes.io"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pod");
+        cases.push((
+            sign(&f.key, Some("k1"), &unbound),
+            "`kubernetes.io.pod` is invalid: missing: the token is bound to no pod",
         ));
         // A token good for 100 years (iat now): over the 24 h ceiling.
         cases.push((
