@@ -93,6 +93,15 @@ fn env_of(world: &World, pid: u32) -> String {
 
 /// An exec config for `payments/api`: `top` (top-level keys) and `tables`
 /// (`[[env]]`, `[[secrets]]`…) after the usual keys.
+/// A world whose broker serves `payments/db-password` = `value`, and a tmpfs
+/// for the sidecar's files.
+fn started(value: &str) -> (World, Proc, Tmpfs) {
+    let world = World::new(ROLES).unwrap();
+    world.put("payments/db-password", value).unwrap();
+    let broker = world.start_broker("broker.log").unwrap();
+    (world, broker, Tmpfs::new().unwrap())
+}
+
 fn exec_config(world: &World, tmpfs: &Tmpfs, top: &str, tables: &str) -> PathBuf {
     let token = world
         .token_file("api.token", &Workload::new("payments", "api", AUDIENCE))
@@ -214,10 +223,7 @@ fn the_command_sees_secrets_as_env_and_a_rotation_restarts_it_with_the_new_value
 
 #[test]
 fn a_command_that_ignores_the_restart_signal_is_killed_after_restart_grace() {
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw-a").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw-a");
     let cfg = exec_config(
         &world,
         &tmpfs,
@@ -261,10 +267,7 @@ fn a_command_that_ignores_the_restart_signal_is_killed_after_restart_grace() {
 
 #[test]
 fn signal_mode_signals_the_command_which_keeps_running_and_rereads_its_files() {
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw-1").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw-1");
     let cfg = exec_config(
         &world,
         &tmpfs,
@@ -302,10 +305,7 @@ fn signal_mode_signals_the_command_which_keeps_running_and_rereads_its_files() {
 
 #[test]
 fn signals_reach_the_command_and_exec_exits_with_its_status() {
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw");
     let cfg = exec_config(
         &world,
         &tmpfs,
@@ -431,10 +431,7 @@ fn revoke_api(world: &World) -> String {
 
 #[test]
 fn a_revocation_stops_the_command_under_on_revoke_stop_and_not_under_keep() {
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw");
     let tables = "[[env]]\nname = \"DB_PASSWORD\"\nsecret = \"payments/db-password\"\n";
 
     // keep: the command runs on with what it has.
@@ -503,10 +500,7 @@ fn a_revocation_stops_the_command_under_on_revoke_stop_and_not_under_keep() {
 
 #[test]
 fn env_clean_gives_the_command_only_its_variables() {
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw-clean").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw-clean");
     let cfg = exec_config(
         &world,
         &tmpfs,
@@ -599,10 +593,7 @@ fn as_pid_1_exec_forwards_sigterm_and_reaps_orphans() {
         eprintln!("skipped: a PID namespace needs root (CI runs the tests as root)");
         return;
     }
-    let world = World::new(ROLES).unwrap();
-    world.put("payments/db-password", "pw").unwrap();
-    let _broker = world.start_broker("broker.log").unwrap();
-    let tmpfs = Tmpfs::new().unwrap();
+    let (world, _broker, tmpfs) = started("pw");
     let cfg = exec_config(
         &world,
         &tmpfs,
