@@ -160,6 +160,126 @@ fn one_caller_cannot_make_the_broker_answer_hold_or_audit_without_bound() {
     });
 }
 
+/// The audit log as brokerctl shows it, newest last, each detail parsed.
+fn audit_records(world: &World) -> Vec<serde_json::Value> {
+    let o = world
+        .brokerctl(
+            Some("viewer"),
+            &["--output", "json", "audit", "tail", "-n", "5000"],
+        )
+        .unwrap();
+    assert!(o.status.success(), "{}", secrets_broker_e2e::out_text(&o));
+    let all: Vec<serde_json::Value> = serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout)
+        .or_else(|_| {
+            serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                .map(|v| v["records"].as_array().cloned().unwrap_or_default())
+        })
+        .unwrap();
+    all.into_iter()
+        .map(|mut r| {
+            if let Some(text) = r["detail"].as_str() {
+                r["detail"] = serde_json::from_str(text).unwrap_or_default();
+            }
+            r
+        })
+        .collect()
+}
+
+/// Every call takes one path in one order (`api::envelope`): the request's
+/// shape is checked before its token (a malformed lease ID with a garbage
+/// token is INVALID_ARGUMENT, and nothing is audited), a refusal's record
+/// lists a count and a sample of the names, not all of them, and a Watch
+/// names each secret once.
+#[test]
+fn every_call_takes_one_path_shape_first_and_writes_one_bounded_record() {
+    let world = World::new(ROLES).unwrap();
+    world.put("app/a", "a").unwrap();
+    let _broker = world.start_broker("broker.log").unwrap();
+    let token = world
+        .issuer
+        .mint(&Workload::new("team-a", "app", AUDIENCE))
+        .unwrap();
+    world.runtime.block_on(async {
+        let ch = world.grpc_channel(world.broker_port).await;
+        let mut c = pb::broker_client::BrokerClient::new(ch);
+        // A path-like lease ID is a bad request before any token work.
+        let status = c
+            .release(request(
+                "garbage.token.here",
+                pb::ReleaseRequest {
+                    role: String::new(),
+                    leases: vec![pb::LeaseRef {
+                        name: "app/a".into(),
+                        version: 1,
+                        lease_id: "../../revocations/rv-1".into(),
+                    }],
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("no valid lease ID"), "{status:?}");
+        // 256 names the role does not grant: refused, one bounded record.
+        let names: Vec<String> = (0..256).map(|i| format!("other/secret-{i:03}")).collect();
+        let status = c
+            .fetch(request(
+                &token,
+                pb::FetchRequest {
+                    role: String::new(),
+                    names: names.clone(),
+                    ttl_seconds: 0,
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        // Three copies of one name: watched (and audited) once.
+        let watch = c
+            .watch(request(
+                &token,
+                pb::WatchRequest {
+                    role: String::new(),
+                    names: vec!["app/a".into(); 3],
+                },
+            ))
+            .await
+            .unwrap();
+        drop(watch);
+    });
+    let records = secrets_broker_e2e::wait_for(
+        "the watch's audit record",
+        std::time::Duration::from_secs(20),
+        || {
+            let all = audit_records(&world);
+            all.iter().any(|r| r["action"] == "watch").then_some(all)
+        },
+    )
+    .unwrap();
+    assert!(
+        !records.iter().any(|r| r["action"] == "release"),
+        "a call refused for its shape was audited: {records:?}"
+    );
+    let refused = records
+        .iter()
+        .find(|r| r["action"] == "fetch" && r["result"] == "denied")
+        .unwrap_or_else(|| panic!("no record of the refused fetch: {records:?}"));
+    assert_eq!(refused["detail"]["names"]["count"], 256, "{refused}");
+    assert_eq!(
+        refused["detail"]["names"]["sample"]
+            .as_array()
+            .map(Vec::len),
+        Some(16),
+        "{refused}"
+    );
+    assert_eq!(refused["detail"]["issuer"], world.issuer.url(), "{refused}");
+    let watched = records.iter().find(|r| r["action"] == "watch").unwrap();
+    assert_eq!(
+        watched["detail"]["secrets"],
+        serde_json::json!(["app/a"]),
+        "{watched}"
+    );
+}
+
 /// Eight concurrent Fetches of 256 copies of a 1 MB secret: the broker's
 /// memory stays within 64 MiB of where it was (each answer is one copy).
 #[test]

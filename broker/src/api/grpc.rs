@@ -1,8 +1,8 @@
-//! The `Broker` gRPC service. A call reads top to bottom:
-//! bearer token → verify (identity) → resolve role → revocation view fresh?
-//! → revoked? → authorize each secret → read the store → record the lease →
-//! audit → respond. Errors become `tonic::Status` in exactly one place
-//! ([`ApiError`] → `Status`).
+//! The `Broker` gRPC service. Every call goes through one envelope
+//! ([`super::envelope`]: shape, admit, token, verify, rate, revocation,
+//! authorize, then the handler here, one audit record, metrics); the
+//! handlers below do only their call's own work. Errors become
+//! `tonic::Status` in exactly one place ([`ApiError`] → `Status`).
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -14,48 +14,24 @@ use secrets_broker_proto::v1::broker_server::Broker;
 use tokio::sync::{broadcast, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
+
+use super::envelope::{AUDIT_SAMPLE, Admitted, Ask, Handled};
 
 use crate::backend::embedded::{EmbeddedStore, StoreError};
-use crate::backend::validate_secret_name;
 use crate::cache::{ReadError, SecretCache};
 use crate::config::RoleConfig;
 use crate::db::unix_now;
+use crate::identity::Identity;
 use crate::identity::verify::{TokenError, Verifiers};
-use crate::identity::{Identity, fingerprint};
 use crate::policy::{self, Denied, Policy};
-use crate::state::audit::{Auditor, Entry};
+use crate::state::audit::Auditor;
 use crate::state::revocation::{Revoked, Stale, View};
 use crate::state::{LeaseRecord, Leases};
 use serde_json::json;
 
-/// Most secrets one request may name.
-const MAX_NAMES_PER_REQUEST: usize = 256;
-/// How many of a call's lease IDs an audit record names (with their count).
-const AUDIT_SAMPLE: usize = 16;
-
 /// Latest version per secret name, as the rotation poller last saw it.
 pub type Versions = Arc<std::sync::RwLock<HashMap<String, u64>>>;
-
-/// The caller's request ID (`x-request-id`, as the sidecar sends it) or a new
-/// one, so a sidecar's failure can be found in the broker's logs.
-fn request_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            let mut b = [0u8; 8];
-            let _ = aws_lc_rs::rand::fill(&mut b);
-            hex::encode(b)
-        })
-}
 
 /// Counts an open watch stream for as long as it lives.
 struct StreamGuard(Arc<crate::api::http::Metrics>);
@@ -224,87 +200,29 @@ pub struct BrokerService {
     pub shutdown: watch::Receiver<bool>,
 }
 
-fn bearer<T>(req: &Request<T>) -> Result<&str, TokenError> {
-    let value = req
-        .metadata()
-        .get("authorization")
-        .ok_or(TokenError::Missing)?;
-    let value = value
-        .to_str()
-        .map_err(|_| TokenError::Malformed("authorization header is not ASCII".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| TokenError::Malformed("authorization is not `Bearer <jwt>`".into()))?;
-    Ok(token)
-}
-
-/// The names of a Fetch, each once, in the order first asked for; more than
-/// a call may carry is refused before any other work.
-fn dedup_names(names: &[String]) -> Result<Vec<String>, ApiError> {
-    if names.len() > MAX_NAMES_PER_REQUEST {
-        return Err(ApiError::BadRequest(format!(
-            "{} secrets in one call, at most {MAX_NAMES_PER_REQUEST}",
-            names.len()
-        )));
-    }
-    let mut seen = std::collections::HashSet::with_capacity(names.len());
-    Ok(names
-        .iter()
-        .filter(|n| seen.insert(n.as_str()))
-        .cloned()
-        .collect())
-}
-
-/// Checks the names a call carries; `what` is what the call lists
-/// ("secret" for Fetch and Watch, "lease" for Renew), for the message.
-fn check_names(names: &[String], what: &str) -> Result<(), ApiError> {
-    if names.is_empty() {
-        return Err(ApiError::BadRequest(format!("name at least one {what}")));
-    }
-    if names.len() > MAX_NAMES_PER_REQUEST {
-        return Err(ApiError::BadRequest(format!(
-            "{} {what}s in one call, at most {MAX_NAMES_PER_REQUEST}",
-            names.len()
-        )));
-    }
-    for n in names {
-        validate_secret_name(n).map_err(ApiError::BadRequest)?;
-    }
-    Ok(())
-}
-
-/// A workload as an audit record's actor.
-fn actor(id: &Identity) -> String {
-    format!("{}/{}", id.namespace, id.service_account)
-}
-
-/// A `Fetch`'s audit detail, serialised straight from the call's own
-/// fields. The keys are in the order a `json!` object has them (sorted), so
+/// A `Fetch`'s audit detail (the envelope adds the workload's issuer and
+/// pod). The keys are in the order a `json!` object has them (sorted), so
 /// the records read as the other calls' do.
 #[derive(serde::Serialize)]
 struct FetchAudit<'a> {
-    issuer: &'a str,
-    pod: Option<&'a str>,
-    pod_uid: Option<&'a str>,
     role: &'a str,
-    secrets: Vec<LeaseAudit<'a>>,
+    secrets: Vec<LeaseAudit>,
     /// Asked for but withheld by a rule with a secret (not handed out).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    withheld: Vec<WithheldAudit<'a>>,
+    withheld: Vec<WithheldAudit>,
     ttl_seconds: u64,
 }
 
 /// One secret withheld by a rule, in a [`FetchAudit`].
 #[derive(serde::Serialize)]
-struct WithheldAudit<'a> {
-    name: &'a str,
-    rule_id: &'a str,
+struct WithheldAudit {
+    name: String,
+    rule_id: String,
 }
 
 /// How revocation rules with a secret apply to a call that names secrets.
 #[derive(Clone, Copy)]
-enum Scope {
+pub(super) enum Scope {
     /// Any withheld name refuses the whole call (Login, Renew).
     Whole,
     /// Withheld names are left out; the call is refused only when nothing
@@ -314,9 +232,9 @@ enum Scope {
 
 /// One secret handed out, in a [`FetchAudit`].
 #[derive(serde::Serialize)]
-struct LeaseAudit<'a> {
-    lease_id: &'a str,
-    name: &'a str,
+struct LeaseAudit {
+    lease_id: String,
+    name: String,
     version: u64,
 }
 
@@ -341,93 +259,8 @@ fn new_lease(ttl: Duration) -> Result<pb::Lease, ApiError> {
 }
 
 impl BrokerService {
-    /// The steps every call shares: verify the bearer token, resolve the
-    /// role, make sure the revocation view is fresh, and check it for the
-    /// identity and the secrets named. Refusals are logged and audited here.
-    async fn authenticate<T>(
-        &self,
-        req: &Request<T>,
-        action: &'static str,
-        role: &str,
-        names: &[String],
-        scope: Scope,
-    ) -> Result<(Identity, &RoleConfig), ApiError> {
-        let token = bearer(req)?;
-        let identity = match self.verifier.verify(token).await {
-            Ok(id) => id,
-            Err(TokenError::PodGone { identity, reason }) => {
-                // The API server says the pod is gone: end its leases now.
-                let ended = match &identity.pod_uid {
-                    Some(uid) => self.leases.end_for_pod(uid, unix_now()).await.unwrap_or(0),
-                    None => 0,
-                };
-                warn!(identity = %identity, reason = %reason, leases_ended = ended, "token no longer accepted by the API server; pod leases ended");
-                self.audit(
-                    &identity,
-                    action,
-                    "pod_gone",
-                    json!({ "reason": reason, "leases_ended": ended }),
-                );
-                return Err(TokenError::PodGone { identity, reason }.into());
-            }
-            Err(e) => {
-                let fp = fingerprint(token);
-                warn!(token.fp = %fp, reason = %e, "token refused");
-                let e = ApiError::from(e);
-                // Before any rate limit (there is no workload yet): a few a
-                // second per peer in full, the rest in a summary record.
-                let peer = req.remote_addr().map(|a| a.ip());
-                if self.refusals.admit(peer, action, e.class()) {
-                    self.auditor.record(Entry::new(
-                        format!("token:{fp}"),
-                        action,
-                        e.class(),
-                        json!({ "reason": e.to_string() }),
-                    ));
-                }
-                return Err(e);
-            }
-        };
-        // A workload over its rate is refused before any policy or backend
-        // work (and not audited: a flood must not flood the audit log).
-        if let Err(e) = self.limits.check(&identity) {
-            debug!(identity = %identity, action, "rate limited");
-            return Err(e.into());
-        }
-        let decision = self.authorize(&identity, role, names, scope);
-        if let Err(e) = &decision {
-            warn!(identity = %identity, action, reason = %e, "call refused");
-            self.audit(
-                &identity,
-                action,
-                e.class(),
-                json!({ "reason": e.to_string(), "secrets": names }),
-            );
-        }
-        decision.map(|role| (identity, role))
-    }
-
-    fn authorize(
-        &self,
-        identity: &Identity,
-        role: &str,
-        names: &[String],
-        scope: Scope,
-    ) -> Result<&RoleConfig, ApiError> {
-        if !role.is_empty() && !policy::valid_role_name(role) {
-            return Err(ApiError::BadRequest("role name is not valid".into()));
-        }
-        let role = self.policy.resolve(identity, role)?;
-        self.view.ensure_fresh()?;
-        match scope {
-            Scope::Whole => self.view.check(identity, names)?,
-            Scope::Partial => self.view.check_partial(identity, names)?,
-        }
-        Ok(role)
-    }
-
     /// Counts a finished call by action and result class.
-    fn observe<T>(
+    pub(super) fn observe<T>(
         &self,
         action: &'static str,
         start: std::time::Instant,
@@ -440,14 +273,6 @@ impl BrokerService {
         if let Err(e @ (ApiError::Database(_) | ApiError::LeaseRecord(_))) = result {
             warn!(action, error = %e, "call answered UNAVAILABLE");
         }
-    }
-
-    fn audit(&self, id: &Identity, action: &str, result: &str, mut detail: serde_json::Value) {
-        detail["issuer"] = json!(id.issuer);
-        detail["pod"] = json!(id.pod_name);
-        detail["pod_uid"] = json!(id.pod_uid);
-        self.auditor
-            .record(Entry::new(actor(id), action, result, detail));
     }
 
     /// Whether `held` is a running lease of this workload: only the holder
@@ -528,14 +353,6 @@ impl BrokerService {
                 Ok((Arc::new(secret), Some(up)))
             }
         }
-    }
-
-    fn authorize_all(role: &RoleConfig, names: &[String], what: &str) -> Result<(), ApiError> {
-        check_names(names, what)?;
-        for n in names {
-            policy::grants(role, n)?;
-        }
-        Ok(())
     }
 
     async fn read(&self, name: &str) -> Result<Arc<crate::backend::SecretVersion>, ApiError> {
@@ -665,182 +482,52 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let start = std::time::Instant::now();
-        let span = info_span!("login", request_id = %request_id(&req));
-        let result: Result<_, ApiError> = async {
-            let _permit = self.limits.admit()?;
-            let (id, role) = self
-                .authenticate(&req, "login", &req.get_ref().role, &[], Scope::Whole)
-                .await?;
-            debug!(identity = %id, role = %role.name, result = "accepted", "login");
-            self.audit(&id, "login", "ok", json!({ "role": role.name }));
-            Ok(Response::new(pb::LoginResponse {
-                identity: Some(to_pb(&id)),
-                role: role.name.clone(),
-                allowed_secrets: role.secrets.iter().map(|p| p.as_str().to_owned()).collect(),
-                lease_ttl_seconds: role.ttl.as_secs() as u32,
-            }))
-        }
-        .instrument(span)
-        .await;
-        self.observe("login", start, &result);
-        result.map_err(Into::into)
+        let ask = |r: &pb::LoginRequest| Ask::login(&r.role);
+        self.call("login", &req, ask, |a| async move {
+            let role = a.role()?;
+            debug!(identity = %a.id, role = %role.name, result = "accepted", "login");
+            Ok(Handled {
+                reply: Response::new(pb::LoginResponse {
+                    identity: Some(to_pb(&a.id)),
+                    role: role.name.clone(),
+                    allowed_secrets: role.secrets.iter().map(|p| p.as_str().to_owned()).collect(),
+                    lease_ttl_seconds: role.ttl.as_secs() as u32,
+                }),
+                detail: json!({ "role": role.name }),
+            })
+        })
+        .await
     }
 
     async fn fetch(
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        let start = std::time::Instant::now();
-        let span = info_span!("fetch", request_id = %request_id(&req));
-        let result: Result<_, ApiError> = async {
-            let _permit = self.limits.admit()?;
-            let r = req.get_ref();
-            // A name asked for twice is served once: 256 copies of one large
-            // secret must not make one answer 256 times its size.
-            let unique = dedup_names(&r.names)?;
-            let (id, role) = self
-                .authenticate(&req, "fetch", &r.role, &unique, Scope::Partial)
-                .await?;
-            // A rule with a secret withholds just that secret: the others
-            // are served, and the answer names what it withholds.
-            let withheld = self.view.withheld(&id, &unique);
-            let names: Vec<&String> = unique
-                .iter()
-                .filter(|n| !withheld.iter().any(|(w, _)| w == n))
-                .collect();
-            Self::authorize_all(role, &unique, "secret")?;
-            // Verified above; handed to STS web identity, never logged or kept.
-            let token = bearer(&req)?;
-            let ttl = policy::lease_ttl(role, r.ttl_seconds);
-            let mut secrets = Vec::with_capacity(names.len());
-            let mut records = Vec::with_capacity(names.len());
-            let mut answer_bytes = 0usize;
-            let mut upstreams = Vec::new();
-            for name in names {
-                let (v, up) = match self.read_for(name, &id, ttl, token).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Credentials issued for the earlier names are not handed out.
-                        self.abandon(&upstreams).await;
-                        match &e {
-                            ApiError::Vault { .. } => {
-                                warn!(identity = %id, secret = %name, error = %e, "vault read failed");
-                            }
-                            ApiError::Aws { .. } => {
-                                warn!(identity = %id, secret = %name, error = %e, "aws read failed");
-                            }
-                            _ => {}
-                        }
-                        return Err(e);
-                    }
-                };
-                answer_bytes += v.value().len();
-                if answer_bytes > self.max_response_bytes {
-                    self.abandon(&upstreams).await;
-                    warn!(identity = %id, secrets = unique.len(), limit = self.max_response_bytes, "fetch answer too large");
-                    return Err(ApiError::ResponseTooLarge {
-                        limit: self.max_response_bytes,
-                    });
-                }
-                let mut lease = new_lease(ttl)?;
-                if let Some(up) = up {
-                    // The credential's real expiry bounds the lease.
-                    bound_lease(&mut lease, up.expires_at);
-                    upstreams.push((lease.lease_id.clone(), up));
-                }
-                records.push(lease_record(&id, role, name, v.version, &lease));
-                secrets.push(pb::Secret {
-                    name: v.name.clone(),
-                    version: v.version,
-                    value: v.value().to_vec(),
-                    lease: Some(lease),
-                });
-            }
-            // The audit record is made before the leases move to the writer.
-            let record = Entry::new(
-                actor(&id),
-                "fetch",
-                "ok",
-                FetchAudit {
-                    issuer: &id.issuer,
-                    pod: id.pod_name.as_deref(),
-                    pod_uid: id.pod_uid.as_deref(),
-                    role: &role.name,
-                    secrets: records
-                        .iter()
-                        .map(|l| LeaseAudit {
-                            lease_id: &l.lease_id,
-                            name: &l.secret,
-                            version: l.version,
-                        })
-                        .collect(),
-                    withheld: withheld
-                        .iter()
-                        .map(|(name, rule)| WithheldAudit {
-                            name,
-                            rule_id: &rule.rule_id,
-                        })
-                        .collect(),
-                    ttl_seconds: ttl.as_secs(),
-                },
-            );
-            let leases = records.len() as u64;
-            // A lease that cannot be recorded cannot be revoked: fail instead.
-            if let Err(e) = self.leases.record(records).await {
-                self.abandon(&upstreams).await;
-                return Err(e.into());
-            }
-            for (lease_id, up) in &upstreams {
-                if let Err(e) = self.upstream.record(lease_id, up).await {
-                    self.abandon(&upstreams).await;
-                    return Err(e.into());
-                }
-            }
-            self.metrics.leases_issued.inc_by(leases);
-            self.metrics.secrets_served.inc_by(secrets.len() as u64);
-            debug!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
-            self.auditor.record(record);
-            let withheld = withheld
-                .iter()
-                .map(|(name, rule)| pb::Withheld {
-                    name: (*name).to_owned(),
-                    rule_id: rule.rule_id.clone(),
-                    reason: rule.reason.clone(),
-                })
-                .collect();
-            Ok(Response::new(pb::FetchResponse { secrets, withheld }))
-        }
-        .instrument(span)
-        .await;
-        self.observe("fetch", start, &result);
-        result.map_err(Into::into)
+        let ask = |r: &pb::FetchRequest| Ask::fetch(&r.role, &r.names);
+        self.call("fetch", &req, ask, |a| {
+            self.fetch_granted(a, req.get_ref().ttl_seconds)
+        })
+        .await
     }
 
     async fn renew(
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let start = std::time::Instant::now();
-        let span = info_span!("renew", request_id = %request_id(&req));
-        let result: Result<_, ApiError> = async {
-            let _permit = self.limits.admit()?;
-            let r = req.get_ref();
-            let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
-            let (id, role) = self
-                .authenticate(&req, "renew", &r.role, &names, Scope::Whole)
-                .await?;
-            Self::authorize_all(role, &names, "lease")?;
+        let ask = |r: &pb::RenewRequest| Ask::renew(&r.role, &r.leases);
+        let r = req.get_ref();
+        self.call("renew", &req, ask, |a| async move {
+            let role = a.role()?;
             let ttl = policy::lease_ttl(role, r.ttl_seconds);
-            let mut leases = Vec::with_capacity(names.len());
+            let mut leases = Vec::with_capacity(r.leases.len());
             for held in &r.leases {
-                let Some(record) = self.owned(&id, held).await? else {
+                let Some(record) = self.owned(&a.id, held).await? else {
                     return Err(ApiError::UnknownLease(held.lease_id.clone()));
                 };
                 let mut lease = new_lease(ttl)?;
                 lease.lease_id.clone_from(&held.lease_id);
                 let current = match (self.vault_for(&held.name), self.aws_for(&held.name)) {
-                    (_, Some((a, true))) => self.renew_sts(a, &record, &mut lease, ttl).await?,
+                    (_, Some((aws, true))) => self.renew_sts(aws, &record, &mut lease, ttl).await?,
                     (Some((v, true)), _) => self.renew_dynamic(v, &record, &mut lease, ttl).await?,
                     _ => self.current_version(&held.name).await?,
                 };
@@ -851,131 +538,210 @@ impl Broker for BrokerService {
                     lease: Some(lease),
                 });
             }
-            debug!(identity = %id, role = %role.name, leases = leases.len(), "renew");
-            self.audit(&id, "renew", "ok", json!({
+            debug!(identity = %a.id, role = %role.name, leases = leases.len(), "renew");
+            let detail = json!({
                 "role": role.name,
                 "leases": leases.iter().map(|l| json!({"name": l.name, "lease_id": l.lease.as_ref().map(|x| x.lease_id.clone())})).collect::<Vec<_>>(),
-            }));
-            Ok(Response::new(pb::RenewResponse { leases }))
-        }
-        .instrument(span)
-        .await;
-        self.observe("renew", start, &result);
-        result.map_err(Into::into)
+            });
+            Ok(Handled {
+                reply: Response::new(pb::RenewResponse { leases }),
+                detail,
+            })
+        })
+        .await
     }
 
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let start = std::time::Instant::now();
-        let span = info_span!("release", request_id = %request_id(&req));
-        let result: Result<_, ApiError> = async {
-            let _permit = self.limits.admit()?;
-            let r = req.get_ref();
-            // At most a call's worth of leases, like Renew, before any lookup.
-            let names: Vec<String> = r.leases.iter().map(|l| l.name.clone()).collect();
-            check_names(&names, "lease")?;
-            // Releasing is allowed even when revoked or stale: it only gives up access.
-            let token = bearer(&req)?;
-            let id = self.verifier.verify(token).await?;
-            // The same per-workload rate as every call.
-            self.limits.check(&id)?;
+        let ask = |r: &pb::ReleaseRequest| Ask::release(&r.leases);
+        let r = req.get_ref();
+        self.call("release", &req, ask, |a| async move {
             let mut released = 0u32;
             for held in &r.leases {
-                if self.owns(&id, held).await?
+                if self.owns(&a.id, held).await?
                     && self.leases.extend(&held.lease_id, unix_now()).await?
                 {
                     released += 1;
                 }
             }
-            info!(identity = %id, released, "leases released");
+            info!(identity = %a.id, released, "leases released");
             // A count and a bounded sample: one record stays small whatever
             // the call carried.
-            self.audit(
-                &id,
-                "release",
-                "ok",
-                json!({
-                    "leases": r.leases.len(),
-                    "sample": r.leases.iter().take(AUDIT_SAMPLE).map(|l| l.lease_id.as_str()).collect::<Vec<_>>(),
-                    "released": released,
-                }),
-            );
-            Ok(Response::new(pb::ReleaseResponse { released }))
-        }
-        .instrument(span)
-        .await;
-        self.observe("release", start, &result);
-        result.map_err(Into::into)
+            let detail = json!({
+                "leases": r.leases.len(),
+                "sample": r.leases.iter().take(AUDIT_SAMPLE).map(|l| l.lease_id.as_str()).collect::<Vec<_>>(),
+                "released": released,
+            });
+            Ok(Handled {
+                reply: Response::new(pb::ReleaseResponse { released }),
+                detail,
+            })
+        })
+        .await
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let start = std::time::Instant::now();
-        let rid = request_id(&req);
-        let stream_permit = match self.limits.admit_stream() {
-            Ok(p) => p,
-            Err(e) => {
-                let refused: Result<(), ApiError> = Err(e.into());
-                self.observe("watch", start, &refused);
-                return Err(refused.map_err(Status::from).unwrap_err());
-            }
-        };
-        let opened = self
-            .authenticate(
-                &req,
-                "watch",
-                &req.get_ref().role,
-                &req.get_ref().names,
-                Scope::Partial,
-            )
-            .await
-            .and_then(|(id, role)| {
-                Self::authorize_all(role, &req.get_ref().names, "secret").map(|()| (id, role))
+        let ask = |r: &pb::WatchRequest| Ask::watch(&r.role, &r.names);
+        self.call("watch", &req, ask, |a| async move {
+            let role = a.role()?;
+            // A workload's streams are bounded too: one pod must not hold a
+            // replica's share of streams.
+            let workload_stream = self.limits.admit_workload_stream(&a.id)?;
+            let Some(stream_permit) = a.stream else {
+                return Err(ApiError::BadRequest(
+                    "a watch holds a stream's place".into(),
+                ));
+            };
+            info!(identity = %a.id, role = %role.name, secrets = a.names.len(), "watch opened");
+            let detail = json!({ "role": role.name, "secrets": a.names });
+            // The stream ends when the token that opened it expires: a client
+            // must come back with a fresh token to keep watching.
+            let token_left = Duration::from_secs((a.id.expires_at - unix_now()).max(0) as u64);
+            let state = WatchState {
+                watched: a.names.into_iter().collect(),
+                rotations: self.rotations.subscribe(),
+                revocations: self.view.subscribe(),
+                view: self.view.clone(),
+                shutdown: self.shutdown.clone(),
+                tick: tokio::time::interval(self.heartbeat),
+                deadline: Box::pin(tokio::time::sleep(token_left)),
+                pending: std::collections::VecDeque::new(),
+                done: false,
+                _guard: StreamGuard::new(self.metrics.clone()),
+                _permit: stream_permit,
+                _workload: workload_stream,
+                id: a.id,
+            };
+            // No task and no channel per stream: the stream is polled by the
+            // connection that carries it (a few hundred bytes of state each).
+            let stream = futures_util::stream::unfold(state, |mut st| async move {
+                let item = st.next_event().await?;
+                Some((item, st))
             });
-        // A workload's streams are bounded too: one pod must not hold a
-        // replica's share of streams.
-        let opened = opened.and_then(|(id, role)| {
-            let counted = self.limits.admit_workload_stream(&id)?;
-            Ok((id, role, counted))
-        });
-        self.observe("watch", start, &opened);
-        let (id, role, workload_stream) = opened?;
-        let names = req.into_inner().names;
-        info!(identity = %id, role = %role.name, secrets = names.len(), request_id = %rid, "watch opened");
-        self.audit(
-            &id,
-            "watch",
-            "ok",
-            json!({ "role": role.name, "secrets": names }),
-        );
-        // The stream ends when the token that opened it expires: a client must
-        // come back with a fresh token to keep watching.
-        let token_left = Duration::from_secs((id.expires_at - unix_now()).max(0) as u64);
-        let state = WatchState {
-            watched: names.iter().cloned().collect(),
-            rotations: self.rotations.subscribe(),
-            revocations: self.view.subscribe(),
-            view: self.view.clone(),
-            shutdown: self.shutdown.clone(),
-            tick: tokio::time::interval(self.heartbeat),
-            deadline: Box::pin(tokio::time::sleep(token_left)),
-            pending: std::collections::VecDeque::new(),
-            done: false,
-            _guard: StreamGuard::new(self.metrics.clone()),
-            _permit: stream_permit,
-            _workload: workload_stream,
-            id,
+            let stream: WatchStream = Box::pin(stream);
+            Ok(Handled {
+                reply: Response::new(stream),
+                detail,
+            })
+        })
+        .await
+    }
+}
+
+impl BrokerService {
+    /// A Fetch's own work, after the envelope's checks: read each granted
+    /// secret that no rule withholds, record a lease for each, answer them
+    /// within `server.max_response_bytes`.
+    async fn fetch_granted(
+        &self,
+        a: Admitted<'_>,
+        ttl_seconds: u32,
+    ) -> Result<Handled<Response<pb::FetchResponse>, impl serde::Serialize>, ApiError> {
+        let role = a.role()?;
+        let id = &a.id;
+        // A rule with a secret withholds just that secret: the others are
+        // served, and the answer names what it withholds.
+        let withheld = self.view.withheld(id, &a.names);
+        let names: Vec<&String> = a
+            .names
+            .iter()
+            .filter(|n| !withheld.iter().any(|(w, _)| w == n))
+            .collect();
+        let ttl = policy::lease_ttl(role, ttl_seconds);
+        let mut secrets = Vec::with_capacity(names.len());
+        let mut records = Vec::with_capacity(names.len());
+        let mut answer_bytes = 0usize;
+        let mut upstreams = Vec::new();
+        for name in names {
+            let (v, up) = match self.read_for(name, id, ttl, a.token).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Credentials issued for the earlier names are not handed out.
+                    self.abandon(&upstreams).await;
+                    match &e {
+                        ApiError::Vault { .. } => {
+                            warn!(identity = %id, secret = %name, error = %e, "vault read failed");
+                        }
+                        ApiError::Aws { .. } => {
+                            warn!(identity = %id, secret = %name, error = %e, "aws read failed");
+                        }
+                        _ => {}
+                    }
+                    return Err(e);
+                }
+            };
+            answer_bytes += v.value().len();
+            if answer_bytes > self.max_response_bytes {
+                self.abandon(&upstreams).await;
+                warn!(identity = %id, secrets = a.names.len(), limit = self.max_response_bytes, "fetch answer too large");
+                return Err(ApiError::ResponseTooLarge {
+                    limit: self.max_response_bytes,
+                });
+            }
+            let mut lease = new_lease(ttl)?;
+            if let Some(up) = up {
+                // The credential's real expiry bounds the lease.
+                bound_lease(&mut lease, up.expires_at);
+                upstreams.push((lease.lease_id.clone(), up));
+            }
+            records.push(lease_record(id, role, name, v.version, &lease));
+            secrets.push(pb::Secret {
+                name: v.name.clone(),
+                version: v.version,
+                value: v.value().to_vec(),
+                lease: Some(lease),
+            });
+        }
+        let detail = FetchAudit {
+            role: &role.name,
+            secrets: records
+                .iter()
+                .map(|l| LeaseAudit {
+                    lease_id: l.lease_id.clone(),
+                    name: l.secret.clone(),
+                    version: l.version,
+                })
+                .collect(),
+            withheld: withheld
+                .iter()
+                .map(|(name, rule)| WithheldAudit {
+                    name: (*name).to_owned(),
+                    rule_id: rule.rule_id.clone(),
+                })
+                .collect(),
+            ttl_seconds: ttl.as_secs(),
         };
-        // No task and no channel per stream: the stream is polled by the
-        // connection that carries it (a few hundred bytes of state each).
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            let item = st.next_event().await?;
-            Some((item, st))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let leases = records.len() as u64;
+        // A lease that cannot be recorded cannot be revoked: fail instead.
+        if let Err(e) = self.leases.record(records).await {
+            self.abandon(&upstreams).await;
+            return Err(e.into());
+        }
+        for (lease_id, up) in &upstreams {
+            if let Err(e) = self.upstream.record(lease_id, up).await {
+                self.abandon(&upstreams).await;
+                return Err(e.into());
+            }
+        }
+        self.metrics.leases_issued.inc_by(leases);
+        self.metrics.secrets_served.inc_by(secrets.len() as u64);
+        debug!(identity = %id, role = %role.name, secrets = secrets.len(), ttl_s = ttl.as_secs(), "fetch");
+        let withheld = withheld
+            .iter()
+            .map(|(name, rule)| pb::Withheld {
+                name: (*name).to_owned(),
+                rule_id: rule.rule_id.clone(),
+                reason: rule.reason.clone(),
+            })
+            .collect();
+        Ok(Handled {
+            reply: Response::new(pb::FetchResponse { secrets, withheld }),
+            detail,
+        })
     }
 }
 
@@ -1227,15 +993,6 @@ pub async fn poll_rotations(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn name_checks_say_what_the_call_lists() {
-        let msg = |names: &[String], what| check_names(names, what).unwrap_err().to_string();
-        assert!(msg(&[], "lease").contains("name at least one lease"));
-        assert!(msg(&[], "secret").contains("name at least one secret"));
-        let many = vec!["a/b".to_owned(); MAX_NAMES_PER_REQUEST + 1];
-        assert!(msg(&many, "lease").contains("257 leases in one call, at most 256"));
-    }
 
     #[tokio::test]
     async fn a_refresh_after_a_write_serves_the_new_version_and_announces_it_once() {

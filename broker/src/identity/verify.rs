@@ -775,6 +775,21 @@ impl Verifiers {
         v.cfg.mode != super::tokenreview::Mode::TokenReview
     }
 
+    /// The checks of a token's size and form that need no parsing: present,
+    /// within the largest `identity.max_token_bytes`, three dot-separated
+    /// parts. Cheap enough for every call, a verification cache hit included;
+    /// [`Verifiers::verify`] checks the rest.
+    pub fn check_shape<'t>(&self, token: &'t str) -> Result<&'t str, TokenError> {
+        let token = bounded(token, self.max_token_bytes)?;
+        let parts = token.split('.').count();
+        if parts != 3 {
+            return Err(TokenError::Malformed(format!(
+                "expected 3 dot-separated parts (a signed JWT), found {parts}"
+            )));
+        }
+        Ok(token)
+    }
+
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         if let [only] = self.all.as_slice() {
             return only.verify(token).await;
