@@ -81,6 +81,9 @@ pub enum RunError {
     /// The `[vault]` settings cannot be used (address, CA file).
     #[error("{0}")]
     Vault(String),
+    /// Two sources map one secret name.
+    #[error("secrets: {0}")]
+    Sources(String),
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -349,13 +352,23 @@ pub async fn run(
             }
         }
     });
+    // Every source, built once: each name goes to the source that maps it,
+    // the rest to the embedded store.
+    let mut sources = backend::source::Sources::new(Arc::new(
+        backend::embedded::EmbeddedSource::new(cache, versions),
+    ));
+    if let Some(v) = &vault {
+        let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
+        sources = sources.add(Arc::new(source)).map_err(RunError::Sources)?;
+    }
+    if let Some(a) = &aws {
+        let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
+        sources = sources.add(Arc::new(source)).map_err(RunError::Sources)?;
+    }
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
-        cache,
-        versions,
-        vault,
-        aws,
+        sources: Arc::new(sources),
         upstream,
         leases,
         view,

@@ -4,7 +4,7 @@
 //! handlers below do only their call's own work. Errors become
 //! `tonic::Status` in exactly one place ([`ApiError`] → `Status`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +17,12 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::envelope::{AUDIT_SAMPLE, Admitted, Ask, Handled};
+pub use crate::backend::rotation::{Rotation, Rotations, Versions, poll_rotations};
 
-use crate::backend::embedded::{EmbeddedStore, StoreError};
-use crate::cache::{ReadError, SecretCache};
+use crate::backend::source::{
+    Failure, Issued, ReadFor, SecretSource, SourceError, Sources, Upstream,
+};
+use crate::backend::upstream::UpstreamLeases;
 use crate::config::RoleConfig;
 use crate::db::unix_now;
 use crate::identity::Identity;
@@ -29,9 +32,6 @@ use crate::state::audit::Auditor;
 use crate::state::revocation::{Revoked, Stale, View};
 use crate::state::{LeaseRecord, Leases};
 use serde_json::json;
-
-/// Latest version per secret name, as the rotation poller last saw it.
-pub type Versions = Arc<std::sync::RwLock<HashMap<String, u64>>>;
 
 /// Counts an open watch stream for as long as it lives.
 struct StreamGuard(Arc<crate::api::http::Metrics>);
@@ -49,13 +49,6 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A new version of a secret, broadcast to watch streams.
-#[derive(Debug, Clone)]
-pub struct Rotation {
-    pub name: String,
-    pub version: u64,
-}
-
 /// Every way a call can fail, converted to a gRPC status in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -67,8 +60,6 @@ pub enum ApiError {
     Revoked(#[from] Revoked),
     #[error(transparent)]
     Stale(#[from] Stale),
-    #[error("secret {0:?} does not exist")]
-    NotFound(String),
     #[error("lease {0:?} is unknown or not yours; fetch the secret again")]
     UnknownLease(String),
     #[error("state database: {0}")]
@@ -78,23 +69,10 @@ pub enum ApiError {
     LeaseRecord(#[from] crate::state::RecordError),
     #[error("invalid request: {0}")]
     BadRequest(String),
-    /// Vault failed; the message names the secret, the path and what Vault
-    /// said (never the broker's token).
-    #[error("secret {name:?}: {error}")]
-    Vault {
-        name: String,
-        error: crate::backend::vault::VaultError,
-    },
-    /// AWS failed or refused; the message names the secret, the call and
-    /// what AWS said (never a token or a credential).
-    #[error("secret {name:?}: {error}")]
-    Aws {
-        name: String,
-        error: crate::backend::aws::AwsError,
-    },
-    /// A backend read failed (details in the broker's log).
-    #[error("the secrets store is unavailable; retry later")]
-    Backend,
+    /// A source of secrets failed or refused; the message names the secret
+    /// and what the source said (never a token, a credential or a value).
+    #[error(transparent)]
+    Backend(#[from] SourceError),
     /// Over a load limit: refused at once, to be retried with backoff.
     #[error(transparent)]
     Overloaded(#[from] crate::api::limits::Overloaded),
@@ -117,17 +95,16 @@ impl ApiError {
             ApiError::Denied(_) => "denied",
             ApiError::Revoked(_) => "revoked",
             ApiError::Stale(_) => "stale_view",
-            ApiError::NotFound(_) => "not_found",
             ApiError::UnknownLease(_) => "unknown_lease",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::ResponseTooLarge { .. } => "too_large",
             ApiError::Overloaded(e) => e.class(),
-            ApiError::Aws { error, .. } if error.is_refusal() => "backend_refused",
-            ApiError::Database(_)
-            | ApiError::LeaseRecord(_)
-            | ApiError::Backend
-            | ApiError::Vault { .. }
-            | ApiError::Aws { .. } => "backend_error",
+            ApiError::Backend(e) => match e.failure {
+                Failure::NotFound => "not_found",
+                Failure::Refused => "backend_refused",
+                Failure::Unavailable | Failure::StateDatabase => "backend_error",
+            },
+            ApiError::Database(_) | ApiError::LeaseRecord(_) => "backend_error",
         }
     }
 }
@@ -142,29 +119,22 @@ impl From<ApiError> for Status {
             ApiError::Token(_) => Status::unauthenticated(msg),
             ApiError::Denied(_) | ApiError::Revoked(_) => Status::permission_denied(msg),
             ApiError::Stale(_) => Status::unavailable(msg),
-            ApiError::NotFound(_) | ApiError::UnknownLease(_) => Status::not_found(msg),
-            ApiError::Database(_) | ApiError::LeaseRecord(_) => {
-                Status::unavailable("the state database is unavailable; retry later")
-            }
+            ApiError::UnknownLease(_) => Status::not_found(msg),
+            ApiError::Database(_)
+            | ApiError::LeaseRecord(_)
+            | ApiError::Backend(SourceError {
+                failure: Failure::StateDatabase,
+                ..
+            }) => Status::unavailable("the state database is unavailable; retry later"),
             ApiError::BadRequest(_) => Status::invalid_argument(msg),
             ApiError::Overloaded(_) | ApiError::ResponseTooLarge { .. } => {
                 Status::resource_exhausted(msg)
             }
-            ApiError::Vault {
-                error: crate::backend::vault::VaultError::NotFound { .. },
-                ..
-            } => Status::not_found(msg),
-            ApiError::Vault { .. } => Status::unavailable(msg),
-            ApiError::Aws {
-                error: crate::backend::aws::AwsError::NotFound { .. },
-                ..
-            } => Status::not_found(msg),
-            ApiError::Aws { error, .. } if error.is_refusal() => Status::permission_denied(msg),
-            ApiError::Aws { .. } => Status::unavailable(msg),
-            // Store internals (paths, SQL) stay in the broker's log.
-            ApiError::Backend => {
-                Status::unavailable("the secrets store is unavailable; retry later")
-            }
+            ApiError::Backend(e) => match e.failure {
+                Failure::NotFound => Status::not_found(msg),
+                Failure::Refused => Status::permission_denied(msg),
+                Failure::Unavailable | Failure::StateDatabase => Status::unavailable(msg),
+            },
         }
     }
 }
@@ -173,16 +143,10 @@ impl From<ApiError> for Status {
 pub struct BrokerService {
     pub verifier: Arc<Verifiers>,
     pub policy: Arc<Policy>,
-    /// Reads go through the cache: one backend read serves many pods.
-    pub cache: SecretCache,
-    /// Latest version of every secret, kept by the rotation poller.
-    pub versions: Versions,
-    /// Vault, for the secrets mapped to it.
-    pub vault: Option<Arc<crate::backend::vault::Vault>>,
-    /// AWS (STS credentials, Secrets Manager), for the secrets mapped to it.
-    pub aws: Option<Arc<crate::backend::aws::Aws>>,
+    /// Which source serves each secret (the embedded store, Vault, AWS).
+    pub sources: Arc<Sources>,
     /// Upstream credentials of pod leases (Vault leases, certificates).
-    pub upstream: crate::backend::vault::UpstreamLeases,
+    pub upstream: UpstreamLeases,
     pub leases: Leases,
     pub view: Arc<View>,
     pub auditor: Auditor,
@@ -301,175 +265,12 @@ impl BrokerService {
         }))
     }
 
-    /// The Vault mapping of `name`, if Vault serves it.
-    fn vault_for(&self, name: &str) -> Option<(&Arc<crate::backend::vault::Vault>, bool)> {
-        let v = self.vault.as_ref()?;
-        v.mapping(name).map(|m| (v, m.is_dynamic()))
-    }
-
-    /// The AWS mapping of `name`, if AWS serves it (true: STS credentials).
-    fn aws_for(&self, name: &str) -> Option<(&Arc<crate::backend::aws::Aws>, bool)> {
-        let a = self.aws.as_ref()?;
-        a.mapping(name).map(|m| (a, m.is_dynamic()))
-    }
-
-    /// A secret for `id`: from Vault or AWS when mapped there (a credential
-    /// of its own for a dynamic mapping, with its upstream handle), else from
-    /// the embedded store through the cache. `token` is the caller's verified
-    /// bearer token, passed on only to STS web identity; never logged or kept.
-    async fn read_for(
-        &self,
-        name: &str,
-        id: &Identity,
-        ttl: Duration,
-        token: &str,
-    ) -> Result<
-        (
-            Arc<crate::backend::SecretVersion>,
-            Option<crate::backend::vault::Upstream>,
-        ),
-        ApiError,
-    > {
-        let vault_err = |error| ApiError::Vault {
-            name: name.to_owned(),
-            error,
-        };
-        let aws_err = |error| ApiError::Aws {
-            name: name.to_owned(),
-            error,
-        };
-        if let Some((a, dynamic)) = self.aws_for(name) {
-            if !dynamic {
-                return Ok((a.sm_get(name).await.map_err(aws_err)?, None));
-            }
-            let (secret, up) = a.issue(name, id, token).await.map_err(aws_err)?;
-            return Ok((Arc::new(secret), Some(up)));
-        }
-        match self.vault_for(name) {
-            None => Ok((self.read(name).await?, None)),
-            Some((v, false)) => Ok((v.kv_get(name).await.map_err(vault_err)?, None)),
-            Some((v, true)) => {
-                let (secret, up) = v.issue(name, id, ttl).await.map_err(vault_err)?;
-                Ok((Arc::new(secret), Some(up)))
-            }
-        }
-    }
-
-    async fn read(&self, name: &str) -> Result<Arc<crate::backend::SecretVersion>, ApiError> {
-        match self.cache.get(name).await {
-            Ok(v) => Ok(v),
-            Err(ReadError::NotFound) => Err(ApiError::NotFound(name.to_owned())),
-            Err(ReadError::Backend(e)) => {
-                warn!(secret = name, error = %e, "store read failed");
-                Err(ApiError::Backend)
-            }
-        }
-    }
-
-    /// Renews the upstream credential behind a pod lease and bounds the
-    /// lease by it. Returns the version the sidecar should hold: the
-    /// lease's own, or 0 ("fetch again") when the credential is gone or
-    /// ends within half a lease, so the pod gets a new one in time.
-    async fn renew_dynamic(
-        &self,
-        vault: &crate::backend::vault::Vault,
-        record: &LeaseRecord,
-        lease: &mut pb::Lease,
-        ttl: Duration,
-    ) -> Result<u64, ApiError> {
-        let Some(up) = self.upstream.get(&record.lease_id).await? else {
-            return Ok(0);
-        };
-        let ends = match vault.renew_upstream(&up, ttl).await {
-            Ok(ends) => ends,
-            Err(e) => {
-                warn!(secret = %record.secret, lease_id = %record.lease_id, error = %e, "upstream renewal failed; the lease keeps the credential's expiry");
-                up.expires_at
-            }
-        };
-        if ends != up.expires_at {
-            self.upstream.set_expiry(&record.lease_id, ends).await?;
-        }
-        bound_lease(lease, ends);
-        if ends - unix_now() < (ttl.as_secs() / 2) as i64 {
-            return Ok(0);
-        }
-        Ok(record.version)
-    }
-
-    /// Bounds a lease by the STS credentials behind it. Returns the version
-    /// the sidecar should hold: the lease's own, or 0 ("fetch again") from
-    /// two thirds of the credentials' life on, or when they cannot cover half
-    /// a lease (STS credentials cannot be extended, only replaced).
-    async fn renew_sts(
-        &self,
-        aws: &crate::backend::aws::Aws,
-        record: &LeaseRecord,
-        lease: &mut pb::Lease,
-        ttl: Duration,
-    ) -> Result<u64, ApiError> {
-        let Some(up) = self.upstream.get(&record.lease_id).await? else {
-            return Ok(0);
-        };
-        bound_lease(lease, up.expires_at);
-        let life = aws
-            .mapping(&record.secret)
-            .and_then(|m| m.duration())
-            .unwrap_or(Duration::ZERO);
-        if crate::backend::aws::sts_refresh_due(up.expires_at, life, ttl, unix_now()) {
-            return Ok(0);
-        }
-        Ok(record.version)
-    }
-
     /// Revokes credentials issued for a call that failed before handing them out.
-    async fn abandon(&self, upstreams: &[(String, crate::backend::vault::Upstream)]) {
-        let Some(v) = &self.vault else { return };
-        for (_, up) in upstreams {
-            if let Err(e) = v.revoke_upstream(up.kind, &up.mount, &up.id).await {
+    async fn abandon(&self, issued: &[(String, Upstream, &dyn SecretSource)]) {
+        for (_, up, source) in issued {
+            if let Err(e) = source.revoke(up).await {
                 warn!(kind = up.kind, error = %e, "cannot revoke a credential of a failed call; it ends at its own expiry");
             }
-        }
-    }
-
-    /// The latest version of `name`, from the poller's map (or the store for
-    /// a secret created since the last poll); Vault KV versions from Vault's poller.
-    async fn current_version(&self, name: &str) -> Result<u64, ApiError> {
-        if let Some((a, false)) = self.aws_for(name) {
-            return match a.sm_version(name) {
-                Some(version) => Ok(version),
-                None => Ok(a
-                    .sm_get(name)
-                    .await
-                    .map_err(|error| ApiError::Aws {
-                        name: name.to_owned(),
-                        error,
-                    })?
-                    .version),
-            };
-        }
-        if let Some((v, false)) = self.vault_for(name) {
-            return match v.kv_version(name) {
-                Some(version) => Ok(version),
-                None => Ok(v
-                    .kv_get(name)
-                    .await
-                    .map_err(|error| ApiError::Vault {
-                        name: name.to_owned(),
-                        error,
-                    })?
-                    .version),
-            };
-        }
-        let known = self
-            .versions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .copied();
-        match known {
-            Some(v) => Ok(v),
-            None => Ok(self.read(name).await?.version),
         }
     }
 }
@@ -526,11 +327,12 @@ impl Broker for BrokerService {
                 };
                 let mut lease = new_lease(ttl)?;
                 lease.lease_id.clone_from(&held.lease_id);
-                let current = match (self.vault_for(&held.name), self.aws_for(&held.name)) {
-                    (_, Some((aws, true))) => self.renew_sts(aws, &record, &mut lease, ttl).await?,
-                    (Some((v, true)), _) => self.renew_dynamic(v, &record, &mut lease, ttl).await?,
-                    _ => self.current_version(&held.name).await?,
-                };
+                let now = self.sources.for_name(&held.name).current(&record, ttl).await?;
+                if let Some(ends) = now.ends {
+                    // The credential's real end bounds the lease.
+                    bound_lease(&mut lease, ends);
+                }
+                let current = now.version;
                 self.leases.extend(&lease.lease_id, lease.expires_at_unix).await?;
                 leases.push(pb::RenewedLease {
                     name: held.name.clone(),
@@ -657,21 +459,25 @@ impl BrokerService {
         let mut answer_bytes = 0usize;
         let mut upstreams = Vec::new();
         for name in names {
-            let (v, up) = match self.read_for(name, id, ttl, a.token).await {
+            let source = self.sources.for_name(name);
+            let what = ReadFor {
+                name,
+                id,
+                ttl,
+                token: a.token,
+            };
+            let Issued {
+                secret: v,
+                upstream: up,
+            } = match source.read(&what).await {
                 Ok(x) => x,
                 Err(e) => {
                     // Credentials issued for the earlier names are not handed out.
                     self.abandon(&upstreams).await;
-                    match &e {
-                        ApiError::Vault { .. } => {
-                            warn!(identity = %id, secret = %name, error = %e, "vault read failed");
-                        }
-                        ApiError::Aws { .. } => {
-                            warn!(identity = %id, secret = %name, error = %e, "aws read failed");
-                        }
-                        _ => {}
+                    if e.failure != Failure::NotFound {
+                        warn!(identity = %id, secret = %name, source = e.source_kind, error = %e, "backend read failed");
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             answer_bytes += v.value().len();
@@ -686,7 +492,7 @@ impl BrokerService {
             if let Some(up) = up {
                 // The credential's real expiry bounds the lease.
                 bound_lease(&mut lease, up.expires_at);
-                upstreams.push((lease.lease_id.clone(), up));
+                upstreams.push((lease.lease_id.clone(), up, source));
             }
             records.push(lease_record(id, role, name, v.version, &lease));
             secrets.push(pb::Secret {
@@ -721,7 +527,7 @@ impl BrokerService {
             self.abandon(&upstreams).await;
             return Err(e.into());
         }
-        for (lease_id, up) in &upstreams {
+        for (lease_id, up, _) in &upstreams {
             if let Err(e) = self.upstream.record(lease_id, up).await {
                 self.abandon(&upstreams).await;
                 return Err(e.into());
@@ -897,141 +703,9 @@ pub fn to_pb(id: &Identity) -> pb::Identity {
     }
 }
 
-/// This replica's record of the store's latest versions. One step reads
-/// them, updates the shared version map, drops changed secrets from the
-/// cache and tells the watch streams; the poller runs it on a timer and
-/// after every announced write, and the admin API after its own writes, so
-/// that a write is served here when the call that made it returns.
-pub struct Rotations {
-    store: EmbeddedStore,
-    versions: Versions,
-    cache: SecretCache,
-    tx: broadcast::Sender<Rotation>,
-    /// Held for a whole step, so that two steps never announce one change
-    /// twice; `false` until the first step, which only learns the versions.
-    primed: tokio::sync::Mutex<bool>,
-}
-
-impl Rotations {
-    pub fn new(
-        store: EmbeddedStore,
-        versions: Versions,
-        cache: SecretCache,
-        tx: broadcast::Sender<Rotation>,
-    ) -> Rotations {
-        Rotations {
-            store,
-            versions,
-            cache,
-            tx,
-            primed: tokio::sync::Mutex::new(false),
-        }
-    }
-
-    /// Re-reads the latest versions and acts on every change since the last step.
-    pub async fn refresh(&self) -> Result<(), StoreError> {
-        let mut primed = self.primed.lock().await;
-        let current = self.store.latest_versions().await?;
-        let known = self
-            .versions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for (name, version) in &current {
-            if *primed && known.get(name) != Some(version) {
-                info!(secret = %name, version, "new secret version");
-                self.cache.invalidate(name).await;
-                let _ = self.tx.send(Rotation {
-                    name: name.clone(),
-                    version: *version,
-                });
-            }
-        }
-        for name in known.keys().filter(|n| !current.contains_key(*n)) {
-            self.cache.invalidate(name).await; // deleted
-        }
-        *self.versions.write().unwrap_or_else(|e| e.into_inner()) = current;
-        *primed = true;
-        Ok(())
-    }
-}
-
-/// Runs a [`Rotations`] step every `interval`, and at once after a write
-/// announced by the store.
-pub async fn poll_rotations(
-    rotations: Arc<Rotations>,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.reset();
-    let store = &rotations.store;
-    let mut notes =
-        crate::db::Notifications::new(store.db(), crate::backend::embedded::VERSIONS_CHANNEL);
-    let mut first = true;
-    loop {
-        if !first {
-            // A write through this replica, or (PostgreSQL) any other, is
-            // pushed at once; the timer catches the rest (e.g. `store put`
-            // on SQLite, or a lost notification).
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = store.changed() => {}
-                _ = notes.recv() => {}
-                _ = crate::until_true(&mut shutdown) => return,
-            }
-        }
-        first = false;
-        notes.connect().await;
-        if let Err(e) = rotations.refresh().await {
-            warn!(error = %e, "cannot read secret versions");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_refresh_after_a_write_serves_the_new_version_and_announces_it_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("k");
-        crate::backend::embedded::generate_key_file(&key, "k1").unwrap();
-        let store = EmbeddedStore::new(crate::db::Db::sqlite_in(dir.path()).await, &key).unwrap();
-        let metrics = Arc::new(crate::api::http::Metrics::new(Default::default()));
-        let cache = SecretCache::new(store.clone(), Duration::from_secs(600), metrics);
-        let versions = Versions::default();
-        let (tx, mut rx) = broadcast::channel(16);
-        let rotations = Rotations::new(store.clone(), versions.clone(), cache.clone(), tx);
-        store.put("a", b"one").await.unwrap();
-        rotations.refresh().await.unwrap();
-        assert!(
-            rx.try_recv().is_err(),
-            "the first step only learns versions"
-        );
-        assert_eq!(cache.get("a").await.unwrap().value(), b"one"); // now cached
-
-        store.put("a", b"two").await.unwrap();
-        assert_eq!(
-            cache.get("a").await.unwrap().value(),
-            b"one",
-            "stale until a step"
-        );
-        rotations.refresh().await.unwrap();
-        assert_eq!(cache.get("a").await.unwrap().value(), b"two");
-        assert_eq!(versions.read().unwrap().get("a"), Some(&2));
-        let r = rx.try_recv().unwrap();
-        assert_eq!((r.name.as_str(), r.version), ("a", 2));
-        rotations.refresh().await.unwrap();
-        assert!(rx.try_recv().is_err(), "one change, one announcement");
-
-        store.delete("a").await.unwrap();
-        rotations.refresh().await.unwrap();
-        assert!(matches!(cache.get("a").await, Err(ReadError::NotFound)));
-        assert_eq!(versions.read().unwrap().get("a"), None);
-    }
 
     #[test]
     fn lease_ids_are_128_bits_and_ordered_by_issue_time() {

@@ -1,9 +1,14 @@
-//! Sources of secrets. The embedded encrypted store is the default; Vault and
-//! AWS join it behind one interface as they land.
+//! Sources of secrets, each behind one interface ([`source::SecretSource`]):
+//! the embedded encrypted store (the default), Vault and AWS, and what they
+//! share: the registry from names to sources, upstream credentials of pod
+//! leases, the rotation broadcast.
 
 pub mod aws;
 pub mod embedded;
 pub mod polled;
+pub mod rotation;
+pub mod source;
+pub mod upstream;
 pub mod vault;
 
 use secrecy::{ExposeSecret, SecretSlice};

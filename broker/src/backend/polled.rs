@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use super::SecretVersion;
-use crate::api::grpc::Rotation;
+use crate::backend::rotation::Rotation;
 
 /// What a poller needs to know of an upstream's errors.
 pub trait PollError: std::fmt::Display {

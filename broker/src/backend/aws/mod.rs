@@ -25,6 +25,9 @@
 
 pub mod config;
 
+mod source;
+pub use source::AwsSource;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +41,7 @@ use tracing::{info, warn};
 use self::config::{AwsConfig, Mapping, MappingKind};
 use super::SecretVersion;
 use super::polled::{PollError, Polled};
-use crate::api::grpc::Rotation;
+use crate::backend::rotation::Rotation;
 use crate::backend::vault::Upstream;
 use crate::db::{Db, on_db, unix_now};
 use crate::identity::Identity;

@@ -12,6 +12,9 @@
 //! Versions only grow: a `put` adds version N+1, which is a rotation for every
 //! reader.
 
+mod source;
+pub use source::EmbeddedSource;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
