@@ -91,9 +91,15 @@ def check_data(name, data, example, allowed, failures):
         if not ca.startswith("/etc/secrets-broker-injector/broker-ca/"):
             failures.append(f"{name}: sidecar.broker_ca_file must be under /etc/secrets-broker-injector/broker-ca/ (mounted Secret)")
     else:
-        hl = data.get("health_listen", "")
-        if not hl.endswith(":8099") or hl.startswith("127."):
-            failures.append(f"{name}: health_listen must be <pod address>:8099 for the probes, got {hl!r}")
+        # The detail (secret names, rule IDs) on loopback; the kubelet's
+        # probes (and the PodMonitor) on the status-only probe port, 8098 on
+        # the pod address (the deployment's sidecar-http).
+        hl = data.get("health_listen", "127.0.0.1:8099")
+        if hl != "off" and not (hl.startswith("127.") or hl.startswith("[::1]")):
+            failures.append(f"{name}: health_listen must be on loopback (it names secrets and rule IDs), got {hl!r}")
+        pl = data.get("probe_listen", "")
+        if not pl.endswith(":8098") or pl.startswith("127.") or pl.startswith("[::1]"):
+            failures.append(f"{name}: probe_listen must be <pod address>:8098 for the probes, got {pl!r}")
 
 
 def schema_keys(node, prefix=""):

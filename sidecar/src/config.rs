@@ -76,6 +76,11 @@ struct RawConfig {
     #[serde(default = "default_timeout", with = "humantime_serde")]
     request_timeout: Duration,
     health_listen: Option<String>,
+    probe_listen: Option<String>,
+    #[serde(default)]
+    probe_metrics: bool,
+    #[serde(default)]
+    metrics_secret_names: bool,
     local_api: Option<RawLocalApi>,
     aws_credentials: Option<crate::aws_endpoint::RawAwsCredentials>,
     notify: Option<RawNotify>,
@@ -168,6 +173,13 @@ fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// `health_listen` when the file does not set it: loopback only, so the
+/// detail it shows (secret names, revocation rule IDs, lease times) never
+/// reaches the pod network.
+pub const DEFAULT_HEALTH_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8099),
+);
+
 /// Most secrets one sidecar holds. The broker takes 256 names per call; the
 /// sidecar splits longer lists over several calls and watch streams.
 pub const MAX_SECRETS: usize = 4096;
@@ -198,8 +210,27 @@ pub struct Config {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub request_timeout: Duration,
-    /// Local HTTP port for `/healthz` and `/readyz` (probes); off when unset.
+    /// The detailed `/healthz`, `/readyz` (what is missing or revoked, by
+    /// name and rule ID) and `/metrics`; [`DEFAULT_HEALTH_LISTEN`] unless
+    /// the file says otherwise, `None` for `health_listen = "off"`. On an
+    /// address that is not loopback it shows only what [`probe_listen`]
+    /// shows (see [`crate::health::View`]).
+    ///
+    /// [`probe_listen`]: Config::probe_listen
     pub health_listen: Option<std::net::SocketAddr>,
+    /// `health_listen` was not in the file: a port already taken is then
+    /// logged (INFO), not a reason to stop (two sidecars on one machine).
+    pub health_listen_default: bool,
+    /// The probe port for the pod network (the kubelet's `httpGet` comes to
+    /// the pod IP): `/healthz` and `/readyz` as a status code and a fixed
+    /// word, 404 for anything else; off when unset.
+    pub probe_listen: Option<std::net::SocketAddr>,
+    /// Also serve `/metrics` on `probe_listen` (for a PodMonitor), without
+    /// secret names unless `metrics_secret_names`.
+    pub probe_metrics: bool,
+    /// Label metrics served on a non-loopback address with the secrets'
+    /// names; otherwise with their position in `[[secrets]]` (`"0"`, `"1"`…).
+    pub metrics_secret_names: bool,
     /// The local `Secrets` gRPC API on a Unix socket; off when unset.
     pub local_api: Option<LocalApiConfig>,
     /// The AWS container credentials endpoint on loopback; off when unset.
@@ -546,15 +577,39 @@ impl Config {
             &mut secrets,
         )
         .map_err(|(key, m)| err(&key, m))?;
-        let health_listen = match raw.health_listen {
-            None => None,
-            Some(a) => Some(a.parse().map_err(|e| {
+        let listen = |key: &str, value: &str| -> Result<std::net::SocketAddr, ConfigError> {
+            value.parse().map_err(|e| {
                 err(
-                    "health_listen",
-                    format!("not an address like 127.0.0.1:8099: {e}"),
+                    key,
+                    format!("{value:?} is not an address like 127.0.0.1:8099: {e}"),
                 )
-            })?),
+            })
         };
+        let health_listen_default = raw.health_listen.is_none();
+        let health_listen = match raw.health_listen.as_deref() {
+            None => Some(DEFAULT_HEALTH_LISTEN),
+            Some("off") => None,
+            Some(a) => Some(listen("health_listen", a)?),
+        };
+        let probe_listen = match raw.probe_listen.as_deref() {
+            None => None,
+            Some(a) => Some(listen("probe_listen", a)?),
+        };
+        if raw.probe_metrics && probe_listen.is_none() {
+            return Err(err(
+                "probe_metrics",
+                "serves /metrics on probe_listen: set probe_listen too".into(),
+            ));
+        }
+        if let (Some(h), Some(p)) = (health_listen, probe_listen)
+            && h.port() == p.port()
+            && (h.ip().is_unspecified() || p.ip().is_unspecified() || h.ip() == p.ip())
+        {
+            return Err(err(
+                "probe_listen",
+                format!("{p} overlaps health_listen {h}: give the probe port its own number"),
+            ));
+        }
         let local_api = raw.local_api.map(|l| LocalApiConfig {
             socket: resolve(l.socket),
             allowed_uids: l.allowed_uids,
@@ -620,6 +675,10 @@ impl Config {
         Ok(Config {
             notify,
             health_listen,
+            health_listen_default,
+            probe_listen,
+            probe_metrics: raw.probe_metrics,
+            metrics_secret_names: raw.metrics_secret_names,
             local_api,
             aws_credentials,
             broker_url: raw.broker_url,
@@ -867,6 +926,58 @@ name = "payments/db-password"
             .unwrap_err()
             .to_string();
         assert!(e.contains("templates[0].mode"), "{e}");
+    }
+
+    #[test]
+    fn health_listen_defaults_to_loopback_and_the_probe_port_is_off() {
+        let cfg = Config::parse(GOOD, Path::new("s.toml")).unwrap();
+        assert_eq!(cfg.health_listen, Some("127.0.0.1:8099".parse().unwrap()));
+        assert!(cfg.health_listen.unwrap().ip().is_loopback());
+        assert!(cfg.health_listen_default);
+        assert_eq!(cfg.probe_listen, None);
+        assert!(!cfg.probe_metrics && !cfg.metrics_secret_names);
+        let with = |keys: &str| {
+            Config::parse(
+                &GOOD.replace("[[secrets]]", &format!("{keys}\n[[secrets]]")),
+                Path::new("s.toml"),
+            )
+        };
+        let cfg = with("health_listen = \"off\"").unwrap();
+        assert_eq!(cfg.health_listen, None);
+        assert!(!cfg.health_listen_default);
+        let cfg = with(
+            "health_listen = \"127.0.0.1:9000\"\nprobe_listen = \"0.0.0.0:8098\"\nprobe_metrics = true\nmetrics_secret_names = true",
+        )
+        .unwrap();
+        assert_eq!(cfg.health_listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert!(!cfg.health_listen_default);
+        assert_eq!(cfg.probe_listen, Some("0.0.0.0:8098".parse().unwrap()));
+        assert!(cfg.probe_metrics && cfg.metrics_secret_names);
+        for (keys, key, words) in [
+            (
+                "probe_metrics = true",
+                "`probe_metrics`",
+                "set probe_listen",
+            ),
+            (
+                "probe_listen = \"0.0.0.0:8099\"",
+                "`probe_listen`",
+                "overlaps",
+            ),
+            (
+                "probe_listen = \"8098\"",
+                "`probe_listen`",
+                "not an address",
+            ),
+            (
+                "health_listen = \"localhost\"",
+                "`health_listen`",
+                "not an address",
+            ),
+        ] {
+            let e = with(keys).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(words), "{keys}: {e}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`writer`]: the kubelet-style `..data` generation swap, tmpfs check, name checks.
 //! - [`schedule`]: renew at about 2/3 of the lease with jitter; capped backoff.
 //! - [`hardening`]: no core dumps, not dumpable (shared with the broker).
-//! - [`health`]: `/healthz`, `/readyz` and `/metrics` on a local port.
+//! - [`health`]: `/healthz`, `/readyz` and `/metrics` on loopback, and the
+//!   status-only probe port for the pod network.
 //! - [`render`]: templates → files, in the same generation as the secrets.
 //! - [`local_api`]: the `Secrets` gRPC service on a Unix socket (peer-UID check).
 //! - [`notify`]: signal / command / HTTP POST after a new generation, debounced.
@@ -440,9 +441,11 @@ impl Keeper {
             .cfg
             .secrets
             .iter()
-            .filter_map(|s| {
+            .enumerate()
+            .filter_map(|(position, s)| {
                 self.held.get(&s.name).map(|h| health::SecretStatus {
                     name: s.name.clone(),
+                    position,
                     version: h.version,
                     received_at: h.received_at,
                     refreshed_at: h.refreshed_at,
@@ -679,15 +682,46 @@ pub async fn run_observed(
     }
     keeper.publish_status();
     let health = match keeper.cfg.health_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                SidecarError::Health(format!("cannot listen on health_listen {addr}: {e}"))
-            })?;
-            Some(tokio::spawn(health::serve(
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(tokio::spawn(health::serve(
                 listener,
                 health::HttpState {
                     status: keeper.readiness.clone(),
                     local_api: keeper.published.requests.clone(),
+                    view: health::View::for_addr(addr, keeper.cfg.metrics_secret_names),
+                },
+            ))),
+            // The default address, taken: another sidecar on this machine
+            // (never in a pod, where the injector sets it). Expected there,
+            // so not a warning; the sidecar runs on without it.
+            Err(e) if keeper.cfg.health_listen_default => {
+                info!(error = %e, addr = %addr, "the default health_listen is taken; running without it (set health_listen, or \"off\")");
+                None
+            }
+            Err(e) => {
+                return Err(SidecarError::Health(format!(
+                    "cannot listen on health_listen {addr}: {e}"
+                )));
+            }
+        },
+        None => None,
+    };
+    let probes = match keeper.cfg.probe_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                SidecarError::Health(format!("cannot listen on probe_listen {addr}: {e}"))
+            })?;
+            let labels = if keeper.cfg.metrics_secret_names {
+                health::SecretLabels::Names
+            } else {
+                health::SecretLabels::Positions
+            };
+            Some(tokio::spawn(health::serve_probes(
+                listener,
+                health::ProbeState {
+                    status: keeper.readiness.clone(),
+                    local_api: keeper.published.requests.clone(),
+                    metrics: keeper.cfg.probe_metrics.then_some(labels),
                 },
             )))
         }
@@ -883,7 +917,7 @@ pub async fn run_observed(
     for w in &watchers {
         w.abort();
     }
-    if let Some(h) = health {
+    for h in [health, probes].into_iter().flatten() {
         h.abort();
     }
     if let Some((task, socket)) = local {

@@ -84,6 +84,47 @@ enum Command {
     /// Copy this binary to DIR/secrets-sidecar (mode 0555): how the
     /// injector's exec mode puts it into the application's container.
     CopyTo { dir: PathBuf },
+    /// Ask a running sidecar whether it is alive or ready: exit 0 when it
+    /// answers 200, 1 otherwise (an `exec` probe for Kubernetes).
+    ///
+    /// Asks `health_listen` (on loopback; the detailed body, printed, so a
+    /// failing probe's event says which secret is missing or revoked), or
+    /// `probe_listen` when health_listen is "off". Exit 2 on a usage or
+    /// configuration error.
+    Probe {
+        /// The config file; without it, the environment variable
+        /// SECRETS_SIDECAR_CONFIG holds the whole config (as for `run`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Give up after this long (connect and answer).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// `live` asks /healthz, `ready` asks /readyz.
+        #[arg(value_enum, default_value = "ready")]
+        check: ProbeCheck,
+    },
+}
+
+/// What `secrets-sidecar probe` asks.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProbeCheck {
+    /// /healthz: the process answers.
+    Live,
+    /// /readyz: every configured secret is on disk and none is revoked.
+    Ready,
+}
+
+fn load_config(
+    path: Option<&std::path::Path>,
+) -> Result<secrets_sidecar::config::Config, ExitCode> {
+    let loaded = match path {
+        Some(path) => secrets_sidecar::config::Config::load(path),
+        None => secrets_sidecar::config::Config::from_env(secrets_sidecar::config::CONFIG_ENV),
+    };
+    loaded.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn main() -> ExitCode {
@@ -107,20 +148,23 @@ fn main() -> ExitCode {
             config.clone()
         }
         Command::CopyTo { dir } => return copy_to(dir),
+        Command::Probe {
+            config,
+            timeout,
+            check,
+        } => {
+            return match load_config(config.as_deref()) {
+                Ok(cfg) => probe(&cfg, *check, *timeout),
+                Err(code) => code,
+            };
+        }
         Command::Get { socket, name } => return client(socket, Call::Get(name.clone())),
         Command::List { socket } => return client(socket, Call::List),
         Command::Watch { socket, names } => return client(socket, Call::Watch(names.clone())),
     };
-    let loaded = match &config_path {
-        Some(path) => secrets_sidecar::config::Config::load(path),
-        None => secrets_sidecar::config::Config::from_env(secrets_sidecar::config::CONFIG_ENV),
-    };
-    let config = match loaded {
+    let config = match load_config(config_path.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if !config.exec.env.is_empty() && !matches!(cli.command, Command::Exec { .. }) {
         tracing::warn!(
@@ -196,6 +240,88 @@ fn copy_to(dir: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `secrets-sidecar probe`: one GET on the sidecar's own port; exit 0 on
+/// 200, 1 on any other answer or none, 2 when there is no port to ask.
+fn probe(cfg: &secrets_sidecar::config::Config, check: ProbeCheck, timeout: Duration) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    let Some(mut addr) = cfg.health_listen.or(cfg.probe_listen) else {
+        eprintln!(
+            "error: health_listen is \"off\" and probe_listen is unset: the sidecar has no port to ask"
+        );
+        return ExitCode::from(2);
+    };
+    // A port on every address is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr = SocketAddr::new(
+            match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            },
+            addr.port(),
+        );
+    }
+    let path = match check {
+        ProbeCheck::Live => "/healthz",
+        ProbeCheck::Ready => "/readyz",
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let answer = (|| -> std::io::Result<Vec<u8>> {
+        let mut conn = TcpStream::connect_timeout(&addr, left())?;
+        conn.set_write_timeout(Some(left()))?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // At most 64 KiB: a status line and a list of problems.
+        while out.len() < 64 * 1024 {
+            conn.set_read_timeout(Some(left()))?;
+            match conn.read(&mut buf)? {
+                0 => break,
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(out)
+    })();
+    let text = match answer {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => {
+            println!("cannot ask the sidecar at {addr}{path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code: Option<u16> = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok());
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim_end())
+        .unwrap_or_default();
+    match code {
+        Some(200) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Some(c) => {
+            println!("HTTP {c} from {addr}{path}: {body}");
+            ExitCode::FAILURE
+        }
+        None => {
+            println!("not an HTTP answer from {addr}{path}");
             ExitCode::FAILURE
         }
     }

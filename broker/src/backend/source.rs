@@ -6,7 +6,7 @@
 //! for the embedded store, every name no other source claims. The API and
 //! readiness go through the registry and never name a backend; a new backend
 //! is a folder under `backend/` with an `impl SecretSource` and one
-//! [`Sources::add`] in `lib.rs`.
+//! [`Sources::register`] in `lib.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -171,7 +171,7 @@ impl Sources {
 
     /// Adds a source of the names it lists; a name already served by another
     /// added source is refused, naming both (the config refuses it first).
-    pub fn add(mut self, source: Arc<dyn SecretSource>) -> Result<Sources, String> {
+    pub fn register(mut self, source: Arc<dyn SecretSource>) -> Result<Sources, String> {
         let i = self.all.len();
         for name in source.names() {
             if let Some(j) = self.by_name.insert(name.clone(), i) {
@@ -242,9 +242,9 @@ mod tests {
     #[test]
     fn each_name_goes_to_the_source_that_lists_it_and_the_rest_to_the_fallback() {
         let sources = Sources::new(Arc::new(Named("embedded", vec![])))
-            .add(Arc::new(Named("vault", vec!["v/a", "v/b"])))
+            .register(Arc::new(Named("vault", vec!["v/a", "v/b"])))
             .unwrap()
-            .add(Arc::new(Named("aws", vec!["aws/x"])))
+            .register(Arc::new(Named("aws", vec!["aws/x"])))
             .unwrap();
         assert_eq!(sources.for_name("v/b").kind(), "vault");
         assert_eq!(sources.for_name("aws/x").kind(), "aws");
@@ -258,9 +258,9 @@ mod tests {
             ]
         );
         let twice = Sources::new(Arc::new(Named("embedded", vec![])))
-            .add(Arc::new(Named("vault", vec!["same"])))
+            .register(Arc::new(Named("vault", vec!["same"])))
             .unwrap()
-            .add(Arc::new(Named("aws", vec!["same"])));
+            .register(Arc::new(Named("aws", vec!["same"])));
         assert_eq!(
             twice.err().unwrap(),
             "secret \"same\" is mapped to both vault and aws"

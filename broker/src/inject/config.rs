@@ -53,6 +53,12 @@ struct RawSidecar {
     run_as_group: i64,
     #[serde(default = "default_health_port")]
     health_port: u16,
+    #[serde(default = "default_probe_port")]
+    probe_port: u16,
+    #[serde(default = "default_probes")]
+    probes: String,
+    #[serde(default)]
+    pod_metrics: bool,
     #[serde(default = "default_mount_path")]
     mount_path: String,
     #[serde(default = "default_tmpfs_size")]
@@ -119,6 +125,12 @@ fn default_uid() -> i64 {
 }
 fn default_health_port() -> u16 {
     8099
+}
+fn default_probe_port() -> u16 {
+    8098
+}
+fn default_probes() -> String {
+    "http".into()
 }
 fn default_mount_path() -> String {
     "/secrets".into()
@@ -187,8 +199,21 @@ pub struct SidecarConfig {
     pub token_expiration: Duration,
     pub run_as_user: i64,
     pub run_as_group: i64,
-    /// The sidecar's `/healthz`, `/readyz`, `/metrics` port on the pod's address.
+    /// The sidecar's detailed `/healthz`, `/readyz`, `/metrics` port, on
+    /// loopback (`127.0.0.1`): for `secrets-sidecar probe`, `kubectl
+    /// port-forward` and tools in the pod; never reachable from the pod network.
     pub health_port: u16,
+    /// The status-only probe port on the pod's address (`0.0.0.0`), where
+    /// the kubelet's `httpGet` probes arrive; also `/metrics` with
+    /// `pod_metrics`. Unused (not opened) with `probes = "exec"` and no
+    /// `pod_metrics`.
+    pub probe_port: u16,
+    /// How the kubelet probes the sidecar.
+    pub probes: ProbeKind,
+    /// Serve `/metrics` on the probe port (declared as `sidecar-http`), for
+    /// the sidecars' PodMonitor; secrets labelled by position, no rule or
+    /// lease IDs.
+    pub pod_metrics: bool,
     pub mount_path: String,
     pub tmpfs_size: Quantity,
     /// The mode of pods that do not choose one (`native`; `fallback` on
@@ -200,6 +225,17 @@ pub struct SidecarConfig {
     pub cpu_limit: Quantity,
     pub memory_request: Quantity,
     pub memory_limit: Quantity,
+}
+
+/// How the kubelet probes an injected sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `httpGet` on the probe port: the kubelet opens a TCP connection (no
+    /// process in the container), the cheaper choice for a probe every second.
+    Http,
+    /// `exec` of `secrets-sidecar probe`: no port on the pod's address at
+    /// all (unless `pod_metrics`), for a process start per probe.
+    Exec,
 }
 
 impl Config {
@@ -320,15 +356,38 @@ impl Config {
                 ));
             }
         }
-        if c.health_port < 1024 {
+        for (key, port) in [
+            ("sidecar.health_port", c.health_port),
+            ("sidecar.probe_port", c.probe_port),
+        ] {
+            if port < 1024 {
+                return Err(err(
+                    key,
+                    format!("{port}: use a port from 1024 (the sidecar has no capabilities)"),
+                ));
+            }
+        }
+        if c.probe_port == c.health_port {
             return Err(err(
-                "sidecar.health_port",
+                "sidecar.probe_port",
                 format!(
-                    "{}: use a port from 1024 (the sidecar has no capabilities)",
-                    c.health_port
+                    "{} is also sidecar.health_port: the probe port (pod address) and the detailed port (loopback) need their own numbers",
+                    c.probe_port
                 ),
             ));
         }
+        let probes = match c.probes.as_str() {
+            "http" => ProbeKind::Http,
+            "exec" => ProbeKind::Exec,
+            other => {
+                return Err(err(
+                    "sidecar.probes",
+                    format!(
+                        "{other:?}: use \"http\" (httpGet on probe_port) or \"exec\" (secrets-sidecar probe)"
+                    ),
+                ));
+            }
+        };
         validate_mount_path(&c.mount_path).map_err(|m| err("sidecar.mount_path", m))?;
         let quantity = |key: &str, text: &str| {
             Quantity::parse(text)
@@ -392,6 +451,9 @@ impl Config {
                 run_as_user: c.run_as_user,
                 run_as_group: c.run_as_group,
                 health_port: c.health_port,
+                probe_port: c.probe_port,
+                probes,
+                pod_metrics: c.pod_metrics,
                 mount_path: c.mount_path,
                 tmpfs_size,
                 default_mode,
@@ -477,6 +539,12 @@ broker_ca_file = "ca.crt"
         assert_eq!(cfg.sidecar.mount_path, "/secrets");
         assert_eq!(cfg.sidecar.memory_limit.text, "32Mi");
         assert_eq!(cfg.exclude_namespaces[0], "secrets-broker");
+        assert_eq!(
+            (cfg.sidecar.health_port, cfg.sidecar.probe_port),
+            (8099, 8098)
+        );
+        assert_eq!(cfg.sidecar.probes, ProbeKind::Http);
+        assert!(!cfg.sidecar.pod_metrics);
     }
 
     #[test]
@@ -516,6 +584,17 @@ broker_ca_file = "ca.crt"
                 "sidecar.default_mode",
             ),
             ("https://secrets", "http://secrets", "sidecar.broker_url"),
+            (
+                "[sidecar]",
+                "[sidecar]\nprobe_port = 8099",
+                "sidecar.probe_port",
+            ),
+            (
+                "[sidecar]",
+                "[sidecar]\nprobe_port = 80",
+                "sidecar.probe_port",
+            ),
+            ("[sidecar]", "[sidecar]\nprobes = \"tcp\"", "sidecar.probes"),
             (
                 "[server]",
                 "exclude_namespaces = [\"Bad\"]\n[server]",

@@ -36,8 +36,15 @@ fn testdata(name: &str) -> PathBuf {
 }
 
 fn injector() -> Injector {
+    injector_with("")
+}
+
+/// The fixtures' injector with `sidecar_keys` added to its `[sidecar]` table.
+fn injector_with(sidecar_keys: &str) -> Injector {
     let path = testdata("inject.toml");
-    let cfg = Config::load(&path).expect("testdata/inject.toml");
+    let text = std::fs::read_to_string(&path).expect("testdata/inject.toml");
+    let text = text.replace("[sidecar]\n", &format!("[sidecar]\n{sidecar_keys}\n"));
+    let cfg = Config::parse(&text, &path).expect("testdata/inject.toml");
     Injector::new(cfg, &path).expect("testdata/broker-ca.crt")
 }
 
@@ -60,8 +67,12 @@ struct Answer {
 }
 
 fn ask(doc: &Value) -> Answer {
+    ask_with(&injector(), doc)
+}
+
+fn ask_with(injector: &Injector, doc: &Value) -> Answer {
     let body = serde_json::to_vec(doc).unwrap();
-    let outcome = review(&injector(), &body);
+    let outcome = review(injector, &body);
     let text = outcome.response.expect("a review answer");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
@@ -177,6 +188,38 @@ fn assert_secure(c: &Container) {
     );
 }
 
+/// Startup and readiness on `/readyz`, liveness on `/healthz`, all httpGet
+/// on `port`.
+fn assert_http_probes(c: &Container, port: i32) {
+    for (probe, path) in [
+        (&c.startup_probe, "/readyz"),
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let probe = probe
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: {path}", c.name));
+        let get = probe.http_get.as_ref().expect("httpGet");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+        assert!(probe.exec.is_none());
+    }
+}
+
+/// The container's declared ports, exactly: (name, number).
+fn assert_ports(c: &Container, want: &[(&str, i32)]) {
+    let got: Vec<(&str, i32)> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(got, want, "{}", c.name);
+}
+
 fn assert_volumes(pod: &Pod, size: &str) {
     let volumes = pod.spec.as_ref().unwrap().volumes.as_deref().unwrap();
     let files = volumes.iter().find(|v| v.name == FILES_VOLUME).unwrap();
@@ -215,12 +258,9 @@ fn several_containers_get_a_native_sidecar_and_read_only_mounts() {
     assert_eq!(sidecar.name, SIDECAR_NAME);
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(sidecar.args.as_deref(), Some(&["run".to_owned()][..]));
-    let startup = sidecar.startup_probe.as_ref().expect("startupProbe");
-    assert_eq!(
-        startup.http_get.as_ref().unwrap().path.as_deref(),
-        Some("/readyz")
-    );
-    assert!(sidecar.readiness_probe.is_some() && sidecar.liveness_probe.is_some());
+    // Probes: httpGet on the status-only probe port; the only port declared.
+    assert_http_probes(sidecar, 8098);
+    assert_ports(sidecar, &[("sidecar-probe", 8098)]);
     assert_hardened(sidecar);
     let files = mount(sidecar, FILES_VOLUME).unwrap();
     assert_eq!(files.mount_path, "/secrets");
@@ -267,7 +307,12 @@ fn several_containers_get_a_native_sidecar_and_read_only_mounts() {
         cfg.token_file,
         std::path::Path::new("/var/run/secrets/secrets-broker/token")
     );
-    assert_eq!(cfg.health_listen.unwrap().port(), 8099);
+    // The detail (secret names, rule IDs) on loopback; the pod address gets
+    // the probe port, without metrics.
+    assert_eq!(cfg.health_listen, Some("127.0.0.1:8099".parse().unwrap()));
+    assert!(!cfg.health_listen_default);
+    assert_eq!(cfg.probe_listen, Some("0.0.0.0:8098".parse().unwrap()));
+    assert!(!cfg.probe_metrics && !cfg.metrics_secret_names);
     let ca = std::fs::read_to_string(testdata("broker-ca.crt")).unwrap();
     assert_eq!(cfg.ca, secrets_sidecar::config::CaSource::Pem(ca));
     let secrets: Vec<(&str, Option<&str>)> = cfg
@@ -383,7 +428,9 @@ fn fallback_mode_adds_a_once_init_container_and_a_regular_sidecar() {
     assert_eq!(sidecar.name, SIDECAR_NAME);
     assert_eq!(sidecar.restart_policy, None);
     assert_eq!(sidecar.args.as_deref().unwrap(), ["run"]);
-    assert!(sidecar.readiness_probe.is_some() && sidecar.liveness_probe.is_some());
+    assert_http_probes(sidecar, 8098);
+    assert_ports(sidecar, &[("sidecar-probe", 8098)]);
+    assert!(init.ports.is_none() && init.startup_probe.is_none());
     assert_hardened(init);
     assert_hardened(sidecar);
     assert_eq!(
@@ -687,7 +734,22 @@ fn pods_the_sidecar_cannot_join_are_denied_with_the_reason() {
     doc["request"]["object"]["spec"]["containers"][1]["ports"] =
         serde_json::json!([{ "containerPort": 8099, "protocol": "TCP" }]);
     let m = denied(&doc);
-    assert!(m.contains("\"log-shipper\" declares port 8099"), "{m}");
+    assert!(
+        m.contains("\"log-shipper\" declares port 8099") && m.contains("loopback health port"),
+        "{m}"
+    );
+    // ... or its probe port.
+    let mut doc = fixture("several-containers");
+    doc["request"]["object"]["spec"]["containers"][1]["ports"] =
+        serde_json::json!([{ "containerPort": 8098, "protocol": "TCP" }]);
+    let m = denied(&doc);
+    assert!(
+        m.contains("\"log-shipper\" declares port 8098") && m.contains("sidecar.probe_port"),
+        "{m}"
+    );
+    // Which exec probes do not use: the port is then free for the app.
+    let exec = injector_with("probes = \"exec\"");
+    assert!(ask_with(&exec, &doc).allowed);
     // Fallback mode in a Job would never complete.
     let doc = with_annotation("job-once", "mode", Some("fallback"));
     let m = denied(&doc);
@@ -720,6 +782,56 @@ fn pods_the_sidecar_cannot_join_are_denied_with_the_reason() {
         m.contains("secrets-broker.io/memory-request") && m.contains("32Mi"),
         "{m}"
     );
+}
+
+#[test]
+fn pod_metrics_serve_metrics_on_the_probe_port_and_exec_probes_need_no_port() {
+    let doc = fixture("several-containers");
+    let patched = |inj: &Injector| {
+        let answer = ask_with(inj, &doc);
+        assert!(answer.allowed, "{}", answer.message);
+        apply(&doc, &answer.patch.unwrap()).1
+    };
+    let sidecar = |pod: &Pod| inits(pod)[0].clone();
+
+    // pod_metrics: /metrics on the probe port, named for the PodMonitor;
+    // the detail stays on loopback.
+    let pod = patched(&injector_with("pod_metrics = true"));
+    let sc = sidecar(&pod);
+    assert_ports(&sc, &[("sidecar-http", 8098)]);
+    assert_http_probes(&sc, 8098);
+    let cfg = sidecar_config(&sc);
+    assert_eq!(cfg.health_listen, Some("127.0.0.1:8099".parse().unwrap()));
+    assert_eq!(cfg.probe_listen, Some("0.0.0.0:8098".parse().unwrap()));
+    assert!(cfg.probe_metrics && !cfg.metrics_secret_names);
+
+    // exec probes: secrets-sidecar probe against loopback; nothing on the
+    // pod's address, no port declared.
+    let pod = patched(&injector_with("probes = \"exec\""));
+    let sc = sidecar(&pod);
+    assert!(sc.ports.is_none(), "{:?}", sc.ports);
+    for (probe, check) in [
+        (&sc.startup_probe, "ready"),
+        (&sc.readiness_probe, "ready"),
+        (&sc.liveness_probe, "live"),
+    ] {
+        let probe = probe.as_ref().unwrap();
+        assert!(probe.http_get.is_none());
+        assert_eq!(
+            probe.exec.as_ref().unwrap().command.as_deref().unwrap(),
+            [super::patch::SIDECAR_BIN, "probe", check, "--timeout", "1s"]
+        );
+    }
+    let cfg = sidecar_config(&sc);
+    assert_eq!(cfg.health_listen, Some("127.0.0.1:8099".parse().unwrap()));
+    assert_eq!(cfg.probe_listen, None);
+
+    // Both: the port for the PodMonitor only.
+    let pod = patched(&injector_with("probes = \"exec\"\npod_metrics = true"));
+    let sc = sidecar(&pod);
+    assert_ports(&sc, &[("sidecar-http", 8098)]);
+    assert!(sc.readiness_probe.as_ref().unwrap().exec.is_some());
+    assert!(sidecar_config(&sc).probe_metrics);
 }
 
 #[test]

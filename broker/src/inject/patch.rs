@@ -26,9 +26,10 @@ use std::collections::BTreeMap;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Pod,
-    PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
+    HTTPGetAction, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as KubeQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,7 +37,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::annotations::{self, AnnotationError, Annotations, Mode, Notify, Quantity, full};
-use super::config::{Config, ConfigError};
+use super::config::{Config, ConfigError, ProbeKind};
 
 /// The injected container (the native sidecar, the `once` init container,
 /// or the regular container of the fallback mode).
@@ -50,6 +51,14 @@ pub const TOKEN_VOLUME: &str = "secrets-broker-token";
 /// Where the sidecar finds its token.
 pub const TOKEN_DIR: &str = "/var/run/secrets/secrets-broker";
 const TOKEN_FILE: &str = "token";
+/// The sidecar binary in its image (deploy/images/sidecar.Dockerfile): what
+/// an `exec` probe runs.
+pub const SIDECAR_BIN: &str = "/usr/local/bin/secrets-sidecar";
+/// The name of the probe port when it serves `/metrics` too (what the
+/// sidecars' PodMonitor scrapes).
+pub const METRICS_PORT_NAME: &str = "sidecar-http";
+/// The name of the probe port when it serves only the probes.
+pub const PROBE_PORT_NAME: &str = "sidecar-probe";
 /// Mode exec: the volume the sidecar binary is copied into.
 pub const BIN_VOLUME: &str = "secrets-broker-bin";
 /// Mode exec: where that volume is, in the init container and the app's.
@@ -227,18 +236,35 @@ impl Injector {
                 c.name
             ));
         }
+        // The runner's probe port on the pod's address: for httpGet probes
+        // and for the PodMonitor's scrapes; none when neither is wanted.
+        let probe_port = (c.probes == ProbeKind::Http || c.pod_metrics).then_some(c.probe_port);
         if matches!(mode, Mode::Native | Mode::Fallback) {
-            let port = i32::from(c.health_port);
-            if let Some(other) = spec
-                .containers
-                .iter()
-                .chain(inits)
-                .find(|x| x.ports.iter().flatten().any(|p| p.container_port == port))
-            {
-                return Err(format!(
-                    "container {:?} declares port {port}, the sidecar's health port (the injector's sidecar.health_port): the two would collide in the pod's network namespace",
-                    other.name
-                ));
+            let taken = [
+                Some((
+                    c.health_port,
+                    "the sidecar's loopback health port (the injector's sidecar.health_port)",
+                )),
+                probe_port.map(|p| {
+                    (
+                        p,
+                        "the sidecar's probe port (the injector's sidecar.probe_port)",
+                    )
+                }),
+            ];
+            for (port, what) in taken.into_iter().flatten() {
+                let port = i32::from(port);
+                if let Some(other) = spec
+                    .containers
+                    .iter()
+                    .chain(inits)
+                    .find(|x| x.ports.iter().flatten().any(|p| p.container_port == port))
+                {
+                    return Err(format!(
+                        "container {:?} declares port {port}, {what}: the two would collide in the pod's network namespace",
+                        other.name
+                    ));
+                }
             }
         }
         if mode == Mode::Fallback && spec.restart_policy.as_deref().unwrap_or("Always") != "Always"
@@ -340,7 +366,16 @@ impl Injector {
                 dir: mount_path,
                 group: fs_group,
                 ttl: ann.ttl.map(|t| humantime::format_duration(t).to_string()),
-                health_listen: with_health.then(|| format!("0.0.0.0:{}", c.health_port)),
+                // Detail on loopback only; once and exec serve no port.
+                health_listen: if with_health {
+                    format!("127.0.0.1:{}", c.health_port)
+                } else {
+                    "off".to_owned()
+                },
+                probe_listen: probe_port
+                    .filter(|_| with_health)
+                    .map(|p| format!("0.0.0.0:{p}")),
+                probe_metrics: (with_health && c.pod_metrics).then_some(true),
                 notify: ann.notify.as_ref().map(|n| match n {
                     Notify::HttpPost(url) => NotifyToml {
                         http_post: Some(url),
@@ -455,30 +490,66 @@ impl Injector {
             volume_mounts: Some(sidecar_mounts.clone()),
             ..Default::default()
         };
-        let probe = |path: &str, period: i32, failures: i32| Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some(path.into()),
-                port: IntOrString::Int(i32::from(c.health_port)),
+        let probe = |check: &str, period: i32, failures: i32| match c.probes {
+            ProbeKind::Http => Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some(
+                        if check == "live" {
+                            "/healthz"
+                        } else {
+                            "/readyz"
+                        }
+                        .into(),
+                    ),
+                    port: IntOrString::Int(i32::from(c.probe_port)),
+                    ..Default::default()
+                }),
+                period_seconds: Some(period),
+                failure_threshold: Some(failures),
                 ..Default::default()
-            }),
-            period_seconds: Some(period),
-            failure_threshold: Some(failures),
-            ..Default::default()
+            },
+            // Asks the loopback port; its answer (which secret, which rule)
+            // goes to the pod's events, not to the pod network.
+            ProbeKind::Exec => Probe {
+                exec: Some(ExecAction {
+                    command: Some(
+                        [SIDECAR_BIN, "probe", check, "--timeout", "1s"]
+                            .map(String::from)
+                            .to_vec(),
+                    ),
+                }),
+                period_seconds: Some(period),
+                failure_threshold: Some(failures),
+                timeout_seconds: Some(2),
+                ..Default::default()
+            },
         };
         let runner = |name: &str, native: bool| -> Result<Container, String> {
             Ok(Container {
                 restart_policy: native.then(|| "Always".to_owned()),
-                ports: Some(vec![ContainerPort {
-                    container_port: i32::from(c.health_port),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
+                // Only what the pod network can reach: the loopback port is
+                // not declared.
+                ports: probe_port.map(|p| {
+                    vec![ContainerPort {
+                        name: Some(
+                            if c.pod_metrics {
+                                METRICS_PORT_NAME
+                            } else {
+                                PROBE_PORT_NAME
+                            }
+                            .into(),
+                        ),
+                        container_port: i32::from(p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    }]
+                }),
                 // Up to 2 minutes to log in and write every secret; the app
                 // (and later init containers) start only once it passes.
-                startup_probe: Some(probe("/readyz", 1, 120)),
+                startup_probe: Some(probe("ready", 1, 120)),
                 // Not ready while a secret is missing or revoked.
-                readiness_probe: Some(probe("/readyz", 5, 2)),
-                liveness_probe: Some(probe("/healthz", 10, 3)),
+                readiness_probe: Some(probe("ready", 5, 2)),
+                liveness_probe: Some(probe("live", 10, 3)),
                 ..base(name, vec!["run".into()], sidecar_config(true)?)
             })
         };
@@ -761,8 +832,11 @@ struct SidecarToml<'a> {
     group: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ttl: Option<String>,
+    health_listen: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    health_listen: Option<String>,
+    probe_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probe_metrics: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     on_change: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
