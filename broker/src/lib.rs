@@ -359,11 +359,11 @@ pub async fn run(
     ));
     if let Some(v) = &vault {
         let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
-        sources = sources.add(Arc::new(source)).map_err(RunError::Sources)?;
+        sources = sources.register(Arc::new(source)).map_err(RunError::Sources)?;
     }
     if let Some(a) = &aws {
         let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
-        sources = sources.add(Arc::new(source)).map_err(RunError::Sources)?;
+        sources = sources.register(Arc::new(source)).map_err(RunError::Sources)?;
     }
     let service = BrokerService {
         verifier,
