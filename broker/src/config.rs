@@ -33,6 +33,8 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     vault: Option<crate::backend::vault::config::RawVault>,
     aws: Option<crate::backend::aws::config::RawAws>,
+    /// The audit log's key, checkpoints and retention.
+    audit: Option<crate::state::checkpoint::RawAudit>,
     #[serde(default)]
     roles: Vec<RawRole>,
 }
@@ -72,6 +74,8 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
     tls_handshake_timeout: Duration,
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    tls_reload_interval: Duration,
     #[serde(default = "default_max_connection_age", with = "humantime_serde")]
     max_connection_age: Duration,
     #[serde(default = "default_max_connection_age_grace", with = "humantime_serde")]
@@ -88,6 +92,9 @@ fn default_server_max_connections() -> usize {
     20_000
 }
 fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_tls_reload_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_max_connection_age() -> Duration {
@@ -302,6 +309,9 @@ pub struct Config {
     pub vault: Option<crate::backend::vault::config::VaultConfig>,
     /// AWS STS and Secrets Manager as a source of some secrets.
     pub aws: Option<crate::backend::aws::config::AwsConfig>,
+    /// The audit log's key, checkpoints and retention (`[audit]`; without
+    /// it, the plain SHA-256 chain).
+    pub audit: crate::state::checkpoint::AuditConfig,
     pub roles: Vec<RoleConfig>,
 }
 
@@ -375,6 +385,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection has to finish its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How often the TLS files (gRPC and admin: certificate, key, client CA)
+    /// are read for a change; cert-manager renewals apply without a restart.
+    pub tls_reload_interval: Duration,
     /// A connection older than this (±10 %, drawn once per replica) is told
     /// to go away (HTTP/2 GOAWAY), so long-lived sidecar connections spread
     /// over replicas an autoscaler adds; `None`: never (`0s`).
@@ -567,6 +580,12 @@ impl Config {
                 raw.server.tls_handshake_timeout,
                 Duration::from_millis(100),
                 Duration::from_secs(120),
+            )?,
+            tls_reload_interval: v.bounded(
+                "server.tls_reload_interval",
+                raw.server.tls_reload_interval,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
             )?,
             max_connection_age: match raw.server.max_connection_age {
                 Duration::ZERO => None,
@@ -841,6 +860,16 @@ impl Config {
                 format!("{:?} is mapped to both Vault and AWS", m.name),
             ));
         }
+        let audit = match raw.audit {
+            None => crate::state::checkpoint::AuditConfig::default(),
+            Some(raw) => crate::state::checkpoint::validate(&v, raw, &resolve)?,
+        };
+        if audit.key_file.is_some() && audit.key_file.as_ref() == Some(&store.key_file) {
+            return Err(v.err(
+                "audit.key_file",
+                "use a key file of its own, not store.key_file",
+            ));
+        }
         Ok(Config {
             server,
             issuers,
@@ -850,6 +879,7 @@ impl Config {
             admin,
             vault,
             aws,
+            audit,
             roles,
         })
     }
@@ -1076,6 +1106,31 @@ ttl = "5m"
         let text = include_str!("../../examples/broker.toml");
         let cfg = parse(text).expect("examples/broker.toml must stay valid");
         assert!(!cfg.roles.is_empty());
+        assert_eq!(
+            cfg.audit.key_file.as_deref(),
+            Some(Path::new("/etc/secrets-broker/audit.key"))
+        );
+        assert_eq!(
+            cfg.audit.retention,
+            Some(Duration::from_secs(90 * 24 * 3600))
+        );
+    }
+
+    #[test]
+    fn the_audit_table_is_optional_and_its_key_is_not_the_store_key() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(cfg.audit, crate::state::checkpoint::AuditConfig::default());
+        let err = parse(&format!("{GOOD}\n[audit]\nkey_file = \"store.key\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `audit.key_file`: use a key file of its own"),
+            "{err}"
+        );
+        let err = parse(&format!("{GOOD}\n[audit]\nkeyfile = \"a.key\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keyfile"), "{err}");
     }
 
     #[test]
@@ -1218,6 +1273,17 @@ ttl = "5m"
         assert_eq!(default.max_connection_age_grace, Duration::from_secs(30));
         let off = with("max_connection_age = \"0s\"").unwrap().server;
         assert_eq!(off.max_connection_age, None);
+        // TLS files are read for a change every 10 s unless told otherwise.
+        assert_eq!(default.tls_reload_interval, Duration::from_secs(10));
+        let every = with("tls_reload_interval = \"2s\"").unwrap().server;
+        assert_eq!(every.tls_reload_interval, Duration::from_secs(2));
+        let err = with("tls_reload_interval = \"100ms\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `server.tls_reload_interval`: 100ms is out of range"),
+            "{err}"
+        );
         let err = with("max_connection_age = \"500ms\"")
             .unwrap_err()
             .to_string();

@@ -55,7 +55,7 @@ macro_rules! on_db {
 pub(crate) use on_db;
 
 /// Schema version this build migrates to.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Changes after version 1, applied in order to a database at an older version.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -68,6 +68,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         "ALTER TABLE secret_versions ADD COLUMN aad BIGINT NOT NULL DEFAULT 1",
     ),
+    // The audit chain's key: records chained with an HMAC under an audit
+    // key name it; rows written before (NULL) keep their SHA-256 chain.
+    (5, "ALTER TABLE audit ADD COLUMN key_id TEXT"),
 ];
 
 fn schema(postgres: bool) -> Vec<String> {
@@ -148,6 +151,16 @@ fn schema(postgres: bool) -> Vec<String> {
             prev_hash TEXT NOT NULL,
             hash TEXT NOT NULL)"
         ),
+        // Version 5: where the audit chain starts after a retention prune
+        // (the first kept record and the hash it links to, signed with the
+        // audit key); the row with the highest seq is the one in force.
+        "CREATE TABLE IF NOT EXISTS audit_anchor (
+            seq BIGINT PRIMARY KEY,
+            prev_hash TEXT NOT NULL,
+            at_ms BIGINT NOT NULL,
+            key_id TEXT NOT NULL,
+            sig TEXT NOT NULL)"
+            .into(),
     ]
 }
 

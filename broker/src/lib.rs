@@ -34,8 +34,8 @@ use std::sync::Arc;
 use secrets_broker_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::grpc::{BrokerService, Rotations, poll_rotations};
@@ -55,13 +55,10 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The TLS certificate or key file could not be read.
-    #[error("key `{key}`: cannot read TLS file {path}: {source}")]
-    TlsFile {
-        key: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    /// The gRPC server's TLS certificate or key cannot be used (unreadable,
+    /// not PEM, a key that is not the certificate's).
+    #[error("{0}")]
+    Tls(#[from] api::tls_reload::TlsFileError),
     /// The identity configuration cannot be used (e.g. an unreadable CA file).
     #[error("identity: {0}")]
     Identity(#[from] JwksError),
@@ -87,6 +84,9 @@ pub enum RunError {
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The audit key file (`audit.key_file`) cannot be used.
+    #[error("{0}")]
+    AuditKey(#[from] state::audit_key::AuditKeyError),
 }
 
 /// Installs aws-lc-rs as the process's rustls crypto provider; idempotent.
@@ -102,20 +102,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     install_crypto_provider();
-    let read = |key: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| RunError::TlsFile {
-            key,
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let cert = read("server.tls_cert_file", &config.server.tls_cert_file)?;
-    let key = zeroize::Zeroizing::new(read("server.tls_key_file", &config.server.tls_key_file)?);
-    // A connection that never finishes its handshake is closed.
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(cert, &*key))
-        .timeout(config.server.tls_handshake_timeout);
+    // Read again when the files change (`api::tls_reload`); each new
+    // connection's handshake takes the config current at its start.
+    let (tls, leaf) = api::tls_reload::ReloadingTls::load(api::tls_reload::TlsFiles {
+        listener: "grpc",
+        cert: api::tls_reload::ConfigFile::new(
+            "server.tls_cert_file",
+            &config.server.tls_cert_file,
+        ),
+        key: api::tls_reload::ConfigFile::new("server.tls_key_file", &config.server.tls_key_file),
+        client_ca: None,
+        alpn: vec![b"h2".to_vec()],
+    })?;
+    api::tls_reload::log_loaded(&tls, &leaf);
+    let tls = Arc::new(tls);
 
+    let audit_keys = match &config.audit.key_file {
+        Some(path) => Some(Arc::new(state::audit_key::AuditKeys::load(path)?)),
+        None => {
+            warn!(
+                "audit: no audit.key_file: the audit log is chained with plain SHA-256, which anyone who can write the database can recompute; set [audit] key_file to make it tamper-evident"
+            );
+            None
+        }
+    };
     let db = Db::connect(&config.database).await?;
     let store = EmbeddedStore::new(db.clone(), &config.store.key_file)?;
     // Rows written before the version was bound into their associated data.
@@ -169,9 +179,9 @@ pub async fn run(
             RunError::Admin(format!("cannot listen on server.ops_listen {addr}: {e}"))
         })?),
     };
-    let audit = Audit::new(db.clone());
+    let audit = Audit::keyed(db.clone(), audit_keys, metrics.audit.clone());
     // One task writes the exchange path's rows: leases, then audit records.
-    let (leases, auditor, writer) = state::writer::start(db.clone());
+    let (leases, auditor, writer) = state::writer::start_with(audit.clone());
     // The admin API binds before anything is served, so its errors stop the start.
     let admin = match &config.admin {
         None => None,
@@ -189,6 +199,13 @@ pub async fn run(
         .await;
 
     let (down_tx, down_rx) = watch::channel(false);
+    // Signed checkpoints of the audit chain, outside the database.
+    let checkpoints = state::checkpoint::start(
+        &config.audit,
+        audit.clone(),
+        auditor.clone(),
+        down_rx.clone(),
+    );
     let (rot_tx, _) = broadcast::channel(1024);
     if let Some(v) = &vault {
         v.start(rot_tx.clone(), down_rx.clone());
@@ -259,7 +276,19 @@ pub async fn run(
         cache.clone(),
         rot_tx.clone(),
     ));
+    tokio::spawn(api::tls_reload::watch(
+        tls.clone(),
+        config.server.tls_reload_interval,
+        metrics.tls_reloads.clone(),
+        down_rx.clone(),
+    ));
     if let Some((listener, tls, clients)) = admin {
+        tokio::spawn(api::tls_reload::watch(
+            tls.clone(),
+            config.server.tls_reload_interval,
+            metrics.tls_reloads.clone(),
+            down_rx.clone(),
+        ));
         let state = api::admin::AdminState {
             revocations: revocations.clone(),
             leases: leases.clone(),
@@ -359,11 +388,15 @@ pub async fn run(
     ));
     if let Some(v) = &vault {
         let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
-        sources = sources.register(Arc::new(source)).map_err(RunError::Sources)?;
+        sources = sources
+            .register(Arc::new(source))
+            .map_err(RunError::Sources)?;
     }
     if let Some(a) = &aws {
         let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
-        sources = sources.register(Arc::new(source)).map_err(RunError::Sources)?;
+        sources = sources
+            .register(Arc::new(source))
+            .map_err(RunError::Sources)?;
     }
     let service = BrokerService {
         verifier,
@@ -383,9 +416,15 @@ pub async fn run(
     };
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "broker listening (gRPC over TLS)");
-    let incoming = api::connections::bounded(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        config.server.max_connections,
+    // The bound applies before the handshake; a connection that does not
+    // finish its handshake within server.tls_handshake_timeout is closed.
+    let incoming = api::connections::handshaken(
+        api::connections::bounded(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            config.server.max_connections,
+        ),
+        tls,
+        config.server.tls_handshake_timeout,
     );
     let mut signal_rx = down_rx.clone();
     let max_token_bytes = config
@@ -421,7 +460,6 @@ pub async fn run(
         // Room for a token larger than `identity.max_token_bytes`, so that
         // its refusal names the size (see `api::limits::header_list_limit`).
         .http2_max_header_list_size(api::limits::header_list_limit(max_token_bytes))
-        .tls_config(tls)?
         // Requests tonic refuses before a handler runs, with the codes of
         // the contract (see `api::decode_errors`).
         .layer(api::decode_errors::DecodeErrorsLayer)
@@ -457,6 +495,10 @@ pub async fn run(
     // The service (and its handles on the writer) is gone: let the writer
     // drain its queues (the audit records).
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // The last checkpoint covers the last records written.
+    if let Some(c) = checkpoints {
+        c.finish().await;
+    }
     db.close().await;
     info!("broker stopped");
     Ok(())

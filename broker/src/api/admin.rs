@@ -14,6 +14,7 @@
 //! | GET | `/v1/leases?namespace=&limit=` | viewer |
 //! | GET | `/v1/audit?after=&limit=` or `?tail=N` | viewer |
 //! | GET | `/v1/audit/verify` | viewer |
+//! | POST | `/v1/audit/verify` (body: exported checkpoints) | viewer |
 //! | GET | `/v1/secrets` | viewer (names and versions only) |
 //! | GET, PUT, DELETE | `/v1/secrets/{name}` | admin |
 
@@ -33,15 +34,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::api::grpc::Rotations;
+use crate::api::tls_reload::{ConfigFile, ReloadingTls, TlsFiles};
 use crate::backend::embedded::{EmbeddedStore, StoreError};
 use crate::config::{AdminClient, AdminConfig, AdminRole};
 use crate::db::unix_now;
 use crate::state::Leases;
 use crate::state::audit::{Audit, Auditor, Entry};
+use crate::state::audit_key::Checkpoint;
 use crate::state::revocation::{NewRule, Revocations, RuleError, View};
 
 /// Largest request body read, and only once the caller's role allows the call.
@@ -215,7 +217,10 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/leases", get(list_leases))
         .route("/v1/audit", get(audit_records))
-        .route("/v1/audit/verify", get(audit_verify))
+        .route(
+            "/v1/audit/verify",
+            get(audit_verify).post(audit_verify_with),
+        )
         .route("/v1/secrets", get(list_secrets))
         .route(
             "/v1/secrets/{*name}",
@@ -371,9 +376,52 @@ async fn audit_verify(
     Extension(c): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &c, AdminRole::Viewer, "audit.verify", &json!({}))?;
+    verify_against(&s, Vec::new()).await
+}
+
+/// Most checkpoints one `POST /v1/audit/verify` may bring.
+const MAX_CHECKPOINTS: usize = 200;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    #[serde(default)]
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// `POST /v1/audit/verify`: the chain, and the log against checkpoints the
+/// caller read from the sink (`brokerctl audit verify --checkpoints FILE`).
+async fn audit_verify_with(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    body: axum::body::Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &c, AdminRole::Viewer, "audit.verify", &json!({}))?;
+    let body: VerifyBody = read_json(body, MAX_BODY_BYTES).await?;
+    if body.checkpoints.len() > MAX_CHECKPOINTS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} checkpoints in one call, at most {MAX_CHECKPOINTS}",
+                body.checkpoints.len()
+            ),
+        ));
+    }
+    verify_against(&s, body.checkpoints).await
+}
+
+/// Verifies after what this replica had queued is written, against the
+/// given checkpoints and the last one this replica exported.
+async fn verify_against(
+    s: &AdminState,
+    mut checkpoints: Vec<Checkpoint>,
+) -> Result<Json<Value>, ApiError> {
     s.auditor.flush().await;
+    if let Some(own) = s.audit.status().last_checkpoint() {
+        checkpoints.push(own);
+    }
     Ok(Json(
-        serde_json::to_value(s.audit.verify().await?).unwrap_or_default(),
+        serde_json::to_value(s.audit.verify_with(&checkpoints).await?).unwrap_or_default(),
     ))
 }
 
@@ -557,33 +605,21 @@ pub fn identify(cert: Option<&CertificateDer<'_>>, clients: &[AdminClient]) -> C
     }
 }
 
-/// Builds the TLS config: client certificates are verified against the
-/// client CA when presented, and not required at the handshake, so that a
-/// caller without one gets a clear 401 instead of a TLS alert.
-pub fn tls_config(cfg: &AdminConfig) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    crate::install_crypto_provider();
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+/// Loads the TLS config, read again when its files change (see
+/// [`crate::api::tls_reload`]): client certificates are verified against
+/// the client CA when presented, and not required at the handshake, so that
+/// a caller without one gets a clear 401 instead of a TLS alert.
+pub fn tls_config(cfg: &AdminConfig) -> Result<Arc<ReloadingTls>, String> {
+    let files = TlsFiles {
+        listener: "admin",
+        cert: ConfigFile::new("admin.tls_cert_file", &cfg.tls_cert_file),
+        key: ConfigFile::new("admin.tls_key_file", &cfg.tls_key_file),
+        client_ca: Some(ConfigFile::new("admin.client_ca_file", &cfg.client_ca_file)),
+        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     };
-    let (certs, key) = load_cert_and_key(&cfg.tls_cert_file, &cfg.tls_key_file)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read(&cfg.client_ca_file)?) {
-        let ca = ca.map_err(|e| format!("{}: {e}", cfg.client_ca_file.display()))?;
-        roots
-            .add(ca)
-            .map_err(|e| format!("{}: {e}", cfg.client_ca_file.display()))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| format!("admin.client_ca_file: {e}"))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("admin TLS: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let (tls, leaf) = ReloadingTls::load(files).map_err(|e| e.to_string())?;
+    crate::api::tls_reload::log_loaded(&tls, &leaf);
+    Ok(Arc::new(tls))
 }
 
 /// Reads a PEM certificate chain and its private key (the key bytes are
@@ -614,15 +650,15 @@ pub fn load_cert_and_key(
     Ok((certs, key))
 }
 
-/// Serves the admin API on `listener` until `shutdown` flips.
+/// Serves the admin API on `listener` until `shutdown` flips; each
+/// connection's handshake uses the TLS config current at its start.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<ReloadingTls>,
     clients: Arc<Vec<AdminClient>>,
     state: AdminState,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let app = router(state);
     info!(addr = ?listener.local_addr().ok(), "admin API listening (HTTPS, client certificates)");
     loop {
@@ -636,7 +672,7 @@ pub async fn serve(
             },
             _ = crate::until_true(&mut shutdown) => return,
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tls.acceptor();
         let app = app.clone();
         let clients = clients.clone();
         tokio::spawn(async move {
@@ -718,7 +754,15 @@ pub fn openapi_document() -> Value {
                 }
             },
             "/v1/audit/verify": {
-                "get": { "summary": "Check the hash chain of the audit log (viewer)", "responses": { "200": ok("VerifyReport"), "401": err, "403": err } }
+                "get": { "summary": "Check the chain of the audit log, and against the last checkpoint this replica exported (viewer)", "responses": { "200": ok("VerifyReport"), "401": err, "403": err } },
+                "post": {
+                    "summary": "Check the chain of the audit log and against exported checkpoints (viewer)",
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                        "type": "object", "additionalProperties": false,
+                        "properties": { "checkpoints": { "type": "array", "maxItems": 200, "items": { "$ref": "#/components/schemas/Checkpoint" } } }
+                    } } } },
+                    "responses": { "200": ok("VerifyReport"), "400": err, "401": err, "403": err, "413": err }
+                }
             },
             "/v1/secrets": {
                 "get": { "summary": "Secret names and latest versions, never values (viewer)", "responses": { "200": ok("SecretList"), "401": err, "403": err } }
@@ -772,13 +816,28 @@ pub fn openapi_document() -> Value {
                     "properties": {
                         "seq": { "type": "integer" }, "at_ms": { "type": "integer" }, "actor": { "type": "string" },
                         "action": { "type": "string" }, "result": { "type": "string" }, "detail": { "type": "string" },
-                        "prev_hash": { "type": "string" }, "hash": { "type": "string" }
+                        "prev_hash": { "type": "string" }, "hash": { "type": "string" },
+                        "key_id": { "type": "string", "nullable": true }
+                    }
+                },
+                "Checkpoint": {
+                    "type": "object", "required": ["kind", "seq", "count", "head", "at_ms", "key_id", "sig"],
+                    "properties": {
+                        "kind": { "type": "string", "enum": ["audit_checkpoint"] }, "seq": { "type": "integer" }, "count": { "type": "integer" },
+                        "head": { "type": "string" }, "at_ms": { "type": "integer" }, "key_id": { "type": "string" },
+                        "run": { "type": "string" }, "sig": { "type": "string" }
                     }
                 },
                 "AuditList": { "type": "object", "properties": { "records": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } } } },
                 "VerifyReport": {
                     "type": "object",
-                    "properties": { "ok": { "type": "boolean" }, "records": { "type": "integer" }, "last_seq": { "type": "integer" }, "problem": { "type": "string", "nullable": true } }
+                    "properties": {
+                        "ok": { "type": "boolean" }, "records": { "type": "integer" }, "last_seq": { "type": "integer" },
+                        "problem": { "type": "string", "nullable": true }, "problem_seq": { "type": "integer", "nullable": true },
+                        "first_seq": { "type": "integer" }, "legacy_records": { "type": "integer" }, "keyed": { "type": "boolean" },
+                        "checkpoints_checked": { "type": "integer" }, "checkpoint_seq": { "type": "integer", "nullable": true },
+                        "notes": { "type": "array", "items": { "type": "string" } }
+                    }
                 },
                 "SecretList": { "type": "object", "properties": { "secrets": { "type": "array", "items": { "$ref": "#/components/schemas/SecretVersion" } } } },
                 "SecretVersion": { "type": "object", "properties": { "name": { "type": "string" }, "version": { "type": "integer" } } },

@@ -45,6 +45,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of the TLS reload counter: `grpc` or `admin`, and `ok` or `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabels {
+    pub listener: &'static str,
+    pub result: &'static str,
+}
+
 /// Latency buckets from 0.5 ms to ~8 s.
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
@@ -77,6 +84,12 @@ pub struct Metrics {
     pub upstream_revocations: Counter,
     /// Vault-mapped secrets that cannot be served now (set at each scrape).
     vault_unservable: Gauge,
+    /// TLS files read again after they changed, by listener and result
+    /// (see `api::tls_reload`).
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
+    /// The audit log's dropped records and checkpoints (shared with the
+    /// audit writer and the checkpoint exporter; `/readyz` reads it too).
+    pub audit: Arc<crate::state::audit::AuditStatus>,
 }
 
 impl Metrics {
@@ -156,7 +169,31 @@ impl Metrics {
             "Vault KV secrets this replica cannot serve now (no value young enough)",
             vault_unservable.clone(),
         );
+        let tls_reloads = Family::<TlsReloadLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "TLS certificates, keys and client CAs read again after their files changed, by listener and result",
+            tls_reloads.clone(),
+        );
+        let audit = Arc::new(crate::state::audit::AuditStatus::default());
+        registry.register(
+            "audit_records_dropped",
+            "Audit records dropped since start (the audit queue was full, or the database refused them until shutdown)",
+            audit.dropped.clone(),
+        );
+        registry.register(
+            "audit_checkpoints_written",
+            "Signed audit checkpoints written to audit.checkpoint_file",
+            audit.checkpoints_written.clone(),
+        );
+        registry.register(
+            "audit_checkpoint_failures",
+            "Audit checkpoints not written: the sink refused the write, or the log no longer matched the last checkpoint",
+            audit.checkpoint_failures.clone(),
+        );
         Metrics {
+            audit,
+            tls_reloads,
             upstream_revocations,
             vault_unservable,
             registry,
@@ -252,6 +289,12 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     if let Some(a) = &s.aws {
         degraded.extend(a.problems().into_iter().map(|p| format!("aws: {p}")));
     }
+    // Audit records dropped in the last minute take the replica out of
+    // service (it cannot keep up auditing); older drops and checkpoints
+    // that cannot be written only degrade it.
+    let (audit_failing, audit_degraded) = s.metrics.audit.readiness();
+    failing.extend(audit_failing);
+    degraded.extend(audit_degraded);
     if failing.is_empty() && !degraded.is_empty() {
         (
             StatusCode::OK,

@@ -9,3 +9,4 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod refusals;
+pub mod tls_reload;

@@ -154,7 +154,10 @@ mod tests {
 
         store.delete("a").await.unwrap();
         rotations.refresh().await.unwrap();
-        assert!(matches!(cache.get("a").await, Err(crate::cache::ReadError::NotFound)));
+        assert!(matches!(
+            cache.get("a").await,
+            Err(crate::cache::ReadError::NotFound)
+        ));
         assert_eq!(versions.read().unwrap().get("a"), None);
     }
 }

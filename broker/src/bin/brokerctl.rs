@@ -123,8 +123,52 @@ enum AuditCommand {
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: i64,
     },
-    /// Check the hash chain; exit 1 when a record was altered or removed.
-    Verify,
+    /// Check the audit chain; exit 1 when a record was altered or removed.
+    ///
+    /// The broker checks every record's hash (an HMAC under its audit key,
+    /// when it has one) and the log against the last checkpoint it
+    /// exported. With --checkpoints, also against the checkpoints in FILE
+    /// (the sink of audit.checkpoint_file, or a log shipper's copy): the
+    /// last one of each broker run, so removing the newest records, or
+    /// rewriting and chaining them again, is detected up to the newest
+    /// checkpoint.
+    Verify {
+        /// A file of exported checkpoint lines (other lines are skipped).
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
+    },
+}
+
+/// Most checkpoints sent with one `audit verify` (the API takes 200).
+const MAX_CHECKPOINTS: usize = 200;
+
+/// The checkpoints worth checking in a sink's text: the last one of each
+/// broker run (a run's later checkpoints extend its earlier ones), the
+/// newest runs first, at most [`MAX_CHECKPOINTS`]. Lines that are not
+/// checkpoints (a log shipper's stream) are skipped, and so is whatever
+/// precedes the JSON on a line (a timestamp).
+fn checkpoints_in(text: &str) -> Vec<Value> {
+    let mut last_of_run: Vec<(String, Value)> = Vec::new();
+    for line in text.lines() {
+        let Some(start) = line.find('{') else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(line[start..].trim_end()) else {
+            continue;
+        };
+        if v["kind"] != "audit_checkpoint" {
+            continue;
+        }
+        let run = v["run"].as_str().unwrap_or_default().to_owned();
+        last_of_run.retain(|(r, _)| *r != run);
+        last_of_run.push((run, v));
+    }
+    last_of_run
+        .into_iter()
+        .rev()
+        .take(MAX_CHECKPOINTS)
+        .map(|(_, v)| v)
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -493,10 +537,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     );
                 }
             }
-            AuditCommand::Verify => {
-                let v = api
-                    .call(Method::GET, &["v1", "audit", "verify"], &[], None)
-                    .await?;
+            AuditCommand::Verify { checkpoints } => {
+                let v = match checkpoints {
+                    None => {
+                        api.call(Method::GET, &["v1", "audit", "verify"], &[], None)
+                            .await?
+                    }
+                    Some(file) => {
+                        let text = std::fs::read(&file).map_err(|e| {
+                            Failure::Local(format!("cannot read {}: {e}", file.display()))
+                        })?;
+                        let found = checkpoints_in(&String::from_utf8_lossy(&text));
+                        if found.is_empty() {
+                            return Err(Failure::Local(format!(
+                                "{} holds no audit checkpoint line (\"kind\":\"audit_checkpoint\")",
+                                file.display()
+                            )));
+                        }
+                        api.call(
+                            Method::POST,
+                            &["v1", "audit", "verify"],
+                            &[],
+                            Some(json!({ "checkpoints": found })),
+                        )
+                        .await?
+                    }
+                };
                 if json_out {
                     print_json(&v);
                 } else if v["ok"] == true {
@@ -505,6 +571,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         s(&v, "records"),
                         s(&v, "last_seq")
                     );
+                    if let Some(seq) = v["checkpoint_seq"].as_i64() {
+                        println!(
+                            "matches {} exported checkpoints (the newest at seq {seq})",
+                            s(&v, "checkpoints_checked")
+                        );
+                    }
+                    if v["first_seq"].as_i64().is_some_and(|f| f > 1) {
+                        println!(
+                            "the log starts at seq {} (older records pruned by audit.retention)",
+                            s(&v, "first_seq")
+                        );
+                    }
+                    let legacy = v["legacy_records"].as_i64().unwrap_or_default();
+                    if legacy > 0 {
+                        println!(
+                            "warning: {legacy} records are chained with plain SHA-256 (no audit key when they were written): not tamper-evident against a database writer"
+                        );
+                    }
+                    for note in v["notes"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                        println!("note: {}", note.as_str().unwrap_or_default());
+                    }
                 }
                 if v["ok"] != true {
                     return Err(Failure::Remote(format!(
@@ -609,5 +696,35 @@ fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_checkpoint_of_each_run_is_sent_newest_first() {
+        let cp = |run: &str, seq: i64| {
+            format!(
+                r#"{{"kind":"audit_checkpoint","seq":{seq},"count":{seq},"head":"h","at_ms":1,"key_id":"a1","run":"{run}","sig":"s"}}"#
+            )
+        };
+        let text = [
+            cp("r1", 3),
+            "broker started".to_owned(),
+            cp("r1", 5),
+            format!("2026-01-01T00:00:00Z stdout F {}", cp("r2", 9)),
+            r#"{"kind":"other","seq":10}"#.to_owned(),
+            "{not json".to_owned(),
+            cp("r2", 12),
+        ]
+        .join("\n");
+        let found: Vec<(String, i64)> = checkpoints_in(&text)
+            .iter()
+            .map(|v| (s(v, "run"), v["seq"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(found, [("r2".to_owned(), 12), ("r1".to_owned(), 5)]);
+        assert!(checkpoints_in("nothing here\n").is_empty());
     }
 }

@@ -82,6 +82,13 @@ pub async fn run(
     if !key_file.exists() {
         generate_key_file(&key_file, "dev-1").context("generate store key")?;
     }
+    // The audit chain's key, beside the store key: dev runs with a
+    // tamper-evident audit log and signed checkpoints.
+    let audit_key = dir.join("audit.key");
+    if !audit_key.exists() {
+        crate::state::audit_key::generate_key_file(&audit_key, "dev-audit-1")
+            .context("generate audit key")?;
+    }
 
     let issuer = Issuer::new().context("generate issuer key")?;
     issuer.set_url(ISSUER);
@@ -127,6 +134,12 @@ url = "sqlite://store.db"
 [store]
 key_file = "store.key"
 poll_interval = "500ms"
+
+[audit]
+key_file = "audit.key"
+# `brokerctl audit verify --checkpoints audit-checkpoints.jsonl`
+checkpoint_file = "audit-checkpoints.jsonl"
+checkpoint_interval = "10s"
 
 [admin]
 listen = "{admin_ip}:{admin_port}"
@@ -267,7 +280,10 @@ file = "{DEMO_FILE}"
              \x20 rotation      a new version of {DEMO_SECRET} every {rotate}\n\
              \x20 configs       {broker_toml}, {sidecar_toml}\n\
              \x20 admin API     https://localhost:{admin_port}   try: {brokerctl} --server https://localhost:{admin_port} --ca {tls}/ca.crt --cert {tls}/dev-admin.crt --key {tls}/dev-admin.key leases list\n\
-             \x20 read it       cat {secrets}/{DEMO_FILE}   (ls -la {secrets}/ shows the ..data layout)\n",
+             \x20 read it       cat {secrets}/{DEMO_FILE}   (ls -la {secrets}/ shows the ..data layout)\n\
+             \x20 audit log     HMAC-chained with {audit_key}; signed checkpoints in {checkpoints} (audit verify --checkpoints {checkpoints})\n",
+            audit_key = show("audit.key"),
+            checkpoints = show("audit-checkpoints.jsonl"),
             store_db = show("store.db"),
             token = show("token"),
             remint =

@@ -4,11 +4,16 @@
 //!
 //! - [`revocation`]: the rules and the in-memory view every call is checked
 //!   against, kept fresh (PostgreSQL `LISTEN/NOTIFY` plus a periodic re-read).
-//! - [`audit`]: the hash-chained audit log.
+//! - [`audit`]: the hash-chained audit log (HMAC-chained with an audit key).
+//! - [`audit_key`]: the audit key file, checkpoint and anchor signatures.
+//! - [`checkpoint`]: signed checkpoints exported outside the database, and
+//!   the retention prune.
 //! - [`writer`]: the one task that writes the exchange path's rows (leases
 //!   and audit records) in batches.
 
 pub mod audit;
+pub mod audit_key;
+pub mod checkpoint;
 pub mod revocation;
 pub mod writer;
 

@@ -49,7 +49,8 @@ const MAX_RECORDS: usize = 256;
 const AUDIT_CHUNK: usize = 32;
 /// Calls' lease batches that may wait for the writer (each caller waits too).
 const LEASE_QUEUE: usize = 4096;
-/// Audit records that may wait; [`Auditor::record`] drops (and logs) beyond.
+/// Audit records that may wait; [`Auditor::record`] drops beyond, counts
+/// what it dropped, and the writer audits the count once it has room.
 const AUDIT_QUEUE: usize = 65_536;
 /// Longest an audit record waits for more to share its write. A commit
 /// costs SQLite a few pages of its write-ahead log however few rows it
@@ -109,21 +110,25 @@ fn split_queued(incoming: &mut Vec<Queued>, records: &mut Vec<Entry>, flushes: &
 /// records the database refuses are retried with backoff, and dropped with
 /// a warning only at shutdown, once the backoff has reached its maximum.
 pub fn start(db: Db) -> (Leases, Auditor, tokio::task::JoinHandle<()>) {
+    start_with(Audit::new(db))
+}
+
+/// [`start`] with the audit log as configured: its key chains the records,
+/// and its status counts the records dropped.
+pub fn start_with(audit: Audit) -> (Leases, Auditor, tokio::task::JoinHandle<()>) {
+    let db = audit.db().clone();
     let (lease_tx, lease_rx) = mpsc::channel(LEASE_QUEUE);
     let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+    let auditor = Auditor::new(audit_tx, audit.status().clone());
     let writer = Writer {
         leases: Leases::new(db.clone()),
-        audit: Audit::new(db.clone()),
+        audit,
         db: db.clone(),
         conn: None,
         end: None,
     };
     let task = tokio::spawn(writer.run(lease_rx, audit_rx));
-    (
-        Leases::with_batcher(db, lease_tx),
-        Auditor::new(audit_tx),
-        task,
-    )
+    (Leases::with_batcher(db, lease_tx), auditor, task)
 }
 
 struct Writer {
@@ -255,9 +260,28 @@ impl Writer {
                 Ok(()) => {
                     oldest = None;
                     backoff = FIRST_BACKOFF;
+                    // Records the full queue dropped: now that it has room,
+                    // the log says how many (with the next batch).
+                    let dropped = self.audit.status().take_unreported();
+                    if dropped > 0 {
+                        records.push(Entry::new(
+                            "broker",
+                            "audit.dropped",
+                            "dropped",
+                            serde_json::json!({
+                                "records": dropped,
+                                "reason": "audit queue full",
+                                "dropped_since_start": self.audit.status().dropped.get(),
+                            }),
+                        ));
+                        oldest = Some(Instant::now());
+                    }
                 }
                 Err(e) if audit_rx.is_closed() && backoff >= MAX_BACKOFF => {
                     warn!(error = %e, records = records.len(), "dropping audit records at shutdown: database unreachable");
+                    self.audit
+                        .status()
+                        .count_dropped_at_shutdown(records.len() as u64);
                     records.clear();
                     oldest = None;
                 }
@@ -317,7 +341,9 @@ impl Writer {
         let mut audited = Ok(());
         while !records.is_empty() {
             let n = records.len().min(AUDIT_CHUNK);
-            audited = Audit::append_sqlite(conn, &mut self.end, &records[..n])
+            audited = self
+                .audit
+                .append_sqlite(conn, &mut self.end, &records[..n])
                 .await
                 .map_err(RecordError::from);
             if audited.is_err() {
@@ -509,6 +535,31 @@ mod tests {
         }
         let report = audit.verify().await.unwrap();
         assert!(report.ok, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn the_writer_chains_with_the_key_and_audits_what_a_full_queue_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite_in(dir.path()).await;
+        let keys = std::sync::Arc::new(crate::state::audit_key::tests::keys_in(dir.path(), "a1"));
+        let audit = Audit::keyed(db.clone(), Some(keys), Default::default());
+        let (_leases, auditor, _task) = start_with(audit.clone());
+        // As if a full queue had dropped three records.
+        audit.status().note_drops(3);
+        auditor.record(Entry::new("a/b", "fetch", "ok", json!({"n": 1})));
+        let records = wait_for_records(&audit, 2).await;
+        assert_eq!(records[0].action, "fetch");
+        assert_eq!(records[1].action, "audit.dropped");
+        assert!(
+            records[1].detail.contains(r#""records":3"#),
+            "{}",
+            records[1].detail
+        );
+        assert!(records.iter().all(|r| r.key_id.as_deref() == Some("a1")));
+        assert_eq!(audit.status().dropped.get(), 3);
+        assert_eq!(audit.status().take_unreported(), 0);
+        let report = audit.verify().await.unwrap();
+        assert!(report.ok && report.legacy_records == 0, "{report:?}");
     }
 
     /// Frames in the write-ahead log, as a passive checkpoint reports them.
