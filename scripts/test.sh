@@ -52,6 +52,15 @@ cargo clippy -p secrets-broker --features otlp --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
+# The sidecar as the image builds it, linked with crt-static, so that exec
+# mode runs in app images without glibc (tests/tests/exec_static.rs). With
+# --target, RUSTFLAGS reach only this target's crates, not build scripts or
+# proc macros.
+log "building the static sidecar (crt-static) for the exec-mode test"
+RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build -p secrets-sidecar --bin secrets-sidecar --locked \
+  --target "$(uname -m)-unknown-linux-gnu"
+
 log "the README's two commands, as written, and every hint dev prints"
 bash scripts/check-readme.sh
 

@@ -23,11 +23,18 @@ COPY examples ./examples
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
+    triple="$(uname -m)-unknown-linux-gnu" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --profile release-small --locked -p secrets-sidecar --bin secrets-sidecar \
- && install -D -m 0755 target/release-small/secrets-sidecar /out/secrets-sidecar
+      --target "$triple" \
+ && install -D -m 0755 "target/$triple/release-small/secrets-sidecar" /out/secrets-sidecar
 
 # --- runtime ----------------------------------------------------------------
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+# The binary is static (crt-static: glibc linked in, no loader, no shared
+# library), so the injector's exec mode can copy it into any app image:
+# Debian, Alpine (musl), distroless static, scratch. Nothing else is needed
+# here either.
+FROM gcr.io/distroless/static-debian12:nonroot AS runtime
 ARG VERSION=dev
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -39,7 +46,7 @@ LABEL org.opencontainers.image.title="secrets-sidecar" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+      org.opencontainers.image.base.name="gcr.io/distroless/static-debian12:nonroot"
 COPY --from=build /out/secrets-sidecar /usr/local/bin/secrets-sidecar
 USER 65532:65532
 # 8099: /healthz, /readyz, /metrics (when health_listen binds a pod address)
