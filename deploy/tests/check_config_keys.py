@@ -77,6 +77,9 @@ def check_data(name, data, example, allowed, failures):
         for k in ("tls_cert_file", "tls_key_file"):
             if not str(srv.get(k, "")).startswith("/etc/secrets-broker/tls/"):
                 failures.append(f"{name}: server.{k} must be under /etc/secrets-broker/tls/ (mounted Secret)")
+        audit = data.get("audit", {})
+        if "key_file" in audit and not str(audit["key_file"]).startswith("/etc/secrets-broker/audit/"):
+            failures.append(f"{name}: audit.key_file must be under /etc/secrets-broker/audit/ (its own mounted Secret)")
     elif example.name == "inject.toml":
         srv = data.get("server", {})
         # The ports and mounts of components/injector/deployment.yaml.
@@ -118,7 +121,7 @@ def schema_keys(node, prefix=""):
 # render until the binary accepts them.
 CHART_SET = {
     "broker.toml": {"server.listen", "server.ops_listen", "server.tls_cert_file", "server.tls_key_file",
-                    "admin.listen", "admin.client_ca_file", "store.key_file"},
+                    "admin.listen", "admin.client_ca_file", "store.key_file", "audit.key_file"},
     "inject.toml": {"server.listen", "server.ops_listen", "server.tls_cert_file", "server.tls_key_file",
                     "sidecar.image", "sidecar.broker_url", "sidecar.broker_ca_file"},
 }

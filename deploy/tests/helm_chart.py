@@ -53,6 +53,7 @@ SETS = {
     "dev-all": (["examples/dev.yaml", "examples/monitoring.yaml", "examples/injector.yaml"], "tests-kustomize-dev-all"),
     "ha-all": (["examples/ha.yaml", "examples/injector.yaml"], "tests-kustomize-ha-all"),
     "variants": (["deploy/tests/fixtures/helm-values/variants.yaml"], None),
+    "no-audit": (["deploy/tests/fixtures/helm-values/no-audit.yaml"], None),
 }
 
 

@@ -70,6 +70,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-tls" (include "sb.fullname" .)) .Values.broker.tls.secretName }}
 {{- end }}
 
+{{- define "sb.auditKeySecret" -}}
+{{- default (printf "%s-audit-key" (include "sb.fullname" .)) .Values.broker.audit.keySecretName }}
+{{- end }}
+
 {{- define "sb.injectorTLSSecret" -}}
 {{- default (printf "%s-injector-tls" (include "sb.fullname" .)) .Values.injector.tls.secretName }}
 {{- end }}
@@ -96,6 +100,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- else }}
 {{- fail (printf "broker.config.database.url %q: use sqlite:///var/lib/secrets-broker/<file> (one replica, on the chart's volume) or postgres://user@host:5432/db (several replicas)" $url) }}
+{{- end }}
+{{- $audit := default dict .Values.broker.config.audit }}
+{{- if and .Values.broker.audit.enabled $audit.retention (ne (toString $audit.retention) "0s") (not $audit.checkpoint_file) }}
+{{- fail (printf "broker.config.audit.retention is %v, but broker.config.audit.checkpoint_file is not set: records are pruned only up to an exported checkpoint (set checkpoint_file, \"-\" for standard output)" $audit.retention) }}
 {{- end }}
 {{- if and .Values.injector.enabled (eq .Values.injector.tls.source "certManager") (not .Values.certManager.enabled) (not .Values.injector.tls.issuerRef.name) }}
 {{- fail "injector.tls.source is certManager: set certManager.enabled (the chart's CA signs the webhook's certificate) or injector.tls.issuerRef" }}
@@ -184,6 +192,17 @@ broker refuses for integer keys.
 {{- $store := default dict $cfg.store }}
 {{- $_ = set $store "key_file" "/etc/secrets-broker/store/store.key" }}
 {{- $_ = set $cfg "store" $store }}
+{{- if .Values.broker.audit.enabled }}
+{{- $audit := default dict $cfg.audit }}
+{{- /* null: not written (no checkpoints; retention: keep every record). */}}
+{{- range $k := list "checkpoint_file" "checkpoint_interval" "retention" }}
+{{- if kindIs "invalid" (get $audit $k) }}{{ $_ := unset $audit $k }}{{ end }}
+{{- end }}
+{{- $_ = set $audit "key_file" "/etc/secrets-broker/audit/audit.key" }}
+{{- $_ = set $cfg "audit" $audit }}
+{{- else }}
+{{- $_ = unset $cfg "audit" }}
+{{- end }}
 {{- include "sb.toml" (dict "table" $cfg "path" "") | trim }}
 {{- end }}
 
