@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
-use crate::api::http::{BackendLabels, Metrics, ResultLabels};
 use crate::backend::SecretVersion;
 use crate::backend::embedded::{EmbeddedStore, StoreError};
+use crate::telemetry::metrics::{BackendLabels, Metrics, ResultLabels};
 
 /// Why a cached read failed.
 #[derive(Debug, Clone, thiserror::Error)]

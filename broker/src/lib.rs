@@ -19,12 +19,15 @@
 pub mod api;
 pub mod backend;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod dev;
+pub mod error_chain;
 pub mod identity;
 pub mod inject;
 pub mod policy;
+pub mod shutdown;
 pub mod state;
 pub mod telemetry;
 
@@ -45,6 +48,7 @@ use crate::db::Db;
 use crate::identity::jwks::JwksError;
 use crate::identity::verify::Verifiers;
 use crate::policy::Policy;
+use crate::shutdown::until_true;
 use crate::state::audit::Audit;
 use crate::state::revocation::{Revocations, View};
 
@@ -147,14 +151,14 @@ pub async fn run(
             .await
             .map_err(RunError::Kubernetes)?,
     );
-    let metrics = Arc::new(api::http::Metrics::new(refreshes));
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(refreshes));
     let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
     let vault = match &config.vault {
         None => None,
         Some(vc) => {
             let reads = metrics
                 .backend_reads
-                .get_or_create(&api::http::BackendLabels { backend: "vault" })
+                .get_or_create(&crate::telemetry::metrics::BackendLabels { backend: "vault" })
                 .clone();
             Some(Arc::new(
                 backend::vault::Vault::new(vc.clone(), reads).map_err(RunError::Vault)?,
@@ -166,13 +170,31 @@ pub async fn run(
         Some(ac) => {
             let reads = metrics
                 .backend_reads
-                .get_or_create(&api::http::BackendLabels { backend: "aws" })
+                .get_or_create(&crate::telemetry::metrics::BackendLabels { backend: "aws" })
                 .clone();
             Some(Arc::new(backend::aws::Aws::new(ac.clone(), reads).await))
         }
     };
-    let upstream = backend::vault::UpstreamLeases::new(db.clone());
-    let versions = api::grpc::Versions::default();
+    let upstream = backend::upstream::UpstreamLeases::new(db.clone());
+    let versions = backend::rotation::Versions::default();
+    // Every source, built once: each name goes to the source that maps it,
+    // the rest to the embedded store.
+    let mut sources = backend::source::Sources::new(Arc::new(
+        backend::embedded::EmbeddedSource::new(cache.clone(), versions.clone()),
+    ));
+    if let Some(v) = &vault {
+        let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
+        sources = sources
+            .register(Arc::new(source))
+            .map_err(RunError::Sources)?;
+    }
+    if let Some(a) = &aws {
+        let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
+        sources = sources
+            .register(Arc::new(source))
+            .map_err(RunError::Sources)?;
+    }
+    let sources = Arc::new(sources);
     let ops = match config.server.ops_listen {
         None => None,
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
@@ -253,7 +275,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => match leases.prune(db::unix_now(), 24 * 3600).await {
+                    _ = tick.tick() => match leases.prune(clock::unix_now(), 24 * 3600).await {
                         Ok(0) => {}
                         Ok(n) => info!(leases = n, "pruned ended leases"),
                         Err(e) => warn!(error = %e, "cannot prune ended leases"),
@@ -318,8 +340,7 @@ pub async fn run(
             view: view.clone(),
             verifier: verifier.clone(),
             db: db.clone(),
-            vault: vault.clone(),
-            aws: aws.clone(),
+            sources: sources.clone(),
         };
         tokio::spawn(api::http::serve(listener, state, down_rx.clone()));
     }
@@ -381,27 +402,10 @@ pub async fn run(
             }
         }
     });
-    // Every source, built once: each name goes to the source that maps it,
-    // the rest to the embedded store.
-    let mut sources = backend::source::Sources::new(Arc::new(
-        backend::embedded::EmbeddedSource::new(cache, versions),
-    ));
-    if let Some(v) = &vault {
-        let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
-        sources = sources
-            .register(Arc::new(source))
-            .map_err(RunError::Sources)?;
-    }
-    if let Some(a) = &aws {
-        let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
-        sources = sources
-            .register(Arc::new(source))
-            .map_err(RunError::Sources)?;
-    }
     let service = BrokerService {
         verifier,
         policy: Arc::new(Policy::new(config.roles.clone())),
-        sources: Arc::new(sources),
+        sources: sources.clone(),
         upstream,
         leases,
         view,
@@ -529,9 +533,4 @@ pub async fn check_token(config: &Config, token: &str, role: &str) -> Result<Str
         "lease_ttl_seconds": role.ttl.as_secs(),
     })
     .to_string())
-}
-
-/// Completes once `rx` has seen `true` (or its sender is gone).
-pub(crate) async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
 }

@@ -440,7 +440,7 @@ ttl = "10m"
         (!role_exists(&user_b)).then_some(())
     })
     .unwrap();
-    assert!(lease_b.expires_at_unix <= secrets_broker::db::unix_now());
+    assert!(lease_b.expires_at_unix <= secrets_broker::clock::unix_now());
     // By now pod A's credentials are past their initial 6 s TTL too: the
     // sidecar's renewals kept the Vault lease alive.
     assert!(

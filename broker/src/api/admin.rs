@@ -39,8 +39,8 @@ use tracing::{info, warn};
 use crate::api::grpc::Rotations;
 use crate::api::tls_reload::{ConfigFile, ReloadingTls, TlsFiles};
 use crate::backend::embedded::{EmbeddedStore, StoreError};
+use crate::clock::unix_now;
 use crate::config::{AdminClient, AdminConfig, AdminRole};
-use crate::db::unix_now;
 use crate::state::Leases;
 use crate::state::audit::{Audit, Auditor, Entry};
 use crate::state::audit_key::Checkpoint;
@@ -670,7 +670,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::until_true(&mut shutdown) => return,
+            _ = crate::shutdown::until_true(&mut shutdown) => return,
         };
         let acceptor = tls.acceptor();
         let app = app.clone();

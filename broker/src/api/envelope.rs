@@ -31,8 +31,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::grpc::{ApiError, BrokerService, Scope};
 use crate::backend::validate_secret_name;
+use crate::clock::unix_now;
 use crate::config::RoleConfig;
-use crate::db::unix_now;
 use crate::identity::verify::TokenError;
 use crate::identity::{Identity, fingerprint};
 use crate::policy;

@@ -23,8 +23,8 @@ use crate::backend::source::{
     Failure, Issued, ReadFor, SecretSource, SourceError, Sources, Upstream,
 };
 use crate::backend::upstream::UpstreamLeases;
+use crate::clock::unix_now;
 use crate::config::RoleConfig;
-use crate::db::unix_now;
 use crate::identity::Identity;
 use crate::identity::verify::{TokenError, Verifiers};
 use crate::policy::{self, Denied, Policy};
@@ -34,10 +34,10 @@ use crate::state::{LeaseRecord, Leases};
 use serde_json::json;
 
 /// Counts an open watch stream for as long as it lives.
-struct StreamGuard(Arc<crate::api::http::Metrics>);
+struct StreamGuard(Arc<crate::telemetry::metrics::Metrics>);
 
 impl StreamGuard {
-    fn new(m: Arc<crate::api::http::Metrics>) -> StreamGuard {
+    fn new(m: Arc<crate::telemetry::metrics::Metrics>) -> StreamGuard {
         m.watch_streams.inc();
         StreamGuard(m)
     }
@@ -150,7 +150,7 @@ pub struct BrokerService {
     pub leases: Leases,
     pub view: Arc<View>,
     pub auditor: Auditor,
-    pub metrics: Arc<crate::api::http::Metrics>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub rotations: broadcast::Sender<Rotation>,
     pub heartbeat: Duration,
     /// Load limits: calls in flight, watch streams, rate per workload.
@@ -596,7 +596,7 @@ impl WatchState {
             _ = &mut self.deadline => {
                 self.end(Status::unauthenticated("token expired; reconnect with a fresh token"));
             }
-            _ = crate::until_true(&mut self.shutdown) => {
+            _ = crate::shutdown::until_true(&mut self.shutdown) => {
                 self.end(Status::unavailable("broker is shutting down; reconnect"));
             }
             _ = self.tick.tick() => {

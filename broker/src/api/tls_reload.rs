@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-use crate::api::http::TlsReloadLabels;
+use crate::telemetry::metrics::TlsReloadLabels;
 
 /// One file a listener's TLS is built from, and the config key naming it.
 #[derive(Debug, Clone)]
@@ -424,7 +424,7 @@ pub async fn watch(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::until_true(&mut down) => return,
+            _ = crate::shutdown::until_true(&mut down) => return,
         }
         let polled = {
             let tls = tls.clone();

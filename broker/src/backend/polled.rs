@@ -162,7 +162,7 @@ impl<E: PollError + Clone> Polled<E> {
             if self.current().is_some() || failures > 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::until_true(&mut shutdown) => return,
+                    _ = crate::shutdown::until_true(&mut shutdown) => return,
                 }
             }
             // The outcome is recorded before the lock is released: a caller

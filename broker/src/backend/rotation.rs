@@ -104,7 +104,7 @@ pub async fn poll_rotations(
                 _ = tick.tick() => {}
                 _ = store.changed() => {}
                 _ = notes.recv() => {}
-                _ = crate::until_true(&mut shutdown) => return,
+                _ = crate::shutdown::until_true(&mut shutdown) => return,
             }
         }
         first = false;
@@ -125,7 +125,7 @@ mod tests {
         let key = dir.path().join("k");
         crate::backend::embedded::generate_key_file(&key, "k1").unwrap();
         let store = EmbeddedStore::new(crate::db::Db::sqlite_in(dir.path()).await, &key).unwrap();
-        let metrics = Arc::new(crate::api::http::Metrics::new(Default::default()));
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(Default::default()));
         let cache = SecretCache::new(store.clone(), Duration::from_secs(600), metrics);
         let versions = Versions::default();
         let (tx, mut rx) = broadcast::channel(16);

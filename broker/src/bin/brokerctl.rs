@@ -265,7 +265,7 @@ impl Api {
             Failure::Remote(format!(
                 "cannot reach {}: {}",
                 self.base.as_str().trim_end_matches('/'),
-                secrets_broker::identity::jwks::error_chain(&e)
+                secrets_broker::error_chain::error_chain(&e)
             ))
         })?;
         let status = resp.status();

@@ -15,8 +15,9 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
-use crate::api::http::ResultLabels;
 use crate::config::{IdentityConfig, KeySource};
+use crate::error_chain::error_chain;
+use crate::telemetry::metrics::ResultLabels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -315,19 +316,6 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, JwksError> 
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// The full cause chain of an error, for messages that must say *why* (a TLS
-/// trust failure hides three levels down in reqwest).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// Parses a JWKS document. Keys of unsupported types, encryption keys and

@@ -350,7 +350,7 @@ impl Verifier {
     pub fn with_refresh_counter(
         mut self,
         family: prometheus_client::metrics::family::Family<
-            crate::api::http::ResultLabels,
+            crate::telemetry::metrics::ResultLabels,
             prometheus_client::metrics::counter::Counter,
         >,
     ) -> Verifier {
@@ -726,7 +726,7 @@ impl Verifiers {
     pub async fn new(
         cfgs: &[IdentityConfig],
         refreshes: &prometheus_client::metrics::family::Family<
-            crate::api::http::ResultLabels,
+            crate::telemetry::metrics::ResultLabels,
             prometheus_client::metrics::counter::Counter,
         >,
     ) -> Result<Verifiers, String> {

@@ -277,7 +277,7 @@ pub async fn serve(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = crate::until_true(&mut down) => return,
+                    _ = crate::shutdown::until_true(&mut down) => return,
                 }
                 match cert.reload_if_changed() {
                     Ok(false) => {}
@@ -306,7 +306,7 @@ pub async fn serve(
         info!(addr = ?ops.local_addr().ok(), "operations port listening (metrics, health)");
         tokio::spawn(async move {
             let _ = axum::serve(ops, app)
-                .with_graceful_shutdown(async move { crate::until_true(&mut down).await })
+                .with_graceful_shutdown(async move { crate::shutdown::until_true(&mut down).await })
                 .await;
         });
     }
@@ -336,7 +336,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::until_true(&mut down) => break,
+            _ = crate::shutdown::until_true(&mut down) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let acceptor = acceptor.clone();
@@ -358,7 +358,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = crate::until_true(&mut down) => {
+                _ = crate::shutdown::until_true(&mut down) => {
                     // Finish the requests in flight, accept no new ones.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;

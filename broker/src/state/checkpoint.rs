@@ -356,7 +356,7 @@ pub fn start(
                             auditor.record(e);
                         }
                     }
-                    _ = crate::until_true(&mut down) => return,
+                    _ = crate::shutdown::until_true(&mut down) => return,
                 }
             }
         }

@@ -20,7 +20,8 @@ use sqlx::Row;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::db::{Db, on_db, unix_now};
+use crate::clock::unix_now;
+use crate::db::{Db, on_db};
 use crate::identity::Identity;
 
 /// The PostgreSQL channel replicas use to tell each other a rule changed.
@@ -446,7 +447,7 @@ pub async fn keep_fresh(
         tokio::select! {
             _ = tick.tick() => {}
             _ = notes.recv() => {}
-            _ = crate::until_true(&mut shutdown) => return,
+            _ = crate::shutdown::until_true(&mut shutdown) => return,
         }
     }
 }

@@ -43,7 +43,8 @@ use super::SecretVersion;
 use super::polled::{PollError, Polled};
 use crate::backend::rotation::Rotation;
 use crate::backend::vault::Upstream;
-use crate::db::{Db, on_db, unix_now};
+use crate::clock::{unix_now, unix_now_ms};
+use crate::db::{Db, on_db};
 use crate::identity::Identity;
 
 /// What can go wrong talking to AWS. Messages name the call and what AWS
@@ -464,13 +465,6 @@ impl Aws {
     }
 }
 
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 /// One JSON field of a secret value: text as is, anything else as JSON.
 fn json_field(raw: &[u8], key: &str) -> Option<Vec<u8>> {
     let mut parsed: serde_json::Value = serde_json::from_slice(raw).ok()?;
@@ -590,7 +584,7 @@ pub async fn keep_sts_rows_pruned(db: Db, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::until_true(&mut shutdown) => return,
+            _ = crate::shutdown::until_true(&mut shutdown) => return,
         }
         match prune_expired_sts(&db, unix_now() - 3600).await {
             Ok(0) => {}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Aws, AwsError, sts_refresh_due};
 use crate::backend::source::{Current, Failure, Issued, ReadFor, SecretSource, SourceError};
 use crate::backend::upstream::UpstreamLeases;
-use crate::db::unix_now;
+use crate::clock::unix_now;
 use crate::state::LeaseRecord;
 
 const KIND: &str = "aws";

@@ -29,7 +29,8 @@ use tracing::warn;
 use zeroize::Zeroizing;
 
 use super::{MAX_SECRET_BYTES, SecretVersion, validate_secret_name};
-use crate::db::{Db, on_db, unix_now};
+use crate::clock::unix_now;
+use crate::db::{Db, on_db};
 
 /// What can go wrong in the embedded store.
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,8 @@ use super::polled::{PollError, Polled};
 use crate::backend::rotation::Rotation;
 pub use crate::backend::source::Upstream;
 pub use crate::backend::upstream::UpstreamLeases;
-use crate::db::unix_now;
+use crate::clock::{unix_now, unix_now_ms};
+use crate::error_chain::error_chain;
 use crate::identity::Identity;
 
 /// What can go wrong talking to Vault. Messages name the path and what Vault
@@ -115,22 +116,6 @@ impl PollError for VaultError {
     fn is_gone(&self) -> bool {
         matches!(self, VaultError::NotFound { .. })
     }
-}
-
-/// An error and its causes on one line (reqwest hides the useful part in
-/// the source chain).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// A logged-in client and what Vault said about its token.
@@ -405,7 +390,7 @@ impl Vault {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = crate::until_true(&mut shutdown) => return,
+                _ = crate::shutdown::until_true(&mut shutdown) => return,
             }
             let result = match self.current() {
                 Some(s) if s.renewable && !s.ttl.is_zero() => self.renew_token(&s).await,
@@ -419,7 +404,7 @@ impl Vault {
                     warn!(error = %e, retry_in = ?backoff, "vault session not refreshed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = crate::until_true(&mut shutdown) => return,
+                        _ = crate::shutdown::until_true(&mut shutdown) => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
@@ -780,13 +765,6 @@ pub(crate) fn wipe_json(v: &mut Value) {
     }
 }
 
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 /// A request vaultrs has no endpoint for (database credentials keep their
 /// `lease_id` here; `sys/leases`), on the same client and token.
 async fn raw(
@@ -850,7 +828,7 @@ pub async fn keep_upstream_revoked(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::until_true(&mut shutdown) => return,
+            _ = crate::shutdown::until_true(&mut shutdown) => return,
         }
         let now = unix_now();
         let due = match leases.due(now).await {

@@ -11,7 +11,7 @@ use crate::backend::source::{
     Current, Failure, Issued, ReadFor, SecretSource, SourceError, Upstream,
 };
 use crate::backend::upstream::UpstreamLeases;
-use crate::db::unix_now;
+use crate::clock::unix_now;
 use crate::state::LeaseRecord;
 
 const KIND: &str = "vault";

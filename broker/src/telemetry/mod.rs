@@ -7,6 +7,8 @@
 //! (off otherwise). Span fields never carry secrets or tokens: handlers skip
 //! request payloads and log a token only as its fingerprint.
 
+pub mod metrics;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
