@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod connections;
 pub mod decode_errors;
-pub mod envelope;
 pub mod grpc;
 pub mod http;
 pub mod limits;

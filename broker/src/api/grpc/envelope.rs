@@ -29,10 +29,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Status};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::grpc::{ApiError, BrokerService, Scope};
+use super::error::ApiError;
+use super::service::{BrokerService, Scope};
 use crate::backend::validate_secret_name;
 use crate::clock::unix_now;
-use crate::config::RoleConfig;
+use crate::policy::RoleConfig;
 use crate::identity::verify::TokenError;
 use crate::identity::{Identity, fingerprint};
 use crate::policy;
@@ -50,7 +51,7 @@ const MAX_AUDIT_DETAIL: usize = 128 * 1024;
 const MAX_LEASE_ID: usize = 64;
 
 /// What a call asks for, read from its request before anything else.
-pub struct Ask {
+pub(super) struct Ask {
     role: String,
     names: Vec<String>,
     gate: Gate,
@@ -83,25 +84,25 @@ impl Ask {
     }
 
     /// Login: a role, no names.
-    pub fn login(role: &str) -> Result<Ask, ApiError> {
+    pub(super) fn login(role: &str) -> Result<Ask, ApiError> {
         Ask::new(role, Vec::new(), Gate::Authorize(Scope::Whole, None))
     }
 
     /// Fetch: secrets, each once; a secret withheld by a rule is left out.
-    pub fn fetch(role: &str, names: &[String]) -> Result<Ask, ApiError> {
+    pub(super) fn fetch(role: &str, names: &[String]) -> Result<Ask, ApiError> {
         let names = unique_names(names, "secret")?;
         Ask::new(role, names, Gate::Authorize(Scope::Partial, Some("secret")))
     }
 
     /// Watch: as Fetch, held open as a stream.
-    pub fn watch(role: &str, names: &[String]) -> Result<Ask, ApiError> {
+    pub(super) fn watch(role: &str, names: &[String]) -> Result<Ask, ApiError> {
         let mut ask = Ask::fetch(role, names)?;
         ask.stream = true;
         Ok(ask)
     }
 
     /// Renew: leases of granted secrets; any revocation refuses the call.
-    pub fn renew(
+    pub(super) fn renew(
         role: &str,
         leases: &[secrets_broker_proto::v1::LeaseRef],
     ) -> Result<Ask, ApiError> {
@@ -110,14 +111,14 @@ impl Ask {
     }
 
     /// Release: leases of the caller's own; no role, no revocation check.
-    pub fn release(leases: &[secrets_broker_proto::v1::LeaseRef]) -> Result<Ask, ApiError> {
+    pub(super) fn release(leases: &[secrets_broker_proto::v1::LeaseRef]) -> Result<Ask, ApiError> {
         let names = lease_names(leases)?;
         Ask::new("", names, Gate::Identity)
     }
 }
 
 /// A call that passed every check before its handler.
-pub struct Admitted<'a> {
+pub(super) struct Admitted<'a> {
     pub id: Identity,
     /// The role the call acts in; `None` only for Release.
     pub role: Option<&'a RoleConfig>,
@@ -133,14 +134,14 @@ pub struct Admitted<'a> {
 
 impl<'a> Admitted<'a> {
     /// The role of a call gated by one (every call but Release).
-    pub fn role(&self) -> Result<&'a RoleConfig, ApiError> {
+    pub(super) fn role(&self) -> Result<&'a RoleConfig, ApiError> {
         self.role
             .ok_or_else(|| ApiError::BadRequest("this call acts in no role".into()))
     }
 }
 
 /// What a handler answers, and the detail of the call's one audit record.
-pub struct Handled<T, D> {
+pub(super) struct Handled<T, D> {
     pub reply: T,
     pub detail: D,
 }
@@ -194,7 +195,7 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, TokenError> {
 
 /// Checks the names a call carries; `what` is what the call lists
 /// ("secret" for Fetch and Watch, "lease" for Renew and Release).
-pub fn check_names(names: &[String], what: &str) -> Result<(), ApiError> {
+pub(super) fn check_names(names: &[String], what: &str) -> Result<(), ApiError> {
     if names.is_empty() {
         return Err(ApiError::BadRequest(format!("name at least one {what}")));
     }
@@ -249,7 +250,7 @@ fn lease_names(leases: &[secrets_broker_proto::v1::LeaseRef]) -> Result<Vec<Stri
 }
 
 /// A workload as an audit record's actor.
-pub fn actor(id: &Identity) -> String {
+pub(super) fn actor(id: &Identity) -> String {
     format!("{}/{}", id.namespace, id.service_account)
 }
 
