@@ -79,12 +79,10 @@ pub enum RunError {
     /// client CA, listener).
     #[error("admin API: {0}")]
     Admin(String),
-    /// The `[vault]` settings cannot be used (address, CA file).
+    /// A backend's settings cannot be used (e.g. Vault's address or CA
+    /// file), or two backends map one secret name.
     #[error("{0}")]
-    Vault(String),
-    /// Two sources map one secret name.
-    #[error("secrets: {0}")]
-    Sources(String),
+    Backend(String),
     /// The gRPC server failed (TLS setup, listener).
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -153,47 +151,14 @@ pub async fn run(
     );
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(refreshes));
     let cache = cache::SecretCache::new(store.clone(), config.store.cache_ttl, metrics.clone());
-    let vault = match &config.vault {
-        None => None,
-        Some(vc) => {
-            let reads = metrics
-                .backend_reads
-                .get_or_create(&crate::telemetry::metrics::BackendLabels { backend: "vault" })
-                .clone();
-            Some(Arc::new(
-                backend::vault::Vault::new(vc.clone(), reads).map_err(RunError::Vault)?,
-            ))
-        }
-    };
-    let aws = match &config.aws {
-        None => None,
-        Some(ac) => {
-            let reads = metrics
-                .backend_reads
-                .get_or_create(&crate::telemetry::metrics::BackendLabels { backend: "aws" })
-                .clone();
-            Some(Arc::new(backend::aws::Aws::new(ac.clone(), reads).await))
-        }
-    };
     let upstream = backend::upstream::UpstreamLeases::new(db.clone());
     let versions = backend::rotation::Versions::default();
     // Every source, built once: each name goes to the source that maps it,
     // the rest to the embedded store.
-    let mut sources = backend::source::Sources::new(Arc::new(
-        backend::embedded::EmbeddedSource::new(cache.clone(), versions.clone()),
-    ));
-    if let Some(v) = &vault {
-        let source = backend::vault::VaultSource::new(v.clone(), upstream.clone());
-        sources = sources
-            .register(Arc::new(source))
-            .map_err(RunError::Sources)?;
-    }
-    if let Some(a) = &aws {
-        let source = backend::aws::AwsSource::new(a.clone(), upstream.clone());
-        sources = sources
-            .register(Arc::new(source))
-            .map_err(RunError::Sources)?;
-    }
+    let embedded = backend::embedded::EmbeddedSource::new(cache.clone(), versions.clone());
+    let sources = backend::registry::build(&config, &db, &metrics, embedded, &upstream)
+        .await
+        .map_err(RunError::Backend)?;
     let sources = Arc::new(sources);
     let ops = match config.server.ops_listen {
         None => None,
@@ -229,24 +194,10 @@ pub async fn run(
         down_rx.clone(),
     );
     let (rot_tx, _) = broadcast::channel(1024);
-    if let Some(v) = &vault {
-        v.start(rot_tx.clone(), down_rx.clone());
-        tokio::spawn(backend::vault::keep_upstream_revoked(
-            v.clone(),
-            upstream.clone(),
-            config.revocation.refresh_interval,
-            metrics.upstream_revocations.clone(),
-            down_rx.clone(),
-        ));
-    }
-
-    if let Some(a) = &aws {
-        a.start(rot_tx.clone(), down_rx.clone());
-        tokio::spawn(backend::aws::keep_sts_rows_pruned(
-            db.clone(),
-            down_rx.clone(),
-        ));
-    }
+    sources.start(&backend::source::Start {
+        rotations: rot_tx.clone(),
+        shutdown: down_rx.clone(),
+    });
 
     // Load every issuer's keys in the background and keep them fresh; until
     // they load, calls answer UNAVAILABLE and health says NOT_SERVING.

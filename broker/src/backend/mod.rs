@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod embedded;
 pub mod polled;
+pub mod registry;
 pub mod rotation;
 pub mod source;
 pub mod upstream;

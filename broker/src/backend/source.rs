@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{broadcast, watch};
+
 use super::SecretVersion;
+use super::rotation::Rotation;
 use crate::identity::Identity;
 use crate::state::LeaseRecord;
 
@@ -123,9 +126,21 @@ impl SourceError {
     }
 }
 
+/// What a source's background work (pollers, upstream revocation) is given
+/// when the broker starts.
+pub struct Start {
+    /// Where a poller announces a new version.
+    pub rotations: broadcast::Sender<Rotation>,
+    /// Flips to true on shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
 /// A source of secrets.
 #[tonic::async_trait]
 pub trait SecretSource: Send + Sync {
+    /// Starts the source's background work, if it has any.
+    fn start(&self, _start: &Start) {}
+
     /// A short, fixed name for logs, metrics and errors (`embedded`, `vault`, `aws`).
     fn kind(&self) -> &'static str;
 
@@ -190,6 +205,13 @@ impl Sources {
     pub fn for_name(&self, name: &str) -> &dyn SecretSource {
         let i = self.by_name.get(name).copied().unwrap_or(self.fallback);
         &*self.all[i]
+    }
+
+    /// Starts every source's background work.
+    pub fn start(&self, start: &Start) {
+        for source in &self.all {
+            source.start(start);
+        }
     }
 
     /// Every source, the fallback first.

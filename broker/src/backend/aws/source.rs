@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Aws, AwsError, sts_refresh_due};
-use crate::backend::source::{Current, Failure, Issued, ReadFor, SecretSource, SourceError};
+use crate::backend::source::{Current, Failure, Issued, ReadFor, SecretSource, SourceError, Start};
 use crate::backend::upstream::UpstreamLeases;
 use crate::clock::unix_now;
 use crate::state::LeaseRecord;
@@ -16,11 +16,12 @@ const KIND: &str = "aws";
 pub struct AwsSource {
     aws: Arc<Aws>,
     upstream: UpstreamLeases,
+    db: crate::db::Db,
 }
 
 impl AwsSource {
-    pub fn new(aws: Arc<Aws>, upstream: UpstreamLeases) -> AwsSource {
-        AwsSource { aws, upstream }
+    pub fn new(aws: Arc<Aws>, upstream: UpstreamLeases, db: crate::db::Db) -> AwsSource {
+        AwsSource { aws, upstream, db }
     }
 
     fn dynamic(&self, name: &str) -> bool {
@@ -41,6 +42,17 @@ fn failed(name: &str, e: AwsError) -> SourceError {
 impl SecretSource for AwsSource {
     fn kind(&self) -> &'static str {
         KIND
+    }
+
+    /// One poller per Secrets Manager mapping, and the pruning of expired
+    /// STS credential records.
+    fn start(&self, start: &Start) {
+        self.aws
+            .start(start.rotations.clone(), start.shutdown.clone());
+        tokio::spawn(super::keep_sts_rows_pruned(
+            self.db.clone(),
+            start.shutdown.clone(),
+        ));
     }
 
     fn names(&self) -> Vec<String> {

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tracing::warn;
 
 use super::{Vault, VaultError};
 use crate::backend::source::{
-    Current, Failure, Issued, ReadFor, SecretSource, SourceError, Upstream,
+    Current, Failure, Issued, ReadFor, SecretSource, SourceError, Start, Upstream,
 };
 use crate::backend::upstream::UpstreamLeases;
 use crate::clock::unix_now;
@@ -20,11 +21,25 @@ const KIND: &str = "vault";
 pub struct VaultSource {
     vault: Arc<Vault>,
     upstream: UpstreamLeases,
+    /// How often ended pod leases are looked for, to revoke their credentials.
+    revoke_every: Duration,
+    /// Counts credentials revoked upstream.
+    revoked: Counter,
 }
 
 impl VaultSource {
-    pub fn new(vault: Arc<Vault>, upstream: UpstreamLeases) -> VaultSource {
-        VaultSource { vault, upstream }
+    pub fn new(
+        vault: Arc<Vault>,
+        upstream: UpstreamLeases,
+        revoke_every: Duration,
+        revoked: Counter,
+    ) -> VaultSource {
+        VaultSource {
+            vault,
+            upstream,
+            revoke_every,
+            revoked,
+        }
     }
 
     fn dynamic(&self, name: &str) -> bool {
@@ -44,6 +59,20 @@ fn failed(name: &str, e: VaultError) -> SourceError {
 impl SecretSource for VaultSource {
     fn kind(&self) -> &'static str {
         KIND
+    }
+
+    /// The session keeper, one poller per KV mapping, and the revocation of
+    /// credentials whose pod lease ended.
+    fn start(&self, start: &Start) {
+        self.vault
+            .start(start.rotations.clone(), start.shutdown.clone());
+        tokio::spawn(super::keep_upstream_revoked(
+            self.vault.clone(),
+            self.upstream.clone(),
+            self.revoke_every,
+            self.revoked.clone(),
+            start.shutdown.clone(),
+        ));
     }
 
     fn names(&self) -> Vec<String> {
