@@ -12,6 +12,12 @@ use base64::engine::general_purpose::STANDARD;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+mod api;
+mod table;
+
+use api::{Api, Failure};
+use table::{RULE_HEADERS, rule_rows, s, table, when};
+
 /// Operate a secrets-broker: revoke access, inspect leases and the audit
 /// log, manage the embedded store.
 #[derive(Parser)]
@@ -186,178 +192,6 @@ enum SecretsCommand {
     /// Delete every version.
     Delete { name: String },
 }
-
-struct Api {
-    client: reqwest::Client,
-    base: reqwest::Url,
-}
-
-enum Failure {
-    /// Local problem (files, usage): exit 2.
-    Local(String),
-    /// The API answered with an error or could not be reached: exit 1.
-    Remote(String),
-}
-
-impl Api {
-    fn new(cli: &Cli) -> Result<Api, Failure> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p)
-                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", p.display())))
-        };
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .https_only(true);
-        if let Some(ca) = &cli.ca {
-            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
-                .map_err(|e| Failure::Local(format!("--ca {}: {e}", ca.display())))?;
-            builder = builder.tls_certs_only(certs);
-        }
-        match (&cli.cert, &cli.key) {
-            (Some(cert), Some(key)) => {
-                let mut pem = read(cert)?;
-                pem.push(b'\n');
-                pem.extend_from_slice(&zeroize::Zeroizing::new(read(key)?));
-                let identity = reqwest::Identity::from_pem(&pem)
-                    .map_err(|e| Failure::Local(format!("--cert/--key: {e}")))?;
-                zeroize::Zeroize::zeroize(&mut pem);
-                builder = builder.identity(identity);
-            }
-            (None, None) => {}
-            _ => return Err(Failure::Local("give both --cert and --key".into())),
-        }
-        let client = builder
-            .build()
-            .map_err(|e| Failure::Local(format!("HTTPS client: {e}")))?;
-        let base = reqwest::Url::parse(cli.server.trim_end_matches('/'))
-            .ok()
-            .filter(|u| u.scheme() == "https" && !u.cannot_be_a_base())
-            .ok_or_else(|| {
-                Failure::Local(format!("--server {:?} is not an https:// URL", cli.server))
-            })?;
-        Ok(Api { client, base })
-    }
-
-    /// The URL of an API path given as segments; each segment is
-    /// percent-encoded, so a name can never add a query, a fragment or
-    /// another path (`a?b=1`, `x/../../revocations/…`).
-    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, Failure> {
-        let mut url = self.base.clone();
-        url.path_segments_mut()
-            .map_err(|()| Failure::Local(format!("--server {} cannot take a path", self.base)))?
-            .pop_if_empty()
-            .extend(segments);
-        Ok(url)
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &[&str],
-        query: &[(&str, String)],
-        body: Option<Value>,
-    ) -> Result<Value, Failure> {
-        let mut req = self.client.request(method, self.url(path)?).query(query);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.map_err(|e| {
-            Failure::Remote(format!(
-                "cannot reach {}: {}",
-                self.base.as_str().trim_end_matches('/'),
-                secrets_broker::error_chain::error_chain(&e)
-            ))
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if !status.is_success() {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| value.to_string());
-            return Err(Failure::Remote(format!("{status}: {message}")));
-        }
-        Ok(value)
-    }
-}
-
-/// Prints rows as an aligned table.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_uppercase()).collect());
-    for row in rows {
-        line(row);
-    }
-}
-
-fn s(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        None | Some(Value::Null) => "-".into(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn when(v: &Value, key: &str) -> String {
-    match v.get(key).and_then(Value::as_i64) {
-        None => "never".into(),
-        Some(t) => time::OffsetDateTime::from_unix_timestamp(t)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| t.to_string()),
-    }
-}
-
-fn rule_rows(rules: &[Value]) -> Vec<Vec<String>> {
-    rules
-        .iter()
-        .map(|r| {
-            vec![
-                s(r, "id"),
-                s(r, "namespace"),
-                s(r, "service_account"),
-                s(r, "pod_uid"),
-                s(r, "secret"),
-                s(r, "reason"),
-                s(r, "created_by"),
-                when(r, "expires_at"),
-            ]
-        })
-        .collect()
-}
-
-const RULE_HEADERS: [&str; 8] = [
-    "id",
-    "namespace",
-    "service account",
-    "pod uid",
-    "secret",
-    "reason",
-    "by",
-    "lapses",
-];
 
 /// The API path of a secret, refused before anything is sent when the
 /// broker would refuse the name: each `/`-separated part is one segment.
