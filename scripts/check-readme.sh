@@ -67,6 +67,11 @@ try=$(sed -n 's/^  admin API .*try: //p' "$out")
 bash -c "$try" >"$work/try" 2>&1 || { cat "$work/try" >&2; fail "the banner's hint failed: $try"; }
 grep -q 'demo/greeting' "$work/try" || { cat "$work/try" >&2; fail "the banner's hint lists no lease of demo/greeting"; }
 echo "ran: $try"
+verify=$(sed -n 's/^  audit log .*try: //p' "$out")
+[ -n "$verify" ] || fail "the banner's audit log line has no command to try"
+bash -c "$verify" >"$work/verify" 2>&1 || { cat "$work/verify" >&2; fail "the banner's hint failed: $verify"; }
+grep -q 'intact' "$work/verify" || { cat "$work/verify" >&2; fail "the banner's audit hint did not say the log is intact"; }
+echo "ran: $verify"
 broker=$(sed -n 's/^  admin API .*try: \(.*\)brokerctl .*/\1secrets-broker/p' "$out")
 case "$try" in
   "cargo run"*) broker="cargo run -q --bin secrets-broker --" ;;

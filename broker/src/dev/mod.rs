@@ -280,8 +280,8 @@ file = "{DEMO_FILE}"
              \x20 rotation      a new version of {DEMO_SECRET} every {rotate}\n\
              \x20 configs       {broker_toml}, {sidecar_toml}\n\
              \x20 admin API     https://localhost:{admin_port}   try: {brokerctl} --server https://localhost:{admin_port} --ca {tls}/ca.crt --cert {tls}/dev-admin.crt --key {tls}/dev-admin.key leases list\n\
-             \x20 read it       cat {secrets}/{DEMO_FILE}   (ls -la {secrets}/ shows the ..data layout)\n\
-             \x20 audit log     HMAC-chained with {audit_key}; signed checkpoints in {checkpoints} (audit verify --checkpoints {checkpoints})\n",
+             \x20 audit log     HMAC-chained with {audit_key}, checkpoints in {checkpoints}   try: {brokerctl} --server https://localhost:{admin_port} --ca {tls}/ca.crt --cert {tls}/dev-admin.crt --key {tls}/dev-admin.key audit verify --checkpoints {checkpoints}\n\
+             \x20 read it       cat {secrets}/{DEMO_FILE}   (ls -la {secrets}/ shows the ..data layout)\n",
             audit_key = show("audit.key"),
             checkpoints = show("audit-checkpoints.jsonl"),
             store_db = show("store.db"),
