@@ -43,6 +43,9 @@ cargo fmt --all -- --check
 # fuzz/ is a crate of its own, outside the workspace: cargo fmt does not see it.
 rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs fuzz/src/*.rs
 
+log "imports run one way (no circle of files in broker/src or sidecar/src)"
+python3 scripts/check-cycles.py broker/src sidecar/src
+
 log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -10,9 +10,10 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use secrets_broker::config::{IdentityConfig, KeySource};
 use secrets_broker::dev::issuer::{Issuer, SigningAlgorithm, Workload};
-use secrets_broker::identity::verify::{Algorithm, Verifier};
+use secrets_broker::identity::algorithm::Algorithm;
+use secrets_broker::identity::config::{IdentityConfig, KeySource};
+use secrets_broker::identity::verify::Verifier;
 
 /// Best-of-5 time per call of `f`, in µs, over `n` calls a round.
 fn per_op(n: u32, mut f: impl FnMut(u32)) -> f64 {

@@ -1,6 +1,13 @@
 //! Broker configuration: a TOML file parsed strictly (`deny_unknown_fields`),
 //! then validated into a typed [`Config`] whose errors name the file and key.
 //!
+//! This file holds the top level, `[server]`, `[database]`, `[revocation]`
+//! and the checks across sections; each other section is validated beside
+//! what it configures (`identity::config`, `policy`, `api::admin::config`,
+//! `backend::embedded::config`, `backend::vault::config`,
+//! `backend::aws::config`, `state::checkpoint`), all with
+//! `config_check::Validator`.
+//!
 //! Every key is documented in `examples/broker.toml`.
 
 use std::path::{Path, PathBuf};
@@ -8,13 +15,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::admin::config::{AdminConfig, RawAdmin};
+use crate::backend::embedded::config::{RawStore, StoreConfig};
+use crate::config_check::Validator;
 use crate::db::DatabaseConfig;
-use crate::identity::verify::Algorithm;
-use crate::policy::Pattern;
+use crate::identity::config::{IdentityConfig, RawIdentity};
+use crate::policy::{RawRole, RoleConfig};
 
 /// A configuration problem, reported before the broker binds any port: the
 /// sidecar's type, so every binary words config errors alike.
-pub use secrets_sidecar::config::ConfigError;
+pub use secrets_sidecar::strict_toml::ConfigError;
 
 /// The file as written by an operator; see `examples/broker.toml`.
 #[derive(Debug, Deserialize)]
@@ -122,77 +132,11 @@ fn default_burst_per_identity() -> u32 {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawIdentity {
-    /// Names the cluster in identities, roles and logs; default "default".
-    cluster: Option<String>,
-    issuer: String,
-    audiences: Vec<String>,
-    discovery_url: Option<String>,
-    jwks_file: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    #[serde(default = "default_algorithms")]
-    algorithms: Vec<String>,
-    #[serde(default = "default_leeway", with = "humantime_serde")]
-    leeway: Duration,
-    #[serde(default = "default_jwks_refresh_min", with = "humantime_serde")]
-    jwks_refresh_min_interval: Duration,
-    #[serde(default = "default_jwks_max_age", with = "humantime_serde")]
-    jwks_max_age: Duration,
-    #[serde(default = "default_max_token_bytes")]
-    max_token_bytes: usize,
-    #[serde(default = "default_max_token_lifetime", with = "humantime_serde")]
-    max_token_lifetime: Duration,
-    #[serde(default = "default_true")]
-    require_pod_binding: bool,
-    #[serde(default = "default_http_timeout", with = "humantime_serde")]
-    http_timeout: Duration,
-    #[serde(default)]
-    mode: Option<String>,
-    kubeconfig: Option<PathBuf>,
-    #[serde(default = "default_review_cache", with = "humantime_serde")]
-    tokenreview_cache: Duration,
-    #[serde(default = "default_verify_cache", with = "humantime_serde")]
-    verify_cache: Duration,
-    #[serde(default = "default_http_timeout", with = "humantime_serde")]
-    tokenreview_timeout: Duration,
-    on_api_error: Option<String>,
-}
-
-fn default_verify_cache() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn default_review_cache() -> Duration {
-    Duration::from_secs(5)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawDatabase {
     url: String,
     password_file: Option<PathBuf>,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
-    tls_cert_file: Option<PathBuf>,
-    tls_key_file: Option<PathBuf>,
-    client_ca_file: PathBuf,
-    #[serde(default)]
-    clients: Vec<RawAdminClient>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdminClient {
-    name: String,
-    subject_cn: Option<String>,
-    san: Option<String>,
-    role: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,70 +157,11 @@ impl Default for RawRevocation {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStore {
-    key_file: PathBuf,
-    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
-    cache_ttl: Duration,
-    #[serde(default = "default_poll", with = "humantime_serde")]
-    poll_interval: Duration,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRole {
-    name: String,
-    #[serde(default)]
-    clusters: Vec<String>,
-    namespaces: Vec<String>,
-    service_accounts: Vec<String>,
-    audience: Option<String>,
-    secrets: Vec<String>,
-    #[serde(default = "default_ttl", with = "humantime_serde")]
-    ttl: Duration,
-    #[serde(default = "default_max_ttl", with = "humantime_serde")]
-    max_ttl: Duration,
-}
-
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(30)
-}
-fn default_algorithms() -> Vec<String> {
-    vec!["RS256".into(), "ES256".into()]
-}
-fn default_leeway() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_jwks_refresh_min() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_jwks_max_age() -> Duration {
-    Duration::from_secs(3600)
-}
-/// Tokens of this broker's audience come from a projected volume
-/// (`expirationSeconds`, 1 h by default, capped by the API server's
-/// `--service-account-max-token-expiration`); EKS's IRSA tokens live 24 h.
-fn default_true() -> bool {
-    true
-}
-fn default_max_token_lifetime() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-fn default_max_token_bytes() -> usize {
-    16 * 1024
-}
-fn default_http_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_cache_ttl() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_poll() -> Duration {
-    Duration::from_secs(2)
 }
 fn default_max_connections() -> u32 {
     8
@@ -286,12 +171,6 @@ fn default_revocation_refresh() -> Duration {
 }
 fn default_max_staleness() -> Duration {
     Duration::from_secs(10)
-}
-fn default_ttl() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_max_ttl() -> Duration {
-    Duration::from_secs(3600)
 }
 
 /// Validated configuration of a broker.
@@ -313,40 +192,6 @@ pub struct Config {
     /// it, the plain SHA-256 chain).
     pub audit: crate::state::checkpoint::AuditConfig,
     pub roles: Vec<RoleConfig>,
-}
-
-/// What an admin client may do; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdminRole {
-    /// List revocations and leases, read the audit log, list secret names.
-    Viewer,
-    /// Also create and delete revocation rules.
-    Revoker,
-    /// Also read and write the embedded store's secrets.
-    Admin,
-}
-
-/// An operator's client certificate, mapped to a role.
-#[derive(Debug, Clone)]
-pub struct AdminClient {
-    /// Recorded as the actor in the audit log.
-    pub name: String,
-    /// Matches the certificate's subject common name.
-    pub subject_cn: Option<String>,
-    /// Matches one of the certificate's subject alternative names (DNS, email, URI).
-    pub san: Option<String>,
-    pub role: AdminRole,
-}
-
-/// The admin API: HTTPS, client certificates signed by `client_ca_file`.
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    pub listen: std::net::SocketAddr,
-    pub tls_cert_file: PathBuf,
-    pub tls_key_file: PathBuf,
-    pub client_ca_file: PathBuf,
-    pub clients: Vec<AdminClient>,
 }
 
 #[derive(Debug, Clone)]
@@ -397,52 +242,6 @@ pub struct ServerConfig {
     pub max_connection_age_grace: Duration,
 }
 
-/// Where keys come from: the issuer's discovery document (the default) or a
-/// static JWKS file for air-gapped clusters.
-#[derive(Debug, Clone)]
-pub enum KeySource {
-    Discovery {
-        url: String,
-        ca_file: Option<PathBuf>,
-    },
-    StaticFile(PathBuf),
-}
-
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    /// The cluster this issuer stands for: identities are qualified by it.
-    pub cluster: String,
-    /// Offline keys, the API server's TokenReview, or both.
-    pub mode: crate::identity::tokenreview::Mode,
-    /// Where the broker's own credentials for TokenReview are; `None`: in-cluster.
-    pub kubeconfig: Option<PathBuf>,
-    pub tokenreview_cache: Duration,
-    /// How long a verified token is remembered (0: never).
-    pub verify_cache: Duration,
-    pub tokenreview_timeout: Duration,
-    /// In `jwks+tokenreview` mode, accept offline-verified tokens while the
-    /// API server cannot be asked (default: refuse).
-    pub allow_on_api_error: bool,
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    pub keys: KeySource,
-    pub algorithms: Vec<Algorithm>,
-    pub leeway: Duration,
-    /// Unknown `kid`s trigger a JWKS refresh at most this often, so a flood of
-    /// bogus kids cannot hammer the issuer.
-    pub jwks_refresh_min_interval: Duration,
-    /// Keys are refetched in the background this often.
-    pub jwks_max_age: Duration,
-    pub max_token_bytes: usize,
-    /// A token whose `exp - iat` (or, without `iat`, whose remaining life)
-    /// is longer than this is refused; zero: no ceiling.
-    pub max_token_lifetime: Duration,
-    /// A token must name its pod (`kubernetes.io.pod`, or TokenReview's
-    /// pod extra), so a revocation by pod UID can cut it off.
-    pub require_pod_binding: bool,
-    pub http_timeout: Duration,
-}
-
 /// How fresh the revocation view must be.
 #[derive(Debug, Clone)]
 pub struct RevocationConfig {
@@ -453,45 +252,16 @@ pub struct RevocationConfig {
     pub max_staleness: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    pub key_file: PathBuf,
-    /// How long a read may be served from memory (zero: no cache). A new
-    /// version drops the entry at the next poll, whichever replica wrote it.
-    pub cache_ttl: Duration,
-    /// How often the broker looks for new secret versions to push to watchers.
-    pub poll_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct RoleConfig {
-    pub name: String,
-    /// Clusters whose identities the role binds; empty: any cluster.
-    pub clusters: Vec<String>,
-    pub namespaces: Vec<Pattern>,
-    pub service_accounts: Vec<Pattern>,
-    /// When set, the token's `aud` must contain it (on top of the broker's audiences).
-    pub audience: Option<String>,
-    pub secrets: Vec<Pattern>,
-    pub ttl: Duration,
-    pub max_ttl: Duration,
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        secrets_sidecar::strict_toml::load(path, Self::parse)
     }
 
     /// Parses and validates config text; `path` names the source in errors and
     /// anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = secrets_sidecar::strict_toml::from_str(text)
-            .map_err(|p| ConfigError::from_toml(path, p))?;
+        let raw: RawConfig = secrets_sidecar::strict_toml::parse(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let v = Validator { path };
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
@@ -604,40 +374,7 @@ impl Config {
             )?,
         };
 
-        let mut issuers: Vec<IdentityConfig> = Vec::new();
-        let raw_issuers: Vec<(String, RawIdentity)> = match (raw.identity, raw.issuers) {
-            (Some(id), list) if list.is_empty() => vec![("identity".to_owned(), id)],
-            (None, list) if !list.is_empty() => list
-                .into_iter()
-                .enumerate()
-                .map(|(i, id)| (format!("issuers[{i}]"), id))
-                .collect(),
-            (None, _) => {
-                return Err(v.err(
-                    "identity",
-                    "configure the token issuer: an [identity] table, or [[issuers]] for several clusters",
-                ));
-            }
-            (Some(_), _) => {
-                return Err(v.err("issuers", "use either [identity] or [[issuers]], not both"));
-            }
-        };
-        for (prefix, id) in raw_issuers {
-            let config = identity_config(&v, &prefix, id, &resolve)?;
-            if issuers.iter().any(|o| o.cluster == config.cluster) {
-                return Err(v.err(
-                    &format!("{prefix}.cluster"),
-                    format!("cluster {:?} is named twice", config.cluster),
-                ));
-            }
-            if issuers.iter().any(|o| o.issuer == config.issuer) {
-                return Err(v.err(
-                    &format!("{prefix}.issuer"),
-                    format!("issuer {:?} is listed twice", config.issuer),
-                ));
-            }
-            issuers.push(config);
-        }
+        let issuers = crate::identity::config::issuers(&v, raw.identity, raw.issuers, &resolve)?;
 
         let database = match raw.database.url.split_once(':') {
             Some(("sqlite", rest)) => {
@@ -707,128 +444,18 @@ impl Config {
 
         let admin = match raw.admin {
             None => None,
-            Some(a) => {
-                let listen = a.listen.parse().map_err(|e| {
-                    v.err(
-                        "admin.listen",
-                        format!("not an address like 0.0.0.0:8444: {e}"),
-                    )
-                })?;
-                let mut clients: Vec<AdminClient> = Vec::new();
-                for (i, c) in a.clients.into_iter().enumerate() {
-                    let key = |f: &str| format!("admin.clients[{i}].{f}");
-                    let role = match c.role.as_str() {
-                        "viewer" => AdminRole::Viewer,
-                        "revoker" => AdminRole::Revoker,
-                        "admin" => AdminRole::Admin,
-                        other => {
-                            return Err(v.err(
-                                &key("role"),
-                                format!("{other:?}: use viewer, revoker or admin"),
-                            ));
-                        }
-                    };
-                    if c.subject_cn.is_none() == c.san.is_none() {
-                        return Err(
-                            v.err(&key("subject_cn"), "set exactly one of subject_cn and san")
-                        );
-                    }
-                    if c.name.trim().is_empty() || clients.iter().any(|o| o.name == c.name) {
-                        return Err(
-                            v.err(&key("name"), "give each client a unique, non-empty name")
-                        );
-                    }
-                    clients.push(AdminClient {
-                        name: c.name,
-                        subject_cn: c.subject_cn,
-                        san: c.san,
-                        role,
-                    });
-                }
-                Some(AdminConfig {
-                    listen,
-                    tls_cert_file: a
-                        .tls_cert_file
-                        .map(resolve)
-                        .unwrap_or_else(|| server.tls_cert_file.clone()),
-                    tls_key_file: a
-                        .tls_key_file
-                        .map(resolve)
-                        .unwrap_or_else(|| server.tls_key_file.clone()),
-                    client_ca_file: resolve(a.client_ca_file),
-                    clients,
-                })
-            }
+            Some(a) => Some(crate::api::admin::config::validate(
+                &v,
+                a,
+                &resolve,
+                &server.tls_cert_file,
+                &server.tls_key_file,
+            )?),
         };
 
-        let store = StoreConfig {
-            key_file: resolve(raw.store.key_file),
-            cache_ttl: v.bounded(
-                "store.cache_ttl",
-                raw.store.cache_ttl,
-                Duration::ZERO,
-                Duration::from_secs(3600),
-            )?,
-            poll_interval: v.bounded(
-                "store.poll_interval",
-                raw.store.poll_interval,
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
-            )?,
-        };
+        let store = crate::backend::embedded::config::validate(&v, raw.store, &resolve)?;
 
-        let mut roles: Vec<RoleConfig> = Vec::new();
-        for (i, r) in raw.roles.into_iter().enumerate() {
-            let key = |field: &str| format!("roles[{i}].{field}");
-            if !crate::policy::valid_role_name(&r.name) {
-                return Err(v.err(
-                    &key("name"),
-                    "use 1-63 characters from a-z, 0-9, '-', '_' and '.'",
-                ));
-            }
-            if roles.iter().any(|o| o.name == r.name) {
-                return Err(v.err(&key("name"), format!("duplicate role name {:?}", r.name)));
-            }
-            let patterns = |field: &str, list: Vec<String>| -> Result<Vec<Pattern>, ConfigError> {
-                if list.is_empty() {
-                    return Err(v.err(&key(field), "list at least one entry"));
-                }
-                list.iter()
-                    .map(|p| Pattern::new(p).map_err(|m| v.err(&key(field), format!("{p:?}: {m}"))))
-                    .collect()
-            };
-            if r.ttl.is_zero() || r.ttl > r.max_ttl {
-                return Err(v.err(
-                    &key("ttl"),
-                    format!(
-                        "must be above zero and at most max_ttl ({})",
-                        humantime::format_duration(r.max_ttl)
-                    ),
-                ));
-            }
-            let max_ttl = v.bounded(
-                &key("max_ttl"),
-                r.max_ttl,
-                Duration::from_secs(10),
-                Duration::from_secs(7 * 24 * 3600),
-            )?;
-            roles.push(RoleConfig {
-                namespaces: patterns("namespaces", r.namespaces)?,
-                service_accounts: patterns("service_accounts", r.service_accounts)?,
-                secrets: patterns("secrets", r.secrets)?,
-                audience: r.audience,
-                ttl: r.ttl.max(Duration::from_secs(1)),
-                max_ttl,
-                clusters: r.clusters,
-                name: r.name,
-            });
-        }
-        if roles.is_empty() {
-            return Err(v.err(
-                "roles",
-                "no [[roles]] defined: every login would be refused (deny by default)",
-            ));
-        }
+        let roles = crate::policy::roles(&v, raw.roles)?;
         for (i, r) in roles.iter().enumerate() {
             if let Some(c) = r
                 .clusters
@@ -885,193 +512,10 @@ impl Config {
     }
 }
 
-/// Validates one issuer's table; `prefix` is its key in the file
-/// (`identity` or `issuers[i]`).
-fn identity_config(
-    v: &Validator<'_>,
-    prefix: &str,
-    id: RawIdentity,
-    resolve: &dyn Fn(PathBuf) -> PathBuf,
-) -> Result<IdentityConfig, ConfigError> {
-    let key = |k: &str| format!("{prefix}.{k}");
-    if !id.issuer.starts_with("https://") {
-        return Err(v.err(&key("issuer"), "must be an https:// URL"));
-    }
-    if id.audiences.is_empty() || id.audiences.iter().any(|a| a.trim().is_empty()) {
-        return Err(v.err(
-            &key("audiences"),
-            "list at least one non-empty audience (e.g. \"secrets-broker\")",
-        ));
-    }
-    let cluster = id.cluster.unwrap_or_else(|| "default".to_owned());
-    if !crate::policy::valid_role_name(&cluster) {
-        return Err(v.err(
-            &key("cluster"),
-            "use 1-63 characters from a-z, 0-9, '-', '_' and '.'",
-        ));
-    }
-    let keys = match (id.jwks_file, id.discovery_url) {
-        (Some(_), Some(_)) => {
-            return Err(v.err(
-                &key("jwks_file"),
-                "set either jwks_file or discovery_url, not both",
-            ));
-        }
-        (Some(file), None) => KeySource::StaticFile(resolve(file)),
-        (None, url) => {
-            let url = url.unwrap_or_else(|| {
-                format!(
-                    "{}/.well-known/openid-configuration",
-                    id.issuer.trim_end_matches('/')
-                )
-            });
-            if !url.starts_with("https://") {
-                return Err(v.err(&key("discovery_url"), "must be an https:// URL"));
-            }
-            KeySource::Discovery {
-                url,
-                ca_file: id.ca_file.map(resolve),
-            }
-        }
-    };
-    let mut algorithms = Vec::new();
-    for name in &id.algorithms {
-        let alg = Algorithm::from_name(name)
-            .map_err(|m| v.err(&key("algorithms"), format!("{name:?}: {m}")))?;
-        algorithms.push(alg);
-    }
-    if algorithms.is_empty() {
-        return Err(v.err(&key("algorithms"), "list at least one algorithm"));
-    }
-    let mode = match &id.mode {
-        None => crate::identity::tokenreview::Mode::Jwks,
-        Some(m) => {
-            crate::identity::tokenreview::Mode::parse(m).map_err(|e| v.err(&key("mode"), e))?
-        }
-    };
-    let allow_on_api_error = match id.on_api_error.as_deref() {
-        None | Some("deny") => false,
-        Some("allow") if mode == crate::identity::tokenreview::Mode::JwksAndTokenReview => true,
-        Some("allow") => {
-            return Err(v.err(
-                &key("on_api_error"),
-                "\"allow\" applies to mode \"jwks+tokenreview\" only",
-            ));
-        }
-        Some(other) => {
-            return Err(v.err(
-                &key("on_api_error"),
-                format!("{other:?}: use deny or allow"),
-            ));
-        }
-    };
-    Ok(IdentityConfig {
-        cluster,
-        mode,
-        kubeconfig: id.kubeconfig.map(resolve),
-        verify_cache: v.bounded(
-            &key("verify_cache"),
-            id.verify_cache,
-            Duration::ZERO,
-            Duration::from_secs(3600),
-        )?,
-        tokenreview_cache: v.bounded(
-            &key("tokenreview_cache"),
-            id.tokenreview_cache,
-            Duration::ZERO,
-            Duration::from_secs(300),
-        )?,
-        tokenreview_timeout: v.bounded(
-            &key("tokenreview_timeout"),
-            id.tokenreview_timeout,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        )?,
-        allow_on_api_error,
-        issuer: id.issuer,
-        audiences: id.audiences,
-        keys,
-        algorithms,
-        leeway: v.bounded(
-            &key("leeway"),
-            id.leeway,
-            Duration::ZERO,
-            Duration::from_secs(300),
-        )?,
-        jwks_refresh_min_interval: v.bounded(
-            &key("jwks_refresh_min_interval"),
-            id.jwks_refresh_min_interval,
-            Duration::from_millis(100),
-            Duration::from_secs(3600),
-        )?,
-        jwks_max_age: v.bounded(
-            &key("jwks_max_age"),
-            id.jwks_max_age,
-            Duration::from_secs(10),
-            Duration::from_secs(7 * 24 * 3600),
-        )?,
-        max_token_bytes: if (256..=1 << 20).contains(&id.max_token_bytes) {
-            id.max_token_bytes
-        } else {
-            return Err(v.err(&key("max_token_bytes"), "must be between 256 and 1048576"));
-        },
-        require_pod_binding: id.require_pod_binding,
-        max_token_lifetime: match id.max_token_lifetime {
-            Duration::ZERO => Duration::ZERO,
-            lifetime => v.bounded(
-                &key("max_token_lifetime"),
-                lifetime,
-                Duration::from_secs(60),
-                Duration::from_secs(366 * 24 * 3600),
-            )?,
-        },
-        http_timeout: v.bounded(
-            &key("http_timeout"),
-            id.http_timeout,
-            Duration::from_millis(100),
-            Duration::from_secs(120),
-        )?,
-    })
-}
-
-pub(crate) struct Validator<'a> {
-    pub(crate) path: &'a Path,
-}
-
-impl Validator<'_> {
-    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_owned(),
-            key: key.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    pub(crate) fn bounded(
-        &self,
-        key: &str,
-        value: Duration,
-        min: Duration,
-        max: Duration,
-    ) -> Result<Duration, ConfigError> {
-        if value < min || value > max {
-            return Err(self.err(
-                key,
-                format!(
-                    "{} is out of range: use {} to {}",
-                    humantime::format_duration(value),
-                    humantime::format_duration(min),
-                    humantime::format_duration(max)
-                ),
-            ));
-        }
-        Ok(value)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::config::KeySource;
 
     const GOOD: &str = r#"
 [server]

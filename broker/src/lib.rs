@@ -2,7 +2,9 @@
 //! service-account JWTs) and exchanges them for short-lived secrets.
 //!
 //! Layout:
-//! - [`config`]: the TOML file → a validated [`config::Config`].
+//! - [`config`]: the TOML file → a validated [`config::Config`]; a section's
+//!   types sit beside what it configures (`identity::config`, `policy`,
+//!   `backend::*::config`), all checked alike (`config_check`).
 //! - [`identity`]: JWKS (discovery or static file) and token verification.
 //! - [`policy`]: identity → role → decision, deny by default.
 //! - [`backend`]: sources of secrets; [`backend::embedded`] is the default store.
@@ -21,6 +23,7 @@ pub mod backend;
 pub mod cache;
 pub mod clock;
 pub mod config;
+mod config_check;
 pub mod db;
 pub mod dev;
 pub mod error_chain;

@@ -1,10 +1,15 @@
 //! Identity → role → decision. Deny by default: an identity gets nothing
 //! unless exactly one role binds it (or it names a role that binds it), and a
 //! role grants only the secrets it lists.
+//!
+//! The roles themselves are `[[roles]]` in the broker's config: [`RoleConfig`]
+//! and its checks live here, beside the patterns they are made of.
 
 use std::time::Duration;
 
-use crate::config::RoleConfig;
+use serde::Deserialize;
+
+use crate::config_check::{ConfigError, Validator};
 use crate::identity::Identity;
 
 /// A name pattern from the config: exact text, or `*` wildcards that match any
@@ -62,6 +67,102 @@ pub fn valid_role_name(name: &str) -> bool {
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
         })
+}
+
+/// A role from `[[roles]]`: whom it binds and what it grants.
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    pub name: String,
+    /// Clusters whose identities the role binds; empty: any cluster.
+    pub clusters: Vec<String>,
+    pub namespaces: Vec<Pattern>,
+    pub service_accounts: Vec<Pattern>,
+    /// When set, the token's `aud` must contain it (on top of the broker's audiences).
+    pub audience: Option<String>,
+    pub secrets: Vec<Pattern>,
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRole {
+    name: String,
+    #[serde(default)]
+    clusters: Vec<String>,
+    namespaces: Vec<String>,
+    service_accounts: Vec<String>,
+    audience: Option<String>,
+    secrets: Vec<String>,
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    ttl: Duration,
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    max_ttl: Duration,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Validates the `[[roles]]`: names unique, patterns valid, TTLs within
+/// bounds, and at least one role (no role would refuse every login).
+pub(crate) fn roles(v: &Validator<'_>, raw: Vec<RawRole>) -> Result<Vec<RoleConfig>, ConfigError> {
+    let mut roles: Vec<RoleConfig> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("roles[{i}].{field}");
+        if !valid_role_name(&r.name) {
+            return Err(v.err(
+                &key("name"),
+                "use 1-63 characters from a-z, 0-9, '-', '_' and '.'",
+            ));
+        }
+        if roles.iter().any(|o| o.name == r.name) {
+            return Err(v.err(&key("name"), format!("duplicate role name {:?}", r.name)));
+        }
+        let patterns = |field: &str, list: Vec<String>| -> Result<Vec<Pattern>, ConfigError> {
+            if list.is_empty() {
+                return Err(v.err(&key(field), "list at least one entry"));
+            }
+            list.iter()
+                .map(|p| Pattern::new(p).map_err(|m| v.err(&key(field), format!("{p:?}: {m}"))))
+                .collect()
+        };
+        if r.ttl.is_zero() || r.ttl > r.max_ttl {
+            return Err(v.err(
+                &key("ttl"),
+                format!(
+                    "must be above zero and at most max_ttl ({})",
+                    humantime::format_duration(r.max_ttl)
+                ),
+            ));
+        }
+        let max_ttl = v.bounded(
+            &key("max_ttl"),
+            r.max_ttl,
+            Duration::from_secs(10),
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        roles.push(RoleConfig {
+            namespaces: patterns("namespaces", r.namespaces)?,
+            service_accounts: patterns("service_accounts", r.service_accounts)?,
+            secrets: patterns("secrets", r.secrets)?,
+            audience: r.audience,
+            ttl: r.ttl.max(Duration::from_secs(1)),
+            max_ttl,
+            clusters: r.clusters,
+            name: r.name,
+        });
+    }
+    if roles.is_empty() {
+        return Err(v.err(
+            "roles",
+            "no [[roles]] defined: every login would be refused (deny by default)",
+        ));
+    }
+    Ok(roles)
 }
 
 /// Why a request is refused by policy. The messages name the identity and

@@ -44,7 +44,7 @@ fn typed<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> Option<T> {
 /// The JOSE header of a token, read before anything is trusted.
 pub fn token_header(data: &[u8]) -> bool {
     std::str::from_utf8(data)
-        .is_ok_and(|s| secrets_broker::identity::verify::parse_header(s).is_ok())
+        .is_ok_and(|s| secrets_broker::identity::token::parse_header(s).is_ok())
 }
 
 /// The issuers [`token_verify`] trusts: both take the one key of [`SIGNER`],

@@ -51,7 +51,7 @@ pub struct AwsCredentialsConfig {
 /// Checks `[aws_credentials]`; errors are `(key, message)`.
 pub(crate) fn validate(
     raw: RawAwsCredentials,
-    secrets: &[crate::config::SecretSpec],
+    secrets: &[crate::spec::SecretSpec],
     dir: &Path,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<AwsCredentialsConfig, (&'static str, String)> {
@@ -98,29 +98,11 @@ pub(crate) fn validate(
 /// A new random token, written to `path` (replacing any old one) with mode
 /// 0400, or 0440 and group `gid`.
 pub fn write_token(path: &Path, gid: Option<u32>) -> std::io::Result<Zeroizing<String>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Zeroizing::new([0u8; 32]);
     getrandom(&mut bytes[..])?;
     let token = Zeroizing::new(hex::encode(bytes));
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    drop(f);
-    if let Some(g) = gid {
-        std::os::unix::fs::chown(&tmp, None, Some(g))?;
-    }
     let mode = if gid.is_some() { 0o440 } else { 0o400 };
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    std::fs::rename(&tmp, path)?;
+    crate::writer::replace_file(path, token.as_bytes(), mode, gid)?;
     Ok(token)
 }
 

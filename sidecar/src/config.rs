@@ -8,46 +8,15 @@ use serde::Deserialize;
 
 use crate::writer::validate_file_name;
 
+pub use crate::spec::{SecretSpec, TemplateSpec};
+
 /// The environment variable that holds the whole config (TOML) when
 /// `--config` is not given: how the injection webhook configures a sidecar
 /// without a ConfigMap or any API call.
 pub const CONFIG_ENV: &str = "SECRETS_SIDECAR_CONFIG";
 
 /// A configuration problem; the message names the file and key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path}: key `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// The error for a problem `strict_toml` found in the file at `path`.
-    pub fn from_toml(path: &Path, problem: crate::strict_toml::Problem) -> ConfigError {
-        let path = path.to_owned();
-        match problem.key {
-            Some(key) => ConfigError::Invalid {
-                path,
-                key,
-                message: problem.message,
-            },
-            None => ConfigError::Parse {
-                path,
-                message: problem.message,
-            },
-        }
-    }
-}
+pub use crate::strict_toml::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -264,14 +233,6 @@ impl CaSource {
     }
 }
 
-/// One secret to keep fresh and the file it lands in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretSpec {
-    pub name: String,
-    /// `None` for a secret used by templates only.
-    pub file: Option<String>,
-}
-
 /// The local API's socket and who may use it.
 #[derive(Debug, Clone)]
 pub struct LocalApiConfig {
@@ -279,17 +240,6 @@ pub struct LocalApiConfig {
     /// UIDs allowed to call (checked with SO_PEERCRED); empty means the
     /// sidecar's own UID only.
     pub allowed_uids: Vec<u32>,
-}
-
-/// One file rendered from secrets (see [`crate::render`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TemplateSpec {
-    pub file: String,
-    /// The template text (from `source`, or read from `template_file` at start).
-    pub source: String,
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
 }
 
 /// `secrets-sidecar exec`: the environment of the command and what a new
@@ -379,11 +329,7 @@ pub fn is_env_name(name: &str) -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        crate::strict_toml::load(path, Self::parse)
     }
 
     /// Reads the whole config from the environment variable `var` (usually
@@ -408,8 +354,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            crate::strict_toml::from_str(text).map_err(|p| ConfigError::from_toml(path, p))?;
+        let raw: RawConfig = crate::strict_toml::parse(text, path)?;
         let err = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`config`]: the TOML file → a validated [`config::Config`].
+//! - [`spec`]: the secrets and templates a config asks for (a leaf).
 //! - [`client`]: the broker connection (TLS pinned to a CA, token re-read per call).
 //! - [`writer`]: the kubelet-style `..data` generation swap, tmpfs check, name checks.
 //! - [`schedule`]: renew at about 2/3 of the lease with jitter; capped backoff.
@@ -30,6 +31,7 @@ pub mod local_api;
 pub mod notify;
 pub mod render;
 pub mod schedule;
+pub mod spec;
 pub mod strict_toml;
 pub mod writer;
 
@@ -305,10 +307,11 @@ impl Keeper {
             next.extend(fresh);
             self.write_pending(next)
         } else {
-            self.held.extend(fresh);
-            debug!("secrets unchanged; leases extended");
-            self.record_lease_end();
-            self.publish_status();
+            self.update(|k| {
+                k.held.extend(fresh);
+                debug!("secrets unchanged; leases extended");
+                k.record_lease_end();
+            });
             Ok(())
         }
     }
@@ -320,8 +323,7 @@ impl Keeper {
     fn write_pending(&mut self, next: HashMap<String, Held>) -> Result<(), SidecarError> {
         match self.write_set(&next) {
             Ok(()) => {
-                self.held = next;
-                self.publish_status();
+                self.update(|k| k.held = next);
                 Ok(())
             }
             Err(e) => {
@@ -357,8 +359,7 @@ impl Keeper {
     fn write(&mut self) -> Result<(), SidecarError> {
         let held = std::mem::take(&mut self.held);
         let result = self.write_set(&held);
-        self.held = held;
-        self.publish_status();
+        self.update(|k| k.held = held);
         result
     }
 
@@ -423,7 +424,33 @@ impl Keeper {
         Ok(())
     }
 
-    /// Recomputes what the readiness probe says.
+    /// Makes `change` to what the sidecar holds, revoked or counted, then
+    /// publishes the result: the one way such a change reaches the probes,
+    /// the metrics, the local API and the observer, so none is left unshown.
+    fn update<R>(&mut self, change: impl FnOnce(&mut Keeper) -> R) -> R {
+        let result = change(self);
+        self.publish_status();
+        result
+    }
+
+    /// A fetch or renewal failed: counted, and shown until one succeeds.
+    fn failed(&mut self, e: &SidecarError) {
+        self.update(|k| {
+            k.refresh_failures += 1;
+            k.last_error = Some(e.to_string());
+        });
+    }
+
+    /// A fetch succeeded after failures. Only the observer shows the last
+    /// error, so only the observer is told it is over.
+    fn recovered(&mut self) {
+        if self.last_error.take().is_some() {
+            self.observe();
+        }
+    }
+
+    /// Recomputes what the readiness probe, the metrics, the local API and
+    /// the observer show; called by [`Keeper::update`] only.
     fn publish_status(&self) {
         let problems = self
             .cfg
@@ -550,22 +577,24 @@ impl Keeper {
         let refs = self.lease_refs();
         let renewed = self.client.renew(refs).await?;
         debug!(leases = renewed.len(), "renewed leases");
-        let mut rotated = false;
-        for r in renewed {
-            let Some(h) = self.held.get_mut(&r.name) else {
-                continue;
-            };
-            if r.current_version != h.version {
-                rotated = true;
+        let rotated = self.update(|k| {
+            let mut rotated = false;
+            for r in renewed {
+                let Some(h) = k.held.get_mut(&r.name) else {
+                    continue;
+                };
+                if r.current_version != h.version {
+                    rotated = true;
+                }
+                if let Some(lease) = r.lease {
+                    (h.expires, h.renew_at) = lease_times(&lease);
+                    h.refreshed_at = unix_now();
+                    h.expires_unix = lease.expires_at_unix;
+                }
             }
-            if let Some(lease) = r.lease {
-                (h.expires, h.renew_at) = lease_times(&lease);
-                h.refreshed_at = unix_now();
-                h.expires_unix = lease.expires_at_unix;
-            }
-        }
-        self.record_lease_end();
-        self.publish_status();
+            k.record_lease_end();
+            rotated
+        });
         Ok(rotated)
     }
 
@@ -585,10 +614,11 @@ impl Keeper {
     }
 
     fn remove(&mut self, why: &str) {
-        self.held.clear();
-        self.adopted_until = None;
-        self.unwritten = None;
-        self.publish_status();
+        self.update(|k| {
+            k.held.clear();
+            k.adopted_until = None;
+            k.unwritten = None;
+        });
         match self.writer.remove_all() {
             Ok(()) => info!(dir = %self.cfg.dir.display(), reason = why, "removed secrets"),
             Err(e) => warn!(error = %e, "failed to remove secrets"),
@@ -676,11 +706,10 @@ pub async fn run_observed(
     observer: Option<watch::Sender<Arc<State>>>,
 ) -> Result<(), SidecarError> {
     let mut keeper = Keeper::new(cfg)?;
-    keeper.observer = observer;
     if !keeper.cfg.notify.is_empty() {
         keeper.notifier = Some(notify::Notifier::start(keeper.cfg.notify.clone()));
     }
-    keeper.publish_status();
+    keeper.update(|k| k.observer = observer);
     let health = match keeper.cfg.health_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => Some(tokio::spawn(health::serve(
@@ -814,9 +843,7 @@ pub async fn run_observed(
                 Ok(()) => {
                     need_fetch = false;
                     backoff.reset();
-                    if keeper.last_error.take().is_some() {
-                        keeper.observe();
-                    }
+                    keeper.recovered();
                     if !keeper.revoked.is_empty() && revoked_retry_at.is_none() {
                         revoked_backoff.reset();
                         revoked_retry_at =
@@ -834,9 +861,7 @@ pub async fn run_observed(
                     } else {
                         warn!(error = %e, retry_in = ?delay, "fetch failed; keeping the last good secrets until their lease ends");
                     }
-                    keeper.refresh_failures += 1;
-                    keeper.last_error = Some(e.to_string());
-                    keeper.publish_status();
+                    keeper.failed(&e);
                     retry_at = Some(Instant::now() + delay);
                     continue;
                 }
@@ -870,9 +895,7 @@ pub async fn run_observed(
                     Err(e) => {
                         let delay = backoff.next_delay(fastrand::f64());
                         warn!(error = %e, retry_in = ?delay, "renewal failed; keeping the last good secrets until their lease ends");
-                        keeper.refresh_failures += 1;
-                        keeper.last_error = Some(e.to_string());
-                        keeper.publish_status();
+                        keeper.failed(&e);
                         need_fetch = true;
                         retry_at = Some(Instant::now() + delay);
                     }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use minijinja::{Environment, UndefinedBehavior, Value};
 use zeroize::Zeroizing;
 
-use crate::config::TemplateSpec;
+use crate::spec::TemplateSpec;
 
 /// A template problem, naming the template and, when known, the line.
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,74 @@
 //! injector): one readable line per problem, with the dotted key it is about
 //! (`roles[0].ttl`), the line it is on, and for an unknown key the valid
 //! keys of its table and a "did you mean" when exactly one is close.
+//!
+//! [`load`] and [`parse`] are how every binary reads its file, and
+//! [`ConfigError`] how each reports a problem with it, so all word config
+//! errors alike (`config file F: key K: …`).
+
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+
+/// A configuration problem, reported before a binary serves anything; the
+/// message names the file and, when there is one, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read: usually a wrong path or a missing mount.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not TOML, or a problem that is about no single key.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A key is unknown, or its value is of the wrong type or out of bounds.
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The error for a problem [`from_str`] found in the file at `path`.
+    pub fn from_toml(path: &Path, problem: Problem) -> ConfigError {
+        let path = path.to_owned();
+        match problem.key {
+            Some(key) => ConfigError::Invalid {
+                path,
+                key,
+                message: problem.message,
+            },
+            None => ConfigError::Parse {
+                path,
+                message: problem.message,
+            },
+        }
+    }
+}
+
+/// Reads the config file at `path` and hands its text to `parse` (a
+/// binary's `Config::parse`), so a file that cannot be read is reported the
+/// same way by every binary.
+pub fn load<T>(
+    path: &Path,
+    parse: impl FnOnce(&str, &Path) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses config text into `R`, the file as written (whose structs deny
+/// unknown fields); errors name `path` and the key.
+pub fn parse<R: DeserializeOwned>(text: &str, path: &Path) -> Result<R, ConfigError> {
+    from_str(text).map_err(|p| ConfigError::from_toml(path, p))
+}
 
 /// What is wrong with a config text: the key it is about, when there is one,
 /// and a one-line message (never the source line it quotes).
@@ -174,6 +240,23 @@ mod tests {
     fn a_missing_table_is_named() {
         let p = problem("name = \"a\"\n");
         assert!(p.message.contains("store"), "{p:?}");
+    }
+
+    #[test]
+    fn load_and_parse_name_the_file() {
+        let missing = std::path::Path::new("/nonexistent/sb.toml");
+        let err = load(missing, parse::<Top>).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cannot read config file /nonexistent/sb.toml: "),
+            "{err}"
+        );
+        let err = parse::<Top>("name = \"a\"\n[store]\nkey_fiel = \"k\"\n", missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config file /nonexistent/sb.toml: key `store.key_fiel`: unknown key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -334,6 +334,31 @@ impl AtomicWriter {
     }
 }
 
+/// Replaces one file outside the generations (a token the sidecar hands to
+/// the application) with one rename: `content` goes to the hidden sibling
+/// `.<name>.tmp` (mode 0600 while it is written), which gets group `gid`
+/// (when given) and `mode`, then takes the place of `path`. A reader finds
+/// the old file or the new one, never a partial one.
+pub fn replace_file(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(content)?;
+    drop(f);
+    if let Some(g) = gid {
+        std::os::unix::fs::chown(&tmp, None, Some(g))?;
+    }
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    fs::rename(&tmp, path)
+}
+
 fn write_lease_end(path: &Path, lease_end: i64) -> Result<(), WriteError> {
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -353,6 +378,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = AtomicWriter::new(dir.path(), true, None).unwrap();
         (dir, w)
+    }
+
+    #[test]
+    fn a_replaced_file_has_the_new_content_and_no_temporary_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        replace_file(&p, b"one", 0o400, None).unwrap();
+        replace_file(&p, b"two", 0o400, None).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

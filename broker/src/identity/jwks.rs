@@ -15,7 +15,7 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{IdentityConfig, KeySource};
+use super::config::{IdentityConfig, KeySource};
 use crate::error_chain::error_chain;
 use crate::telemetry::metrics::ResultLabels;
 use prometheus_client::metrics::counter::Counter;

@@ -1,13 +1,23 @@
 //! Workload identity: who a caller is, proven by a token the broker verifies
 //! itself (never by what the caller claims).
 //!
+//! - [`config`]: the trusted issuers (`[identity]` or `[[issuers]]`), validated;
+//!   [`algorithm`]: the signature algorithms they may use.
 //! - [`jwks`]: the issuer's signing keys (OIDC discovery + JWKS over HTTPS, or
 //!   a static JWKS file), cached, refreshed on unknown `kid` with a rate limit.
 //! - [`verify`]: token → [`Identity`]: size and shape, algorithm allow-list,
 //!   no header-supplied keys, signature, `iss`/`aud`/`exp`/`nbf`/`iat`, and the
-//!   `kubernetes.io` claims agreeing with `sub`.
+//!   `kubernetes.io` claims agreeing with `sub`; [`verify::Verifiers`] picks
+//!   the issuer. Its steps: [`token`] (the token before anything in it is
+//!   trusted), [`claims`] (claims → identity); [`error::TokenError`] (why a
+//!   token is refused).
 
+pub mod algorithm;
+pub mod claims;
+pub mod config;
+pub mod error;
 pub mod jwks;
+pub mod token;
 pub mod tokenreview;
 pub mod verify;
 

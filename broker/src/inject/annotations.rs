@@ -28,6 +28,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::k8s::{Quantity, is_dns_label};
+use super::layout::{Mode, validate_mount_path};
+
 /// Every annotation the injector reads starts with this.
 pub const PREFIX: &str = "secrets-broker.io/";
 
@@ -126,122 +129,6 @@ impl AnnotationError {
 /// The annotation's full name from its name after the prefix.
 pub fn full(key: &str) -> String {
     format!("{PREFIX}{key}")
-}
-
-/// How the sidecar runs in the pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// An init container with `restartPolicy: Always` (Kubernetes 1.29+):
-    /// started before every other init container and the app, kept running,
-    /// stopped after the app.
-    Native,
-    /// An init container running `secrets-sidecar once`: one generation,
-    /// no renewal (Jobs, batch pods).
-    Once,
-    /// For clusters without native sidecars: an init container running
-    /// `once` (so the files exist before the app starts), then a regular
-    /// container running `run` to keep them fresh.
-    Fallback,
-    /// The app's own container runs `secrets-sidecar exec -- <its command>`
-    /// (the binary copied in by an init container): secrets as environment
-    /// variables, the app restarted or signalled on rotation.
-    Exec,
-}
-
-impl Mode {
-    pub fn parse(value: &str) -> Option<Mode> {
-        match value {
-            "native" => Some(Mode::Native),
-            "once" => Some(Mode::Once),
-            "fallback" => Some(Mode::Fallback),
-            "exec" => Some(Mode::Exec),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Native => "native",
-            Mode::Once => "once",
-            Mode::Fallback => "fallback",
-            Mode::Exec => "exec",
-        }
-    }
-}
-
-/// A Kubernetes resource quantity, kept as written (Kubernetes accepts any
-/// valid spelling) with its value for comparisons.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Quantity {
-    pub text: String,
-    /// In base units (cores, bytes).
-    pub value: f64,
-}
-
-impl Quantity {
-    /// Parses `<number><suffix>` as Kubernetes does: a non-negative decimal
-    /// number, then a binary (`Ki`…`Ei`), decimal (`n u m k M G T P E`) or
-    /// exponent (`e3`, `E-2`) suffix.
-    pub fn parse(text: &str) -> Result<Quantity, String> {
-        if text.is_empty() {
-            return Err("empty".into());
-        }
-        if text.len() > 64 {
-            return Err("longer than 64 characters".into());
-        }
-        let digits_end = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
-            .unwrap_or(text.len());
-        let (number, suffix) = text.split_at(digits_end);
-        let number = number.strip_prefix('+').unwrap_or(number);
-        if number.is_empty() || number == "." {
-            return Err("no number".into());
-        }
-        if number.contains('+') || number.matches('.').count() > 1 {
-            return Err("malformed number".into());
-        }
-        let base: f64 = number.parse().map_err(|_| "malformed number".to_owned())?;
-        let factor = match suffix {
-            "" => 1.0,
-            "n" => 1e-9,
-            "u" => 1e-6,
-            "m" => 1e-3,
-            "k" => 1e3,
-            "M" => 1e6,
-            "G" => 1e9,
-            "T" => 1e12,
-            "P" => 1e15,
-            "E" => 1e18,
-            "Ki" => 1024f64,
-            "Mi" => 1024f64.powi(2),
-            "Gi" => 1024f64.powi(3),
-            "Ti" => 1024f64.powi(4),
-            "Pi" => 1024f64.powi(5),
-            "Ei" => 1024f64.powi(6),
-            exp if exp.starts_with(['e', 'E']) => {
-                let e = &exp[1..];
-                let valid = !e.is_empty()
-                    && e.strip_prefix(['+', '-'])
-                        .unwrap_or(e)
-                        .bytes()
-                        .all(|b| b.is_ascii_digit())
-                    && e.len() <= 4;
-                match e.parse::<i32>() {
-                    Ok(n) if valid => 10f64.powi(n),
-                    _ => return Err(format!("bad exponent {exp:?}")),
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown suffix {other:?}: use Ki, Mi, Gi, Ti, Pi, Ei, n, u, m, k, M, G, T, P, E"
-                ));
-            }
-        };
-        Ok(Quantity {
-            text: text.to_owned(),
-            value: base * factor,
-        })
-    }
 }
 
 /// One secret written to its own file.
@@ -665,49 +552,6 @@ fn parse_mount_path(key: &str, value: &str) -> Result<String, AnnotationError> {
     Ok(value.to_owned())
 }
 
-/// Checks a directory for the secrets volume: absolute, normalised, and not
-/// a system directory the container needs.
-pub fn validate_mount_path(value: &str) -> Result<(), String> {
-    if !value.starts_with('/') {
-        return Err(format!("{value:?} is not an absolute path"));
-    }
-    if value.len() > 255 {
-        return Err("longer than 255 bytes".into());
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "{:?} contains {c:?}; use a-z, A-Z, 0-9, '-', '_', '.' and '/'",
-            value.escape_debug().to_string()
-        ));
-    }
-    let segments: Vec<&str> = value[1..].split('/').collect();
-    if segments
-        .iter()
-        .any(|s| s.is_empty() || *s == "." || *s == "..")
-    {
-        return Err(format!(
-            "{value:?} is not a clean path (no empty, '.' or '..' segments, no trailing '/')"
-        ));
-    }
-    const RESERVED: &[&str] = &["proc", "sys", "dev", "etc", "bin", "sbin", "lib", "usr"];
-    if segments.len() == 1 && RESERVED.contains(&segments[0]) {
-        return Err(format!("{value:?} would hide a system directory"));
-    }
-    let token_dir = super::patch::TOKEN_DIR;
-    if value == token_dir
-        || token_dir.starts_with(&format!("{value}/"))
-        || value.starts_with(&format!("{token_dir}/"))
-    {
-        return Err(format!(
-            "{value:?} overlaps the sidecar's token directory {token_dir}"
-        ));
-    }
-    Ok(())
-}
-
 fn parse_notify(key: &str, value: &str) -> Result<Notify, AnnotationError> {
     if value.starts_with("http") {
         secrets_sidecar::notify::check_url(value)
@@ -755,15 +599,6 @@ fn parse_ttl(key: &str, value: &str) -> Result<Duration, AnnotationError> {
         ));
     }
     Ok(ttl)
-}
-
-/// An RFC 1123 label: what Kubernetes accepts as a container name.
-pub fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 #[cfg(test)]
@@ -1201,30 +1036,6 @@ mod tests {
             assert_eq!(e.annotation(), full(annotation), "{pairs:?}: {text}");
             assert!(text.contains(&full(annotation)), "{pairs:?}: {text}");
             assert!(text.contains(problem), "{pairs:?}: {text}");
-        }
-    }
-
-    #[test]
-    fn quantities_follow_kubernetes() {
-        for (q, v) in [
-            ("16Mi", 16.0 * 1024.0 * 1024.0),
-            ("5m", 0.005),
-            ("0.5", 0.5),
-            ("1", 1.0),
-            ("1k", 1000.0),
-            ("1e3", 1000.0),
-            ("2E-3", 0.002),
-            ("+1Gi", 1024f64.powi(3)),
-            (".5", 0.5),
-        ] {
-            let parsed = Quantity::parse(q).unwrap_or_else(|e| panic!("{q}: {e}"));
-            assert!((parsed.value - v).abs() < 1e-9 * v.max(1.0), "{q}");
-            assert_eq!(parsed.text, q);
-        }
-        for bad in [
-            "", "Mi", "1..2", "1.2.3", "-1", "1MB", "1 Mi", "1e", "1e+", "1ee3", "0x10", "1++",
-        ] {
-            assert!(Quantity::parse(bad).is_err(), "{bad:?}");
         }
     }
 

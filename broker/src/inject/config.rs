@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::annotations::{Mode, Quantity, validate_mount_path};
-pub use crate::config::ConfigError;
+use super::k8s::{Quantity, is_dns_label};
+use super::layout::{Mode, validate_mount_path};
+pub use secrets_sidecar::strict_toml::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,18 +242,13 @@ pub enum ProbeKind {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        secrets_sidecar::strict_toml::load(path, Self::parse)
     }
 
     /// Parses and validates config text; `path` names the source in errors
     /// and anchors relative paths. Reads no file.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = secrets_sidecar::strict_toml::from_str(text)
-            .map_err(|p| ConfigError::from_toml(path, p))?;
+        let raw: RawConfig = secrets_sidecar::strict_toml::parse(text, path)?;
         let err = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),
@@ -285,7 +281,7 @@ impl Config {
         };
 
         for (i, ns) in raw.exclude_namespaces.iter().enumerate() {
-            if !super::annotations::is_dns_label(ns) {
+            if !is_dns_label(ns) {
                 return Err(err(
                     &format!("exclude_namespaces[{i}]"),
                     format!("{ns:?} is not a namespace name"),

@@ -16,8 +16,9 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::Value;
 
 use super::annotations::PREFIX;
-use super::patch::{
-    BIN_DIR, BIN_VOLUME, FILES_VOLUME, INIT_NAME, SIDECAR_NAME, TOKEN_DIR, TOKEN_VOLUME,
+use super::layout::{
+    BIN_DIR, BIN_VOLUME, FILES_VOLUME, INIT_NAME, SIDECAR_BIN, SIDECAR_NAME, TOKEN_DIR,
+    TOKEN_VOLUME,
 };
 use super::{Config, Injector, review};
 
@@ -819,7 +820,7 @@ fn pod_metrics_serve_metrics_on_the_probe_port_and_exec_probes_need_no_port() {
         assert!(probe.http_get.is_none());
         assert_eq!(
             probe.exec.as_ref().unwrap().command.as_deref().unwrap(),
-            [super::patch::SIDECAR_BIN, "probe", check, "--timeout", "1s"]
+            [SIDECAR_BIN, "probe", check, "--timeout", "1s"]
         );
     }
     let cfg = sidecar_config(&sc);

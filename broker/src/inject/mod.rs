@@ -8,15 +8,25 @@
 //! with a message naming the annotation and the problem.
 //!
 //! Layout:
+//! - [`layout`]: the names, paths and modes of what the injector adds, and
+//!   where the secrets may be mounted (a leaf, used by all below).
+//! - [`k8s`]: Kubernetes quantities and DNS labels (a leaf).
 //! - [`annotations`]: the pure annotation parser and its error type.
 //! - [`config`]: `inject.toml` → a validated [`Config`].
-//! - [`patch`]: pod + annotations → the sidecar, its volumes and the patch.
+//! - [`patch`]: pod + annotations → the sidecar, its volumes and the patch,
+//!   with `exec_check` (what mode exec needs of the pod), `sidecar_file`
+//!   (the config each sidecar gets) and `ops` (the JSON Patch operations).
 //! - [`server`]: HTTPS (`POST /mutate`), probes, metrics, certificate reload.
 
 pub mod annotations;
 pub mod config;
+mod exec_check;
+pub mod k8s;
+pub mod layout;
+mod ops;
 pub mod patch;
 pub mod server;
+mod sidecar_file;
 
 #[cfg(test)]
 mod fixtures;

@@ -23,8 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::Patch;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
     HTTPGetAction, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
@@ -33,36 +32,18 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as KubeQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
 use serde_json::Value;
 
-use super::annotations::{self, AnnotationError, Annotations, Mode, Notify, Quantity, full};
+use super::annotations::{self, AnnotationError, Annotations, Notify, full};
 use super::config::{Config, ConfigError, ProbeKind};
-
-/// The injected container (the native sidecar, the `once` init container,
-/// or the regular container of the fallback mode).
-pub const SIDECAR_NAME: &str = "secrets-sidecar";
-/// The `once` init container of the fallback mode.
-pub const INIT_NAME: &str = "secrets-sidecar-init";
-/// The memory-backed volume holding the files.
-pub const FILES_VOLUME: &str = "secrets-broker-files";
-/// The projected service-account token, mounted into the sidecar only.
-pub const TOKEN_VOLUME: &str = "secrets-broker-token";
-/// Where the sidecar finds its token.
-pub const TOKEN_DIR: &str = "/var/run/secrets/secrets-broker";
-const TOKEN_FILE: &str = "token";
-/// The sidecar binary in its image (deploy/images/sidecar.Dockerfile): what
-/// an `exec` probe runs.
-pub const SIDECAR_BIN: &str = "/usr/local/bin/secrets-sidecar";
-/// The name of the probe port when it serves `/metrics` too (what the
-/// sidecars' PodMonitor scrapes).
-pub const METRICS_PORT_NAME: &str = "sidecar-http";
-/// The name of the probe port when it serves only the probes.
-pub const PROBE_PORT_NAME: &str = "sidecar-probe";
-/// Mode exec: the volume the sidecar binary is copied into.
-pub const BIN_VOLUME: &str = "secrets-broker-bin";
-/// Mode exec: where that volume is, in the init container and the app's.
-pub const BIN_DIR: &str = "/secrets-bin";
+use super::exec_check::check_exec;
+use super::k8s::Quantity;
+use super::layout::{
+    BIN_DIR, BIN_SIZE, BIN_VOLUME, FILES_VOLUME, INIT_NAME, METRICS_PORT_NAME, Mode,
+    PROBE_PORT_NAME, SIDECAR_BIN, SIDECAR_NAME, TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME,
+};
+use super::ops::{Ops, to_value};
+use super::sidecar_file::SidecarFile;
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,77 +337,15 @@ impl Injector {
             ));
         }
 
-        let sidecar_config = |with_health: bool| -> Result<String, String> {
-            let doc = SidecarToml {
-                broker_url: &c.broker_url,
-                ca_pem: &self.ca_pem,
-                tls_server_name: c.tls_server_name.as_deref(),
-                token_file: format!("{TOKEN_DIR}/{TOKEN_FILE}"),
-                role: ann.role.as_deref(),
-                dir: mount_path,
-                group: fs_group,
-                ttl: ann.ttl.map(|t| humantime::format_duration(t).to_string()),
-                // Detail on loopback only; once and exec serve no port.
-                health_listen: if with_health {
-                    format!("127.0.0.1:{}", c.health_port)
-                } else {
-                    "off".to_owned()
-                },
-                probe_listen: probe_port
-                    .filter(|_| with_health)
-                    .map(|p| format!("0.0.0.0:{p}")),
-                probe_metrics: (with_health && c.pod_metrics).then_some(true),
-                notify: ann.notify.as_ref().map(|n| match n {
-                    Notify::HttpPost(url) => NotifyToml {
-                        http_post: Some(url),
-                        signal: None,
-                        process_name: None,
-                    },
-                    Notify::Signal { signal, process } => NotifyToml {
-                        http_post: None,
-                        signal: Some(signal),
-                        process_name: Some(process),
-                    },
-                }),
-                secrets: ann
-                    .secrets
-                    .iter()
-                    .map(|s| SecretToml {
-                        name: &s.secret,
-                        file: Some(&s.file),
-                        template_only: None,
-                    })
-                    .chain(ann.template_secrets.iter().map(|s| SecretToml {
-                        name: s,
-                        file: None,
-                        template_only: Some(true),
-                    }))
-                    .collect(),
-                templates: ann
-                    .templates
-                    .iter()
-                    .map(|t| TemplateToml {
-                        file: &t.file,
-                        source: &t.source,
-                    })
-                    .collect(),
-                on_change: ann.on_change.as_deref(),
-                on_revoke: ann.on_revoke.as_deref(),
-                env: ann
-                    .env
-                    .iter()
-                    .map(|e| EnvToml {
-                        name: &e.name,
-                        secret: &e.secret,
-                    })
-                    .collect(),
-            };
-            let text = toml::to_string(&doc).map_err(|e| format!("internal error: {e}"))?;
-            // The sidecar must accept what it is given: parse it as it will.
-            secrets_sidecar::config::Config::parse(&text, std::path::Path::new("injected"))
-                .map_err(|e| format!("the annotations make an invalid sidecar config: {e}"))?;
-            Ok(text)
+        let sidecar_file = SidecarFile {
+            sidecar: c,
+            ca_pem: &self.ca_pem,
+            annotations: ann,
+            mount_path,
+            group: fs_group,
+            probe_port,
         };
+        let sidecar_config = |with_health: bool| sidecar_file.render(with_health);
 
         let resources = ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -703,181 +622,4 @@ impl Injector {
             warnings,
         })
     }
-}
-
-/// Mode exec: the size limit of the volume the binary is copied into.
-const BIN_SIZE: &str = "32Mi";
-
-/// Mode exec wraps exactly one container's command, which must be given in
-/// the pod spec.
-fn check_exec(
-    spec: &PodSpec,
-    app: &[usize],
-    app_inits: &[usize],
-    mount_path: &str,
-) -> Result<(), String> {
-    let inits = spec.init_containers.as_deref().unwrap_or_default();
-    if let Some(&i) = app_inits.first() {
-        return Err(AnnotationError::invalid(
-            "containers",
-            format!(
-                "{:?} is an init container: mode exec wraps the command of one container of spec.containers",
-                inits[i].name
-            ),
-        )
-        .to_string());
-    }
-    if app.len() != 1 {
-        let names: Vec<&str> = app
-            .iter()
-            .map(|&i| spec.containers[i].name.as_str())
-            .collect();
-        return Err(format!(
-            "mode exec wraps one container's command, and the pod has {} ({}): name the one with {}",
-            names.len(),
-            names.join(", "),
-            full("containers")
-        ));
-    }
-    let c = &spec.containers[app[0]];
-    if c.command.as_ref().is_none_or(Vec::is_empty) {
-        return Err(format!(
-            "container {:?} sets no command: mode exec runs secrets-sidecar exec -- <command>, and the image's entrypoint is not known at admission (the injector never asks a registry); set command (and args) in the pod spec, or build the image with secrets-sidecar exec as its ENTRYPOINT and use {}: native",
-            c.name,
-            full("mode")
-        ));
-    }
-    if let Some(e) = c
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == secrets_sidecar::config::CONFIG_ENV)
-    {
-        return Err(format!(
-            "container {:?} already sets {}, which mode exec sets to the sidecar's config",
-            c.name, e.name
-        ));
-    }
-    for dir in [BIN_DIR, TOKEN_DIR] {
-        if let Some(m) = c
-            .volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.mount_path == dir)
-        {
-            return Err(format!(
-                "container {:?} already mounts {:?} at {dir}, where mode exec mounts its own volume",
-                c.name, m.name
-            ));
-        }
-    }
-    if mount_path == BIN_DIR || mount_path.starts_with(&format!("{BIN_DIR}/")) {
-        return Err(AnnotationError::invalid(
-            "mount-path",
-            format!("{mount_path:?} overlaps {BIN_DIR}, where mode exec puts the sidecar binary"),
-        )
-        .to_string());
-    }
-    Ok(())
-}
-
-#[derive(Default)]
-struct Ops(Vec<PatchOperation>);
-
-impl Ops {
-    fn add(&mut self, path: &[&str], value: Value) {
-        self.0.push(PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(path.iter().copied()),
-            value,
-        }));
-    }
-
-    /// Appends `items` to the array at `path`, or creates it when absent.
-    fn append_all<T: Serialize>(
-        &mut self,
-        path: &[&str],
-        exists: bool,
-        items: &[T],
-    ) -> Result<(), String> {
-        if exists {
-            let mut at: Vec<&str> = path.to_vec();
-            at.push("-");
-            for item in items {
-                self.add(&at, to_value(item)?);
-            }
-        } else {
-            self.add(path, to_value(items)?);
-        }
-        Ok(())
-    }
-}
-
-fn to_value<T: Serialize + ?Sized>(v: &T) -> Result<Value, String> {
-    serde_json::to_value(v).map_err(|e| format!("internal error: {e}"))
-}
-
-/// The sidecar's config as TOML, the keys of `examples/sidecar.toml`
-/// (plain values first, then tables: TOML's order).
-#[derive(Serialize)]
-struct SidecarToml<'a> {
-    broker_url: &'a str,
-    ca_pem: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_server_name: Option<&'a str>,
-    token_file: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'a str>,
-    dir: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    group: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ttl: Option<String>,
-    health_listen: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    probe_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    probe_metrics: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    on_change: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    on_revoke: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    notify: Option<NotifyToml<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    secrets: Vec<SecretToml<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    templates: Vec<TemplateToml<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    env: Vec<EnvToml<'a>>,
-}
-
-#[derive(Serialize)]
-struct EnvToml<'a> {
-    name: &'a str,
-    secret: &'a str,
-}
-
-#[derive(Serialize)]
-struct NotifyToml<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_post: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    signal: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    process_name: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct SecretToml<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    file: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    template_only: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct TemplateToml<'a> {
-    file: &'a str,
-    source: &'a str,
 }

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use super::audit::{Audit, Auditor, Entry};
 use super::audit_key::{AuditKeys, CHECKPOINT_KIND, Checkpoint};
-use crate::config::{ConfigError, Validator};
+use crate::config_check::{ConfigError, Validator};
 
 /// The `[audit]` table as written.
 #[derive(Debug, Deserialize)]
@@ -376,7 +376,7 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Validator;
+    use crate::config_check::Validator;
     use crate::db::Db;
     use crate::state::audit::{AuditStatus, Entry};
     use crate::state::audit_key::tests::keys_in;

@@ -33,10 +33,10 @@ use super::error::ApiError;
 use super::service::{BrokerService, Scope};
 use crate::backend::validate_secret_name;
 use crate::clock::unix_now;
-use crate::policy::RoleConfig;
-use crate::identity::verify::TokenError;
+use crate::identity::error::TokenError;
 use crate::identity::{Identity, fingerprint};
 use crate::policy;
+use crate::policy::RoleConfig;
 use crate::state::audit::Entry;
 
 /// Most names (secrets or leases) one request may carry.

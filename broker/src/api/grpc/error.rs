@@ -3,7 +3,7 @@
 use tonic::Status;
 
 use crate::backend::source::{Failure, SourceError};
-use crate::identity::verify::TokenError;
+use crate::identity::error::TokenError;
 use crate::policy::Denied;
 use crate::state::revocation::{Revoked, Stale};
 

@@ -5,8 +5,8 @@ use secrets_broker_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::error::ApiError;
 use super::envelope::{Admitted, Ask, Handled};
+use super::error::ApiError;
 use super::service::{BrokerService, bound_lease, lease_record, new_lease};
 use crate::backend::source::{Failure, Issued, ReadFor};
 use crate::policy;

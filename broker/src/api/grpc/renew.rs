@@ -6,8 +6,8 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::error::ApiError;
 use super::envelope::{Ask, Handled};
+use super::error::ApiError;
 use super::service::{BrokerService, bound_lease, new_lease};
 use crate::policy;
 

@@ -13,8 +13,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::error::ApiError;
 use super::envelope::{Ask, Handled};
+use super::error::ApiError;
 use super::service::BrokerService;
 use crate::backend::rotation::Rotation;
 use crate::clock::unix_now;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backend::validate_secret_name;
-use crate::config::{ConfigError, Validator};
+use crate::config_check::{ConfigError, Validator};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,6 +12,7 @@
 //! Versions only grow: a `put` adds version N+1, which is a rotation for every
 //! reader.
 
+pub mod config;
 mod source;
 pub use source::EmbeddedSource;
 

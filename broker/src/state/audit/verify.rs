@@ -1,177 +1,14 @@
-//! The audit log: every login, fetch, renew, revocation and admin call, in
-//! the shared database, chained so that an altered or removed record is
-//! detected by [`Audit::verify`].
-//!
-//! Each record's hash covers its predecessor's hash and its own fields. With
-//! an audit key ([`super::audit_key`], a file outside the database) the hash
-//! is an HMAC-SHA256 under that key, and the record names the key
-//! (`key_id`): someone who can write the database but lacks the key cannot
-//! alter, remove or add a record and chain the rest again. Without a key,
-//! and for records written before there was one (`key_id` NULL), it is a
-//! plain SHA-256, which anyone can recompute; once a keyed record appears in
-//! the chain, an unkeyed one after it is refused as a rewrite. Removing
-//! records from the end is caught by the signed checkpoints exported outside
-//! the database ([`super::checkpoint`]), which [`Audit::verify_with`]
-//! compares; a retention prune leaves a signed anchor (the first kept
-//! record's sequence number and the hash it links to) where the chain then
-//! starts.
-//!
-//! Records never hold a secret value or a token (a token appears only as its
-//! fingerprint). Calls hand records to [`Auditor::record`], which queues them;
-//! one writer task per replica ([`super::writer`]) appends them in batches.
-//! A full queue drops a record, counts it ([`AuditStatus`]: a metric, and
-//! `/readyz`), and the writer audits how many once it has room again.
-//! On PostgreSQL each batch is a transaction that extends the chain under a
-//! lock (`pg_advisory_xact_lock`), so replicas share one chain; on SQLite (one
-//! replica) the writer remembers the chain's end and each batch is one
-//! statement.
+//! Checking the chain: each record's hash and link, the anchor a prune
+//! left, and exported checkpoints.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use aws_lc_rs::digest::{SHA256, digest};
-use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
 
-use super::audit_key::{Anchor, AuditKeys, Checkpoint, encode};
-use crate::db::{Db, on_db};
-
-/// Hash that starts the chain.
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-/// Advisory lock key that serialises chain appends (and prunes) across replicas.
-const CHAIN_LOCK: i64 = 0x5365_6372_6574_4175;
-/// Most records one prune deletes (the rest go at the next one), so that
-/// it holds the write lock briefly.
-const PRUNE_BATCH: i64 = 50_000;
-
-/// One audit record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Record {
-    pub seq: i64,
-    /// Unix time in milliseconds.
-    pub at_ms: i64,
-    /// Who acted: a workload identity (`ns/sa`) or an admin client's name.
-    pub actor: String,
-    /// `login`, `fetch`, `renew`, `watch`, `revoke`, `admin.<call>`.
-    pub action: String,
-    /// `ok` or the refusal reason class.
-    pub result: String,
-    /// Details as JSON text: pod UID, secrets and versions, lease IDs, reason.
-    pub detail: String,
-    pub prev_hash: String,
-    pub hash: String,
-    /// The audit key whose HMAC chains this record; `None`: plain SHA-256
-    /// (no key configured, or written before there was one).
-    #[serde(default)]
-    pub key_id: Option<String>,
-}
-
-/// A record before it is chained.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub at_ms: i64,
-    pub actor: String,
-    pub action: String,
-    pub result: String,
-    /// Details as JSON text, as they are stored and hashed.
-    pub detail: String,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
-}
-
-impl Entry {
-    /// A record made now; `detail` is serialised at once (a `json!` value,
-    /// or a struct of borrowed fields on the hot path).
-    pub fn new(
-        actor: impl Into<String>,
-        action: &str,
-        result: impl Into<String>,
-        detail: impl Serialize,
-    ) -> Entry {
-        Entry {
-            at_ms: now_ms(),
-            actor: actor.into(),
-            action: action.to_owned(),
-            result: result.into(),
-            // Only a map with non-string keys fails to serialise; no detail has one.
-            detail: serde_json::to_string(&detail).unwrap_or_else(|_| "{}".to_owned()),
-        }
-    }
-}
-
-/// The unkeyed chain's hash (SHA-256 over the length-prefixed fields), as
-/// records without a `key_id` carry it. Public because it is no secret:
-/// anyone can compute it, which is why the keyed chain exists (the tests
-/// play that attacker with it).
-pub fn sha256_chain_hash(
-    prev: &str,
-    seq: i64,
-    at_ms: i64,
-    actor: &str,
-    action: &str,
-    result: &str,
-    detail: &str,
-) -> String {
-    let (seq, at_ms) = (seq.to_string(), at_ms.to_string());
-    let input = encode(&[
-        prev.as_bytes(),
-        seq.as_bytes(),
-        at_ms.as_bytes(),
-        actor.as_bytes(),
-        action.as_bytes(),
-        result.as_bytes(),
-        detail.as_bytes(),
-    ]);
-    hex::encode(digest(&SHA256, &input))
-}
-
-/// A record's hash as chained with `key_id` (`None`: the unkeyed SHA-256).
-/// `None` when the key is not among `keys`.
-#[allow(clippy::too_many_arguments)]
-fn record_hash(
-    keys: Option<&AuditKeys>,
-    key_id: Option<&str>,
-    prev: &str,
-    seq: i64,
-    at_ms: i64,
-    actor: &str,
-    action: &str,
-    result: &str,
-    detail: &str,
-) -> Option<String> {
-    let Some(id) = key_id else {
-        return Some(sha256_chain_hash(
-            prev, seq, at_ms, actor, action, result, detail,
-        ));
-    };
-    let (seq, at_ms) = (seq.to_string(), at_ms.to_string());
-    // The key ID is hashed too: a record cannot be passed off under another key.
-    let input = encode(&[
-        prev.as_bytes(),
-        seq.as_bytes(),
-        at_ms.as_bytes(),
-        actor.as_bytes(),
-        action.as_bytes(),
-        result.as_bytes(),
-        detail.as_bytes(),
-        id.as_bytes(),
-    ]);
-    keys?.chain_mac(id, &input)
-}
-
-fn same(a: &str, b: &str) -> bool {
-    aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).is_ok()
-}
+use super::chain::{GENESIS, record_hash, same};
+use super::{Audit, Record};
+use crate::db::on_db;
+use crate::state::audit_key::Checkpoint;
 
 /// The result of checking the chain.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -217,10 +54,10 @@ fn problem(seq: i64, message: String) -> Problem {
 
 /// Where a walk along the chain is.
 #[derive(Debug, Clone)]
-struct Cursor {
+pub(super) struct Cursor {
     /// The next record expected, and the hash it must link to.
-    next_seq: i64,
-    prev: String,
+    pub(super) next_seq: i64,
+    pub(super) prev: String,
     /// A keyed record was seen: no unkeyed one may follow.
     keyed: bool,
     count: i64,
@@ -247,322 +84,9 @@ pub(crate) struct Head {
     pub count: i64,
 }
 
-/// What this replica's audit machinery has to report: records dropped
-/// (a metric and `/readyz`), checkpoints written or not, and the last
-/// checkpoint it exported (for `audit verify`).
-#[derive(Debug, Default)]
-pub struct AuditStatus {
-    /// Records dropped since start: the queue was full, or the database
-    /// refused them until shutdown.
-    pub dropped: Counter,
-    /// Drops not yet written to the log as an `audit.dropped` record.
-    unreported: AtomicU64,
-    last_drop_ms: AtomicI64,
-    /// Checkpoints written to the sink, and failures (a write, or a log
-    /// that no longer matches the last checkpoint).
-    pub checkpoints_written: Counter,
-    pub checkpoint_failures: Counter,
-    checkpoint_problem: Mutex<Option<String>>,
-    last_checkpoint: Mutex<Option<Checkpoint>>,
-}
-
-/// How long after a dropped record `/readyz` answers 503.
-pub const DROP_NOT_READY: Duration = Duration::from_secs(60);
-
-impl AuditStatus {
-    /// Counts one dropped record; true when none was dropped in the second
-    /// before (so that a flood of drops logs a few warnings, not one each).
-    pub(super) fn note_drops(&self, n: u64) -> bool {
-        self.dropped.inc_by(n);
-        self.unreported.fetch_add(n, Ordering::Relaxed);
-        let now = now_ms();
-        now - self.last_drop_ms.swap(now, Ordering::Relaxed) > 1000
-    }
-
-    /// Drops not yet audited, now to be (the count goes back to zero).
-    pub(super) fn take_unreported(&self) -> u64 {
-        self.unreported.swap(0, Ordering::Relaxed)
-    }
-
-    pub(super) fn count_dropped_at_shutdown(&self, n: u64) {
-        self.dropped.inc_by(n);
-    }
-
-    pub(crate) fn set_checkpoint_problem(&self, p: Option<String>) {
-        *self
-            .checkpoint_problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = p;
-    }
-
-    pub(crate) fn checkpoint_problem(&self) -> Option<String> {
-        self.checkpoint_problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn set_last_checkpoint(&self, cp: Checkpoint) {
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(cp);
-    }
-
-    /// The last checkpoint this replica exported (or found in its sink at start).
-    pub fn last_checkpoint(&self) -> Option<Checkpoint> {
-        self.last_checkpoint
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// For `/readyz`: lines that make the replica not ready (records
-    /// dropped within [`DROP_NOT_READY`]: it cannot keep up auditing, let
-    /// the others take its calls), and lines that only degrade it (drops
-    /// longer ago, checkpoints failing).
-    pub fn readiness(&self) -> (Vec<String>, Vec<String>) {
-        let (mut failing, mut degraded) = (Vec::new(), Vec::new());
-        let dropped = self.dropped.get();
-        if dropped > 0 {
-            let ago = (now_ms() - self.last_drop_ms.load(Ordering::Relaxed)).max(0);
-            let line = format!(
-                "audit: {dropped} records dropped since start (audit queue full), the last {}s ago",
-                ago / 1000
-            );
-            if ago < DROP_NOT_READY.as_millis() as i64 {
-                failing.push(line);
-            } else {
-                degraded.push(line);
-            }
-        }
-        if let Some(p) = self.checkpoint_problem() {
-            degraded.push(format!("audit: {p}"));
-        }
-        (failing, degraded)
-    }
-}
-
-/// Why a prune did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum PruneError {
-    /// The database failed.
-    #[error("audit database: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The records to prune do not verify: they are kept as evidence.
-    #[error("not pruning the audit log: {0}")]
-    Chain(String),
-    /// Pruning needs the audit key (the anchor it leaves is signed).
-    #[error("not pruning the audit log: it needs audit.key_file")]
-    NoKey,
-}
-
-/// What a prune removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pruned {
-    pub records: u64,
-    /// The last record removed; the chain now starts after it.
-    pub up_to: i64,
-}
-
-/// The audit log in the shared database.
-#[derive(Clone, Debug)]
-pub struct Audit {
-    db: Db,
-    keys: Option<Arc<AuditKeys>>,
-    status: Arc<AuditStatus>,
-}
-
-const COLUMNS: &str = "seq, at_ms, actor, action, result, detail, prev_hash, hash, key_id";
-
-/// A chained record as written: one element of a batch's JSON array.
-#[derive(Serialize)]
-struct Chained<'a> {
-    seq: i64,
-    at_ms: i64,
-    actor: &'a str,
-    action: &'a str,
-    result: &'a str,
-    detail: &'a str,
-    prev_hash: String,
-    hash: String,
-    key_id: Option<&'a str>,
-}
-
-const INSERT_SQLITE: &str =
-    "INSERT INTO audit (seq, at_ms, actor, action, result, detail, prev_hash, hash, key_id)
-     SELECT value->>'seq', value->>'at_ms', value->>'actor', value->>'action', value->>'result',
-            value->>'detail', value->>'prev_hash', value->>'hash', value->>'key_id'
-     FROM jsonb_each($1)";
-const INSERT_PG: &str = "INSERT INTO audit (seq, at_ms, actor, action, result, detail, prev_hash, hash, key_id)
-     SELECT seq, at_ms, actor, action, result, detail, prev_hash, hash, key_id
-     FROM jsonb_to_recordset($1::jsonb) AS r(seq BIGINT, at_ms BIGINT, actor TEXT, action TEXT, result TEXT,
-          detail TEXT, prev_hash TEXT, hash TEXT, key_id TEXT)";
-
-const LAST: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-const ANCHOR: &str =
-    "SELECT seq, prev_hash, at_ms, key_id, sig FROM audit_anchor ORDER BY seq DESC LIMIT 1";
-
-/// The chain's last record: its sequence number and hash.
-pub type ChainEnd = (i64, String);
-
-/// Chains `entries` after `end` (`None`: an empty log), with the current
-/// audit key when there is one. Returns the batch as one JSON array (the
-/// insert statement's one parameter: the same prepared statement for any
-/// batch size) and the new end.
-fn chain(
-    end: Option<ChainEnd>,
-    entries: &[Entry],
-    keys: Option<&AuditKeys>,
-) -> Result<(String, ChainEnd), sqlx::Error> {
-    let (mut seq, mut prev) = end.unwrap_or_else(|| (0, GENESIS.to_owned()));
-    let key_id = keys.map(AuditKeys::current_id);
-    let mut rows = Vec::with_capacity(entries.len());
-    for e in entries {
-        seq += 1;
-        let hash = record_hash(
-            keys, key_id, &prev, seq, e.at_ms, &e.actor, &e.action, &e.result, &e.detail,
-        )
-        .ok_or_else(|| sqlx::Error::Protocol("the audit key vanished".into()))?;
-        let prev_hash = std::mem::replace(&mut prev, hash.clone());
-        rows.push(Chained {
-            seq,
-            at_ms: e.at_ms,
-            actor: &e.actor,
-            action: &e.action,
-            result: &e.result,
-            detail: &e.detail,
-            prev_hash,
-            hash,
-            key_id,
-        });
-    }
-    let batch = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    Ok((batch, (seq, prev)))
-}
-
 impl Audit {
-    /// The log without an audit key: the plain SHA-256 chain.
-    pub fn new(db: Db) -> Audit {
-        Audit::keyed(db, None, Arc::default())
-    }
-
-    /// The log chained with `keys` when given; `status` is where drops and
-    /// checkpoints are reported (the metrics own it).
-    pub fn keyed(db: Db, keys: Option<Arc<AuditKeys>>, status: Arc<AuditStatus>) -> Audit {
-        Audit { db, keys, status }
-    }
-
-    pub fn keys(&self) -> Option<&Arc<AuditKeys>> {
-        self.keys.as_ref()
-    }
-
-    pub fn status(&self) -> &Arc<AuditStatus> {
-        &self.status
-    }
-
-    pub(crate) fn db(&self) -> &Db {
-        &self.db
-    }
-
-    /// Appends entries to the chain in one transaction, reading the chain's
-    /// end inside it (under the chain lock on PostgreSQL, where replicas
-    /// share the chain).
-    pub async fn append(&self, entries: &[Entry]) -> Result<(), sqlx::Error> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let _turn = self.db.write_turn().await;
-        let keys = self.keys.as_deref();
-        on_db!(&self.db, pool => {
-            // SQLite: take the write lock up front. A deferred transaction
-            // reads the chain's end, then fails to upgrade to a write
-            // (SQLITE_BUSY_SNAPSHOT, no busy wait) whenever a lease was
-            // written in between: under load, most batches.
-            let mut tx = if self.db.is_postgres() {
-                pool.begin().await?
-            } else {
-                pool.begin_with("BEGIN IMMEDIATE").await?
-            };
-            if self.db.is_postgres() {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
-            }
-            let end: Option<ChainEnd> = sqlx::query_as(LAST).fetch_optional(&mut *tx).await?;
-            let (batch, _) = chain(end, entries, keys)?;
-            let insert = if self.db.is_postgres() { INSERT_PG } else { INSERT_SQLITE };
-            sqlx::query(insert).bind(&batch).execute(&mut *tx).await?;
-            tx.commit().await
-        })
-    }
-
-    /// SQLite, on a connection the caller holds: appends entries with one
-    /// statement (atomic on its own, so no transaction around it), chained
-    /// from `end`, the chain's last record as this writer last wrote it;
-    /// `None` reads it first. On success `end` is the new last record; on
-    /// failure it is `None`, so the next call reads it again. A stale `end`
-    /// (another process appended) cannot fork the chain: its sequence
-    /// numbers are taken, and the insert fails on the primary key.
-    pub async fn append_sqlite(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        end: &mut Option<ChainEnd>,
-        entries: &[Entry],
-    ) -> Result<(), sqlx::Error> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let from = match end.take() {
-            Some(e) => Some(e),
-            None => sqlx::query_as(LAST).fetch_optional(&mut *conn).await?,
-        };
-        let (batch, last) = chain(from, entries, self.keys.as_deref())?;
-        sqlx::query(INSERT_SQLITE)
-            .bind(&batch)
-            .execute(&mut *conn)
-            .await?;
-        *end = Some(last);
-        Ok(())
-    }
-
-    /// Records after `after_seq`, oldest first, at most `limit`.
-    pub async fn after(&self, after_seq: i64, limit: i64) -> Result<Vec<Record>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2");
-        on_db!(&self.db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(after_seq).bind(limit).fetch_all(pool).await.map(|rows| {
-            rows.iter()
-                .map(|r| Record {
-                    seq: r.get(0),
-                    at_ms: r.get(1),
-                    actor: r.get(2),
-                    action: r.get(3),
-                    result: r.get(4),
-                    detail: r.get(5),
-                    prev_hash: r.get(6),
-                    hash: r.get(7),
-                    key_id: r.get(8),
-                })
-                .collect()
-        }))
-    }
-
-    /// The last `n` records, oldest first.
-    pub async fn tail(&self, n: i64) -> Result<Vec<Record>, sqlx::Error> {
-        let last: Option<i64> = on_db!(&self.db, pool => sqlx::query_scalar("SELECT MAX(seq) FROM audit").fetch_one(pool).await)?;
-        self.after(last.unwrap_or(0).saturating_sub(n), n).await
-    }
-
-    /// The anchor the last retention prune left, if any.
-    pub async fn anchor(&self) -> Result<Option<Anchor>, sqlx::Error> {
-        on_db!(&self.db, pool => sqlx::query(ANCHOR).fetch_optional(pool).await.map(|r| r.map(|r| Anchor {
-            seq: r.get(0),
-            prev_hash: r.get(1),
-            at_ms: r.get(2),
-            key_id: r.get(3),
-            sig: r.get(4),
-        })))
-    }
-
     /// Where the chain starts: after a checked anchor, or at the genesis.
-    async fn start(&self) -> Result<Result<Cursor, Problem>, sqlx::Error> {
+    pub(super) async fn start(&self) -> Result<Result<Cursor, Problem>, sqlx::Error> {
         let Some(a) = self.anchor().await? else {
             return Ok(Ok(Cursor::at(1, GENESIS.to_owned(), false)));
         };
@@ -654,7 +178,7 @@ impl Audit {
     /// Walks the chain from `cur` to `until` (included; `None`: its end),
     /// checking each record, and the hash of each record `marks` names
     /// (seq → the hash it must have, and what says so).
-    async fn walk(
+    pub(super) async fn walk(
         &self,
         cur: &mut Cursor,
         until: Option<i64>,
@@ -905,77 +429,10 @@ impl Audit {
             count: last - first + 1,
         }))
     }
-
-    /// Deletes the records made before `before_ms`, up to record `up_to`
-    /// at most (the newest exported checkpoint: what is removed was
-    /// attested outside the database first), never the last record, and at
-    /// most [`PRUNE_BATCH`] at a time. The records removed must verify
-    /// first; the chain then starts at a signed anchor. Under the chain lock
-    /// on PostgreSQL, so one replica prunes at a time.
-    pub async fn prune(&self, before_ms: i64, up_to: i64) -> Result<Option<Pruned>, PruneError> {
-        let keys = self.keys.as_deref().ok_or(PruneError::NoKey)?;
-        let mut cur = match self.start().await? {
-            Ok(c) => c,
-            Err(p) => return Err(PruneError::Chain(p.message)),
-        };
-        let first = cur.next_seq;
-        let last: Option<i64> = on_db!(&self.db, pool => sqlx::query_scalar("SELECT MAX(seq) FROM audit").fetch_one(pool).await)?;
-        let Some(last) = last else { return Ok(None) };
-        let bound = up_to.min(last - 1).min(first + PRUNE_BATCH - 1);
-        const CUT: &str = "SELECT MAX(seq) FROM audit WHERE seq >= $1 AND seq <= $2 AND at_ms < $3";
-        let cut: Option<i64> = on_db!(&self.db, pool => sqlx::query_scalar(CUT).bind(first).bind(bound).bind(before_ms).fetch_one(pool).await)?;
-        let Some(cut) = cut else { return Ok(None) };
-        if let Some(p) = self.walk(&mut cur, Some(cut), &BTreeMap::new()).await? {
-            return Err(PruneError::Chain(p.message));
-        }
-        if cur.next_seq != cut + 1 {
-            return Err(PruneError::Chain(format!(
-                "record {} is missing",
-                cur.next_seq
-            )));
-        }
-        let anchor = keys.anchor(cut + 1, cur.prev.clone(), now_ms());
-        let _turn = self.db.write_turn().await;
-        let removed = on_db!(&self.db, pool => {
-            let mut tx = if self.db.is_postgres() {
-                pool.begin().await?
-            } else {
-                pool.begin_with("BEGIN IMMEDIATE").await?
-            };
-            if self.db.is_postgres() {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
-            }
-            let now: Option<String> = sqlx::query_scalar("SELECT hash FROM audit WHERE seq = $1").bind(cut).fetch_optional(&mut *tx).await?;
-            match now {
-                // Another replica pruned it meanwhile.
-                None => return Ok(None),
-                Some(h) if h != anchor.prev_hash => {
-                    return Err(PruneError::Chain(format!("record {cut} changed while it was checked")));
-                }
-                Some(_) => {}
-            }
-            let removed = sqlx::query("DELETE FROM audit WHERE seq <= $1").bind(cut).execute(&mut *tx).await?.rows_affected();
-            sqlx::query("INSERT INTO audit_anchor (seq, prev_hash, at_ms, key_id, sig) VALUES ($1, $2, $3, $4, $5)")
-                .bind(anchor.seq)
-                .bind(&anchor.prev_hash)
-                .bind(anchor.at_ms)
-                .bind(&anchor.key_id)
-                .bind(&anchor.sig)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM audit_anchor WHERE seq < $1").bind(anchor.seq).execute(&mut *tx).await?;
-            tx.commit().await?;
-            removed
-        });
-        Ok(Some(Pruned {
-            records: removed,
-            up_to: cut,
-        }))
-    }
 }
 
 /// Unix milliseconds as RFC 3339, for messages.
-pub(crate) fn rfc3339(at_ms: i64) -> String {
+fn rfc3339(at_ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -985,64 +442,16 @@ pub(crate) fn rfc3339(at_ms: i64) -> String {
         .unwrap_or_else(|| at_ms.to_string())
 }
 
-/// What calls queue for the writer task: records, and a reader's request
-/// to be told once the records queued before it are written.
-#[derive(Debug)]
-pub(super) enum Queued {
-    Record(Entry),
-    Flush(oneshot::Sender<()>),
-}
-
-/// The handle calls use: queues records for the writer task.
-#[derive(Clone, Debug)]
-pub struct Auditor {
-    tx: mpsc::Sender<Queued>,
-    status: Arc<AuditStatus>,
-}
-
-/// Longest [`Auditor::flush`] waits (the database may be down).
-const FLUSH_WAIT: Duration = Duration::from_secs(2);
-
-impl Auditor {
-    /// A handle on the queue that [`super::writer`] drains.
-    pub(super) fn new(tx: mpsc::Sender<Queued>, status: Arc<AuditStatus>) -> Auditor {
-        Auditor { tx, status }
-    }
-
-    /// Queues a record; never blocks a call. A full queue drops the record:
-    /// it is counted (a metric, `/readyz`), a warning is logged (at most
-    /// about one a second), and the writer audits the count once it has
-    /// room again.
-    pub fn record(&self, entry: Entry) {
-        if let Err(e) = self.tx.try_send(Queued::Record(entry))
-            && self.status.note_drops(1)
-        {
-            warn!(error = %e, dropped_since_start = self.status.dropped.get(), "audit queue full; record dropped");
-        }
-    }
-
-    /// Waits until the records queued before this call are written (the
-    /// writer holds records back to write many at once), for readers of the
-    /// log: an operator's `audit tail` shows the call made a moment ago.
-    /// Gives up after [`FLUSH_WAIT`], so that a reader still gets what the
-    /// log holds while the database refuses writes.
-    pub async fn flush(&self) {
-        let (done, written) = oneshot::channel();
-        let _ = tokio::time::timeout(FLUSH_WAIT, async {
-            if self.tx.send(Queued::Flush(done)).await.is_ok() {
-                let _ = written.await;
-            }
-        })
-        .await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Db;
+    use crate::state::audit::{Entry, now_ms, sha256_chain_hash};
+    use crate::state::audit_key::AuditKeys;
     use crate::state::audit_key::tests::keys_in;
     use crate::state::audit_key::{CHECKPOINT_KIND, generate_key_file};
     use serde_json::json;
+    use std::sync::Arc;
 
     fn pool(db: &Db) -> &sqlx::SqlitePool {
         match db {
@@ -1409,31 +818,5 @@ mod tests {
                 .unwrap()
                 .contains("audit key \"a1\", which is not in audit.key_file")
         );
-    }
-
-    #[tokio::test]
-    async fn a_full_queue_counts_what_it_drops_and_says_so() {
-        let status = Arc::new(AuditStatus::default());
-        let (tx, _rx) = mpsc::channel(1);
-        let auditor = Auditor::new(tx, status.clone());
-        for e in entries(3) {
-            auditor.record(e);
-        }
-        assert_eq!(status.dropped.get(), 2);
-        let (failing, degraded) = status.readiness();
-        assert!(degraded.is_empty());
-        assert!(
-            failing[0].starts_with("audit: 2 records dropped since start (audit queue full)"),
-            "{failing:?}"
-        );
-        assert_eq!(status.take_unreported(), 2);
-        assert_eq!(status.take_unreported(), 0);
-        // A minute later the replica is ready again; the count stays.
-        status
-            .last_drop_ms
-            .store(now_ms() - 61_000, Ordering::Relaxed);
-        let (failing, degraded) = status.readiness();
-        assert!(failing.is_empty());
-        assert!(degraded[0].contains("2 records dropped"), "{degraded:?}");
     }
 }
