@@ -139,7 +139,7 @@ poll_interval = "500ms"
 key_file = "audit.key"
 # `brokerctl audit verify --checkpoints audit-checkpoints.jsonl`
 checkpoint_file = "audit-checkpoints.jsonl"
-checkpoint_interval = "10s"
+checkpoint_interval = "1s"
 
 [admin]
 listen = "{admin_ip}:{admin_port}"
@@ -245,11 +245,13 @@ file = "{DEMO_FILE}"
         }
     });
 
-    // The banner once the first secret is on disk, so what it says to try
-    // works, and in one write, so no log line lands inside it.
+    // The banner once the first secret is on disk and the first checkpoint
+    // of the audit log is out (a second later at most), so what it says to
+    // try works, and in one write, so no log line lands inside it.
     let first_file = secrets_dir.join(DEMO_FILE);
+    let first_checkpoint = opts.dir.join("audit-checkpoints.jsonl");
     let written = async {
-        while !first_file.exists() {
+        while !first_file.exists() || !first_checkpoint.exists() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
