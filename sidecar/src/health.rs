@@ -251,13 +251,6 @@ pub fn render(
     out
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64
-}
-
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 async fn metrics(State(state): State<HttpState>) -> ([(&'static str, &'static str); 1], String) {
@@ -266,7 +259,7 @@ async fn metrics(State(state): State<HttpState>) -> ([(&'static str, &'static st
         render(
             &snapshot(&state.status),
             &state.local_api,
-            now_unix(),
+            crate::unix_now(),
             state.view.labels(),
         ),
     )
@@ -436,7 +429,7 @@ fn probe_answer(head: &[u8], state: &ProbeState) -> ProbeAnswer {
             body: render(
                 &snapshot(&state.status),
                 &state.local_api,
-                now_unix(),
+                crate::unix_now(),
                 state.metrics.unwrap_or(SecretLabels::Positions),
             ),
             head_only: false,

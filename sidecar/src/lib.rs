@@ -105,10 +105,7 @@ fn unix_now() -> i64 {
 
 /// (lease end, renewal time) of a lease, as monotonic instants.
 fn lease_times(lease: &pb::Lease) -> (Instant, Instant) {
-    let now_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
+    let now_unix = unix_now();
     // Trust the shorter of the two views, so clock skew never extends a lease.
     let left = Duration::from_secs(
         (lease.expires_at_unix - now_unix).clamp(0, i64::from(lease.ttl_seconds)) as u64,

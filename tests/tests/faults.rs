@@ -1330,7 +1330,7 @@ key = "value"
 /// than its 20), so the per-workload rate fires on every VM; spread evenly,
 /// 128 workloads stayed under it whenever the bound in flight refused most.
 fn flood_workload(n: usize, workloads: usize) -> usize {
-    if n % 8 == 0 {
+    if n.is_multiple_of(8) {
         0
     } else {
         1 + n % (workloads - 1)

@@ -6,7 +6,7 @@
 //! [`super::token`], the claims in
 //! [`super::claims`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -193,10 +193,7 @@ impl Verifier {
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
         if let Some(hit) = cache.get(&key).await {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_secs() as i64;
+            let now = crate::clock::unix_now();
             let leeway = self.cfg.leeway.as_secs() as i64;
             if now <= hit.identity.expires_at.saturating_add(leeway)
                 && self.jwks.has_key(hit.kid.as_deref())
@@ -392,6 +389,7 @@ pub(crate) mod tests {
     use crate::identity::config::KeySource;
     use jsonwebtoken::{EncodingKey, Header as JwtHeader, encode};
     use serde_json::json;
+    use std::time::{Duration, UNIX_EPOCH};
 
     const ISS: &str = "https://issuer.test";
 

@@ -251,10 +251,7 @@ impl Exporter {
                 seq: head.seq,
                 count: head.count,
                 head: head.hash,
-                at_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as i64,
+                at_ms: crate::clock::unix_now_ms() as i64,
                 key_id: String::new(),
                 run: self.run.clone(),
                 sig: String::new(),

@@ -62,10 +62,7 @@ pub(super) enum Scope {
 /// pages instead of one random page per lease.
 pub(super) fn new_lease(ttl: Duration) -> Result<pb::Lease, ApiError> {
     let mut id = [0u8; 16];
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    let ms = crate::clock::unix_now_ms();
     id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     aws_lc_rs::rand::fill(&mut id[6..])
         .map_err(|_| ApiError::BadRequest("no randomness".into()))?;

@@ -84,10 +84,7 @@ pub struct Entry {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
+    crate::clock::unix_now_ms() as i64
 }
 
 impl Entry {
