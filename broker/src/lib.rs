@@ -29,6 +29,7 @@ pub mod dev;
 pub mod error_chain;
 pub mod identity;
 pub mod inject;
+pub mod key_file;
 pub mod policy;
 pub mod shutdown;
 pub mod state;

@@ -9,14 +9,13 @@
 //! can never pass for another: the chain's HMAC, the checkpoints'
 //! signature, and the retention anchor's signature.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 use zeroize::Zeroizing;
 
 /// The `kind` of an exported checkpoint line.
@@ -163,50 +162,20 @@ impl AuditKeys {
             path: path.to_owned(),
             message,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            warn!(path = %path.display(), "audit key file is readable by group or others; chmod 600 it");
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
         let mut keys: Vec<AuditKey> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let lineno = i + 1;
-            let (id, b64) = line
-                .split_once(char::is_whitespace)
-                .ok_or_else(|| err(format!("line {lineno}: expected `<key-id> <base64 key>`")))?;
-            if id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            {
+        for line in crate::key_file::read(path, "audit key file").map_err(err)? {
+            if line.bytes.len() < 32 {
                 return Err(err(format!(
-                    "line {lineno}: key id must be 1-64 of a-z A-Z 0-9 - _ ."
-                )));
-            }
-            if keys.iter().any(|k| k.id == id) {
-                return Err(err(format!("line {lineno}: duplicate key id {id:?}")));
-            }
-            let raw = Zeroizing::new(
-                STANDARD
-                    .decode(b64.trim())
-                    .map_err(|_| err(format!("line {lineno}: key is not valid base64")))?,
-            );
-            if raw.len() < 32 {
-                return Err(err(format!(
-                    "line {lineno}: key must be at least 32 random bytes, got {}",
-                    raw.len()
+                    "line {}: key must be at least 32 random bytes, got {}",
+                    line.lineno,
+                    line.bytes.len()
                 )));
             }
             keys.push(AuditKey {
-                id: id.to_owned(),
-                chain: derive(&raw, CHAIN_LABEL),
-                checkpoint: derive(&raw, CHECKPOINT_LABEL),
-                anchor: derive(&raw, ANCHOR_LABEL),
+                id: line.id,
+                chain: derive(&line.bytes, CHAIN_LABEL),
+                checkpoint: derive(&line.bytes, CHECKPOINT_LABEL),
+                anchor: derive(&line.bytes, ANCHOR_LABEL),
             });
         }
         if keys.is_empty() {
@@ -311,6 +280,7 @@ pub fn generate_key_file(path: &Path, key_id: &str) -> std::io::Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// Keys from a fresh key file in `dir` named `name` (the ID too).
     pub(crate) fn keys_in(dir: &Path, name: &str) -> AuditKeys {

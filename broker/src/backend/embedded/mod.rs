@@ -18,7 +18,7 @@ pub use source::EmbeddedSource;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -26,7 +26,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::SecretSlice;
 use sqlx::Row;
-use tracing::warn;
 use zeroize::Zeroizing;
 
 use super::{MAX_SECRET_BYTES, SecretVersion, validate_secret_name};
@@ -322,48 +321,18 @@ fn load_keys(path: &Path) -> Result<Vec<SealKey>, StoreError> {
         path: path.to_owned(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        warn!(path = %path.display(), "store key file is readable by group or others; chmod 600 it");
-    }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
     let mut keys: Vec<SealKey> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let lineno = i + 1;
-        let (id, b64) = line
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| err(format!("line {lineno}: expected `<key-id> <base64 key>`")))?;
-        if id.is_empty()
-            || id.len() > 64
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
+    for line in crate::key_file::read(path, "store key file").map_err(err)? {
+        if line.bytes.len() != 32 {
             return Err(err(format!(
-                "line {lineno}: key id must be 1-64 of a-z A-Z 0-9 - _ ."
+                "line {}: key must be 32 bytes (AES-256), got {}",
+                line.lineno,
+                line.bytes.len()
             )));
         }
-        if keys.iter().any(|k| k.id == id) {
-            return Err(err(format!("line {lineno}: duplicate key id {id:?}")));
-        }
-        let bytes = Zeroizing::new(
-            STANDARD
-                .decode(b64.trim())
-                .map_err(|_| err(format!("line {lineno}: key is not valid base64")))?,
-        );
-        if bytes.len() != 32 {
-            return Err(err(format!(
-                "line {lineno}: key must be 32 bytes (AES-256), got {}",
-                bytes.len()
-            )));
-        }
-        let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| err("bad key".into()))?;
+        let key = UnboundKey::new(&AES_256_GCM, &line.bytes).map_err(|_| err("bad key".into()))?;
         keys.push(SealKey {
-            id: id.to_owned(),
+            id: line.id,
             key: LessSafeKey::new(key),
         });
     }
