@@ -4,7 +4,8 @@
 //! or others is used with a warning. Key bytes are zeroized and never appear
 //! in a message.
 
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine;
@@ -63,4 +64,18 @@ pub fn read(path: &Path, what: &str) -> Result<Vec<KeyLine>, String> {
         });
     }
     Ok(keys)
+}
+
+/// Writes a new key file (mode 0600, failing when it exists) holding one
+/// fresh random 32-byte key under `key_id`, after the comment `header`.
+pub fn generate(path: &Path, key_id: &str, header: &str) -> std::io::Result<()> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    aws_lc_rs::rand::fill(&mut *key).map_err(|_| std::io::Error::other("no randomness"))?;
+    let line = Zeroizing::new(format!("# {header}\n{key_id} {}\n", STANDARD.encode(*key)));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(line.as_bytes())
 }

@@ -9,12 +9,9 @@
 //! can never pass for another: the chain's HMAC, the checkpoints'
 //! signature, and the retention anchor's signature.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::hmac;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -262,19 +259,11 @@ impl AuditKeys {
 /// Writes a new audit key file (mode 0600) holding one fresh random 32-byte
 /// key; fails when the file exists.
 pub fn generate_key_file(path: &Path, key_id: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut key = Zeroizing::new([0u8; 32]);
-    aws_lc_rs::rand::fill(&mut *key).map_err(|_| std::io::Error::other("no randomness"))?;
-    let line = Zeroizing::new(format!(
-        "# secrets-broker audit key: the first line chains new records and signs checkpoints\n{key_id} {}\n",
-        STANDARD.encode(*key)
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(line.as_bytes())
+    crate::key_file::generate(
+        path,
+        key_id,
+        "secrets-broker audit key: the first line chains new records and signs checkpoints",
+    )
 }
 
 #[cfg(test)]

@@ -17,13 +17,9 @@ mod source;
 pub use source::EmbeddedSource;
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use secrecy::SecretSlice;
 use sqlx::Row;
 use zeroize::Zeroizing;
@@ -346,18 +342,11 @@ fn load_keys(path: &Path) -> Result<Vec<SealKey>, StoreError> {
 
 /// Writes a new key file (mode 0600) holding one fresh random key.
 pub fn generate_key_file(path: &Path, key_id: &str) -> std::io::Result<()> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    aws_lc_rs::rand::fill(&mut *key).map_err(|_| std::io::Error::other("no randomness"))?;
-    let line = Zeroizing::new(format!(
-        "# secrets-broker store key: the first line seals new versions\n{key_id} {}\n",
-        STANDARD.encode(*key)
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(line.as_bytes())
+    crate::key_file::generate(
+        path,
+        key_id,
+        "secrets-broker store key: the first line seals new versions",
+    )
 }
 
 #[cfg(test)]
